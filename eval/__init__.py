@@ -1,0 +1,1 @@
+"""RefStream eval package."""

@@ -1,0 +1,1 @@
+"""RefStream pruning package."""

@@ -1,0 +1,1 @@
+"""RefStream video_pipeline package."""
