@@ -1,0 +1,241 @@
+"""Open a video file or a folder of frames and read exact frames as RGB uint8 arrays.
+
+Entry point: :func:`open_video`. It returns a :class:`VideoSource`:
+
+* :class:`FrameFolder` for a folder of JPEG/PNG frames (DAVIS layout, sorted by file name),
+* :class:`DecordVideo` or :class:`PyAVVideo` (see :mod:`video_pipeline.video_file`) for a video file.
+
+Every source reads frames as ``uint8`` arrays of shape ``[T, H, W, 3]`` (RGB, original size) and
+streams them with :meth:`VideoSource.iter_chunks` so that a long video never sits in memory whole.
+Bad input raises :class:`refstream.errors.InputError` whose message names the file, the problem and the
+fix; an unknown decoder name raises :class:`refstream.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import operator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from refstream.errors import ConfigError, InputError
+
+DECODERS = ("decord", "pyav")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def input_error(path: Path | str, problem: str, fix: str) -> InputError:
+    """Build an :class:`InputError` whose message reads ``"<path>: <problem>. Fix: <fix>."``."""
+    return InputError(f"{path}: {problem.rstrip('.')}. Fix: {fix.rstrip('.')}.")
+
+
+class VideoSource(ABC):
+    """A readable sequence of RGB frames of one size.
+
+    Attributes:
+        path: the video file or frame folder.
+        num_frames: number of frames ``T`` (>= 1).
+        fps: average frames per second for a video file; ``None`` for a frame folder.
+        height, width: original frame size in pixels.
+        frame_names: one name per frame: ``"00000"``, ``"00001"``, ... for a video file, the file stems
+            for a folder (used to name output masks).
+
+    Use as a context manager or call :meth:`close` to release the file handles.
+    """
+
+    path: Path
+    num_frames: int
+    fps: float | None
+    height: int
+    width: int
+    frame_names: list[str]
+
+    _closed: bool = False
+
+    def read(self, indices: Sequence[int]) -> np.ndarray:
+        """Read the frames at ``indices`` (any order, repeats allowed).
+
+        Args:
+            indices: frame indices in ``[0, num_frames)``.
+
+        Returns:
+            ``np.uint8`` array ``[len(indices), height, width, 3]``, RGB, in the order of ``indices``.
+
+        Raises:
+            IndexError: an index is out of range; TypeError: an index is not an integer;
+            ValueError: the source is closed; InputError: the decoder failed (the message names the frame).
+        """
+        if self._closed:
+            raise ValueError(f"{self.path}: read() on a closed {type(self).__name__}")
+        wanted = [operator.index(i) for i in indices]
+        for i in wanted:
+            if not 0 <= i < self.num_frames:
+                raise IndexError(f"{self.path}: frame index {i} is out of range [0, {self.num_frames})")
+        if not wanted:
+            return np.empty((0, self.height, self.width, 3), dtype=np.uint8)
+        unique = sorted(set(wanted))
+        frames = self._read_sorted(unique)
+        if unique == wanted:
+            return frames
+        row = {frame_index: k for k, frame_index in enumerate(unique)}
+        return frames[[row[i] for i in wanted]]
+
+    def iter_chunks(self, indices: Sequence[int], chunk_size: int = 16) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Yield ``(chunk_indices, frames)`` for consecutive slices of ``indices`` (order kept).
+
+        ``frames`` is ``uint8 [len(chunk_indices), H, W, 3]``; at most ``chunk_size`` frames are in
+        memory at a time (plus what the decoder buffers). Sorted indices are decoded in one forward pass.
+
+        Raises:
+            ValueError: ``chunk_size < 1``; otherwise as :meth:`read`.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        indices = [operator.index(i) for i in indices]
+        for start in range(0, len(indices), chunk_size):
+            chunk = indices[start : start + chunk_size]
+            yield chunk, self.read(chunk)
+
+    @abstractmethod
+    def _read_sorted(self, indices: list[int]) -> np.ndarray:
+        """Read sorted, unique, in-range indices -> ``uint8 [len(indices), H, W, 3]``."""
+
+    def close(self) -> None:
+        """Release file handles. Further reads raise ``ValueError``; closing twice is fine."""
+        self._closed = True
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def __enter__(self) -> VideoSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        fps = "None" if self.fps is None else f"{self.fps:g}"
+        return (
+            f"{type(self).__name__}(path={str(self.path)!r}, num_frames={self.num_frames}, "
+            f"size={self.width}x{self.height}, fps={fps})"
+        )
+
+
+class FrameFolder(VideoSource):
+    """Frames stored as JPEG/PNG files in one folder, ordered by file name (DAVIS ``JPEGImages`` layout).
+
+    Files with other suffixes and hidden files are ignored; palette/grey/RGBA images are converted to RGB.
+    ``fps`` is ``None``; ``frame_names`` are the file stems.
+
+    Raises (at construction):
+        InputError: no JPEG/PNG in the folder, an unreadable image, or frames of different sizes.
+    """
+
+    def __init__(self, path: Path | str):
+        from PIL import Image, UnidentifiedImageError
+
+        self.path = Path(path)
+        try:
+            entries = list(self.path.iterdir())
+        except OSError as e:
+            raise input_error(self.path, f"cannot list the folder ({e})", "check that the folder is readable") from e
+        self.files = sorted(
+            p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
+        if not self.files:
+            others = len(entries)
+            raise input_error(
+                self.path,
+                f"folder has no JPEG/PNG frames ({others} other entries)",
+                "pass a video file or a folder holding the frames as .jpg/.jpeg/.png files, "
+                "e.g. DAVIS/JPEGImages/480p/<video>",
+            )
+        sizes = {}
+        for f in self.files:
+            try:
+                with Image.open(f) as im:
+                    sizes[f] = im.size
+            except (UnidentifiedImageError, OSError) as e:
+                raise input_error(f, f"frame is not a readable image ({e})", "replace or remove this file") from e
+        self.width, self.height = sizes[self.files[0]]
+        for f, size in sizes.items():
+            if size != (self.width, self.height):
+                raise input_error(
+                    f,
+                    f"frame is {size[0]}x{size[1]} but {self.files[0].name} is {self.width}x{self.height}; "
+                    "all frames of a video must have one size",
+                    "resize the frames to one size or remove the stray file",
+                )
+        self.num_frames = len(self.files)
+        self.fps = None
+        self.frame_names = [f.stem for f in self.files]
+
+    def _read_sorted(self, indices: list[int]) -> np.ndarray:
+        from PIL import Image
+
+        out = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
+        for k, i in enumerate(indices):
+            f = self.files[i]
+            try:
+                with Image.open(f) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+            except OSError as e:
+                raise input_error(f, f"cannot decode frame {i} ({e})", "replace or remove this file") from e
+            if rgb.shape != out.shape[1:]:
+                raise input_error(
+                    f,
+                    f"frame {i} changed size to {rgb.shape[1]}x{rgb.shape[0]} while reading",
+                    "do not modify the frames while the video is being processed",
+                )
+            out[k] = rgb
+        return out
+
+
+def open_video(path: Path | str, decoder: str = "decord") -> VideoSource:
+    """Open a video file (anything FFmpeg reads) or a folder of JPEG/PNG frames.
+
+    Args:
+        path: a video file, or a folder of frames sorted by name.
+        decoder: ``"decord"`` (fast sequential/batch reads) or ``"pyav"`` (pure FFmpeg via PyAV);
+            ignored for folders. Both give the same frame count and near-identical pixels.
+
+    Returns:
+        A :class:`VideoSource` (:class:`FrameFolder`, :class:`DecordVideo` or :class:`PyAVVideo`).
+
+    Raises:
+        ConfigError: unknown ``decoder``.
+        InputError: missing path, empty file, a folder without JPEG/PNG, frames of different sizes, a file
+            that is not a video, a corrupt or truncated video, a file without a video stream.
+
+    A video file is always validated with PyAV first (open the container, find a video stream, index the
+    packets, decode the first frame) so that decord, which can crash the interpreter on corrupt input,
+    only ever sees files FFmpeg has already parsed.
+    """
+    if decoder not in DECODERS:
+        raise ConfigError(f"unknown decoder {decoder!r}. Fix: use one of {', '.join(repr(d) for d in DECODERS)}.")
+    path = Path(path)
+    if not path.exists():
+        raise input_error(
+            path, "no such file or folder", "check the path; pass a video file or a folder of JPEG/PNG frames"
+        )
+    if path.is_dir():
+        return FrameFolder(path)
+    if not path.is_file():
+        raise input_error(path, "not a regular file or folder", "pass a video file or a folder of JPEG/PNG frames")
+    if path.stat().st_size == 0:
+        raise input_error(path, "file is empty (0 bytes)", "re-download or re-export the video")
+
+    from video_pipeline.video_file import DecordVideo, PyAVVideo, probe
+
+    info = probe(path)
+    return DecordVideo(path, info) if decoder == "decord" else PyAVVideo(path, info)
+
+
+def __getattr__(name: str):  # re-export the file-backed sources without importing them eagerly
+    if name in ("DecordVideo", "PyAVVideo"):
+        from video_pipeline import video_file
+
+        return getattr(video_file, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,281 @@
+"""Video-file sources: container validation with PyAV, then exact frame reads with PyAV or decord.
+
+Frame ``i`` is the ``i``-th frame in presentation order (sorted by pts), as decord numbers frames.
+``av`` and ``decord`` are imported inside functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from video_pipeline.decode import VideoSource, input_error
+
+_OVERSHOOT = object()
+REENCODE = "re-download the file, or re-encode it: ffmpeg -i <in> -c:v libx264 -pix_fmt yuv420p <out>.mp4"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What :func:`probe` learnt about a video file.
+
+    Attributes:
+        num_frames: frames in the first video stream (demuxed packets; edit-list discards excluded).
+        fps: average frame rate (frames/s) or ``None`` when the container does not say.
+        height, width: size of the first decoded frame, pixels.
+        pts: presentation timestamps of the frames in presentation order (stream time base), or ``None``
+            when some packet has no pts (then frames are counted while decoding from the start).
+        keyframes: presentation-order positions of keyframes (sorted; always starts with 0).
+        seek_ts: per keyframe, the timestamp to seek to (its packet's dts, else pts; stream time base).
+    """
+
+    num_frames: int
+    fps: float | None
+    height: int
+    width: int
+    pts: tuple[int, ...] | None
+    keyframes: tuple[int, ...]
+    seek_ts: tuple[int, ...]
+
+
+def probe(path: Path) -> ContainerInfo:
+    """Validate a video file with PyAV and index its first video stream.
+
+    Opens the container, requires a video stream, demuxes every packet of it (no decoding) to count the
+    frames and locate keyframes, and decodes the first frame.
+
+    Raises:
+        InputError: not a container FFmpeg can read, no video stream, no frames, the first frame does not
+            decode, or the file is truncated/corrupt (fewer packets than the container index lists).
+    """
+    import av
+
+    def open_container():
+        try:
+            return av.open(str(path), metadata_errors="ignore")
+        except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+            raise input_error(
+                path,
+                f"not a video FFmpeg can read, or truncated/corrupt ({_describe(e)})",
+                "check that this is a video file (mp4, mkv, webm, avi, ...); if it is, " + REENCODE,
+            ) from e
+
+    with open_container() as container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise input_error(
+                path,
+                f"file has no video stream (streams: {', '.join(kinds)})",
+                "pass a file with a video track or a folder of JPEG/PNG frames",
+            )
+        stream = container.streams.video[0]
+        declared = int(stream.frames or 0)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else None
+        packets: list[tuple[int | None, int | None, bool]] = []
+        total = 0
+        last_corrupt = False
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # flush packet at the end of the stream
+                    continue
+                total += 1
+                last_corrupt = packet.is_corrupt
+                if not packet.is_discard:
+                    packets.append((packet.pts, packet.dts, packet.is_keyframe))
+        except av.FFmpegError as e:
+            raise input_error(
+                path, f"corrupt video: demuxing failed after {total} packets ({_describe(e)})", REENCODE
+            ) from e
+    if last_corrupt or (declared and total < declared):
+        present = f"the data stops inside packet {total}" if last_corrupt else f"only {total} are present"
+        raise input_error(
+            path, f"truncated video: the container lists {declared or '?'} frames but {present}", REENCODE
+        )
+    if not packets:
+        raise input_error(path, "the video stream has no frames", REENCODE)
+
+    with open_container() as container:
+        try:
+            first = next(container.decode(container.streams.video[0]))
+        except (av.FFmpegError, StopIteration) as e:
+            raise input_error(path, f"the first frame does not decode ({_describe(e)})", REENCODE) from e
+        height, width = first.height, first.width
+
+    if any(p is None for p, _, _ in packets) or len({p for p, _, _ in packets}) != len(packets):
+        pts, keyframes, seek_ts = None, (0,), (0,)  # no usable timestamps: always decode from the start
+    else:
+        ordered = sorted(packets, key=lambda packet: packet[0])
+        pts = tuple(p for p, _, _ in ordered)
+        keys = [(k, p if d is None else d) for k, (p, d, key) in enumerate(ordered) if key and k > 0]
+        keyframes = (0, *(k for k, _ in keys))
+        seek_ts = (0, *(ts for _, ts in keys))  # position 0 is reached by reopening the file
+    return ContainerInfo(len(packets), fps, height, width, pts, keyframes, seek_ts)
+
+
+def _describe(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class _FileSource(VideoSource):
+    def __init__(self, path: Path, info: ContainerInfo):
+        self.path = Path(path)
+        self.info = info
+        self.num_frames = info.num_frames
+        self.fps = info.fps
+        self.height, self.width = info.height, info.width
+        self.frame_names = [f"{i:05d}" for i in range(self.num_frames)]
+
+
+class PyAVVideo(_FileSource):
+    """A video file read with PyAV (FFmpeg), exact frames by seek-to-keyframe + decode forward.
+
+    Build with :func:`video_pipeline.decode.open_video` (``decoder="pyav"``). The decoder state is kept
+    between calls: reading sorted indices (or consecutive :meth:`iter_chunks`) is one forward pass; a
+    seek happens only when the target lies behind the decoder or a keyframe lies between it and the
+    target. Decoding uses ``thread_type="AUTO"``. Frames are converted to RGB24 by FFmpeg's swscale.
+
+    Raises (when reading): InputError naming the frame index when FFmpeg fails or the frame is missing.
+    """
+
+    def __init__(self, path: Path, info: ContainerInfo):
+        super().__init__(path, info)
+        self._container = None
+        self._position = {p: k for k, p in enumerate(info.pts)} if info.pts is not None else None
+        self._frames = None  # decode iterator, or None when a seek is needed
+        self._last = -1  # presentation position of the last decoded frame
+        self._open()
+
+    def _open(self) -> None:
+        import av
+
+        if self._container is not None:
+            self._container.close()
+        try:
+            self._container = av.open(str(self.path), metadata_errors="ignore")
+        except (av.FFmpegError, OSError) as e:
+            raise input_error(self.path, f"cannot reopen the video ({_describe(e)})", REENCODE) from e
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = "AUTO"
+
+    def _read_sorted(self, indices: list[int]) -> np.ndarray:
+        import av
+
+        out = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
+        for k, i in enumerate(indices):
+            try:
+                frame = self._frame_at(i)
+                out[k] = frame.to_ndarray(format="rgb24", width=self.width, height=self.height)
+            except av.FFmpegError as e:
+                self._frames = None
+                raise input_error(self.path, f"cannot decode frame {i} ({_describe(e)})", REENCODE) from e
+        return out
+
+    def _restart(self, keyframe: int) -> None:
+        """Position the decoder at the ``keyframe``-th keyframe (0: reopen the file, the surest rewind)."""
+        if keyframe == 0:
+            self._open()
+        else:
+            ts = self.info.seek_ts[keyframe]
+            self._container.seek(ts, stream=self._stream, backward=True, any_frame=False)
+        self._frames = iter(self._container.decode(self._stream))
+        self._last = self.info.keyframes[keyframe] - 1  # earlier frames may still come out: skipped
+
+    def _frame_at(self, index: int):
+        keyframe = bisect.bisect_right(self.info.keyframes, index) - 1  # the last keyframe <= index
+        if self._frames is None or index <= self._last or self.info.keyframes[keyframe] > self._last + 1:
+            self._restart(keyframe)
+        frame = self._scan(index)
+        if frame is _OVERSHOOT and keyframe > 0:  # the seek landed after the target: start over
+            self._restart(0)
+            frame = self._scan(index)
+        if frame is None or frame is _OVERSHOOT:
+            self._frames = None
+            raise input_error(
+                self.path,
+                f"frame {index} of {self.num_frames} could not be decoded (the stream ended or skipped it)",
+                REENCODE,
+            )
+        return frame
+
+    def _scan(self, index: int):
+        """Decode forward to frame ``index``: the frame, ``_OVERSHOOT`` if passed, ``None`` at the end."""
+        for frame in self._frames:
+            if self._position is None:
+                self._last += 1
+                position = self._last
+            else:
+                position = self._position.get(frame.pts)
+                if position is None:
+                    continue  # a frame the index does not list (e.g. edit-list leftovers)
+                self._last = position
+            if position == index:
+                return frame
+            if position > index:
+                return _OVERSHOOT
+        return None
+
+    def close(self) -> None:
+        if not self._closed and self._container is not None:
+            self._frames = None
+            self._container.close()
+        super().close()
+
+
+class DecordVideo(_FileSource):
+    """A video file read with decord (``decord.VideoReader(path, ctx=cpu(0))``, ``get_batch``).
+
+    Build with :func:`video_pipeline.decode.open_video` (``decoder="decord"``, the default). The file has
+    already passed :func:`probe`; ``num_frames`` is PyAV's count, capped by decord's own length. Works
+    whatever ``decord.bridge`` is set to (native NDArray or torch).
+
+    Raises: InputError when decord cannot open the file, or naming the frames when ``get_batch`` fails.
+    """
+
+    def __init__(self, path: Path, info: ContainerInfo):
+        import decord
+
+        super().__init__(path, info)
+        try:
+            self._reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0))
+        except (decord.DECORDError, RuntimeError) as e:
+            raise input_error(
+                self.path,
+                f"decord cannot open the video ({_describe(e)})",
+                "open it with decoder='pyav', or " + REENCODE,
+            ) from e
+        if len(self._reader) < self.num_frames:
+            self.num_frames = len(self._reader)
+            self.frame_names = self.frame_names[: self.num_frames]
+
+    def _read_sorted(self, indices: list[int]) -> np.ndarray:
+        import decord
+
+        try:
+            batch = self._reader.get_batch(indices)
+        except (decord.DECORDError, RuntimeError, IndexError) as e:
+            if len(indices) > 1:  # find the frame that fails, so that the error can name it
+                return np.concatenate([self._read_sorted([i]) for i in indices])
+            raise input_error(
+                self.path,
+                f"decord cannot decode frame {indices[0]} ({_describe(e)})",
+                "open it with decoder='pyav', or " + REENCODE,
+            ) from e
+        frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
+        if frames.shape[1:3] != (self.height, self.width):
+            raise input_error(
+                self.path,
+                f"decord returned {frames.shape[2]}x{frames.shape[1]} frames, expected {self.width}x{self.height}",
+                "open it with decoder='pyav'",
+            )
+        return np.ascontiguousarray(frames, dtype=np.uint8)
+
+    def close(self) -> None:
+        if not self._closed:
+            del self._reader
+        super().close()
