@@ -1,0 +1,120 @@
+"""The ``refstream`` command line.
+
+``refstream run INPUT --expression "the bed" [--expression ...] --model tiny --out out/``
+
+Exit codes: 0 success; 2 bad input or configuration (the message names the problem and the fix);
+1 an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Sequence
+
+from refstream.errors import RefStreamError
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="segment the object(s) a referring expression names in every frame of a video",
+        description="Segment the object(s) named by referring expressions in every frame of a video "
+        "(LiteLVLM token pruning in front of VideoGLaMM).",
+    )
+    p.add_argument("input", help="a video file (anything FFmpeg reads) or a folder of JPEG/PNG frames")
+    p.add_argument("--expression", "-e", action="append", default=[], metavar="TEXT",
+                   help="referring expression; repeat for several objects (they share one pruning per frame)")
+    p.add_argument("--model", default="videoglamm", help="tiny | videoglamm | path/to/config.yaml (default videoglamm)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="the VideoGLaMM checkpoint folder")
+    p.add_argument("--method", default="litelvlm", help="pruning method: litelvlm | none (default litelvlm)")
+    p.add_argument("--variant", default="paper", choices=["paper", "official", "context-heavy"],
+                   help="LiteLVLM variant (default paper)")
+    p.add_argument("--budget", type=int, default=196, help="visual tokens kept per frame, of 576 (default 196)")
+    p.add_argument("--placement", default="pooled", choices=["pooled", "patch"],
+                   help="pooled: budget becomes round(B/4) of the 144 pooled cells; patch: B unpooled patches")
+    p.add_argument("--frames", type=int, default=16, help="encoder frames (CLIP/InternVideo2), multiple of 4")
+    p.add_argument("--stride", type=int, default=1, help="segment every k-th frame (default 1: all)")
+    p.add_argument("--max-frames", type=int, default=None, help="segment at most this many frames")
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
+    p.add_argument("--clip-text", default="question", choices=["question", "expression"],
+                   help="text given to CLIP for LiteLVLM: the full LLM question (default) or the bare expression")
+    p.add_argument("--answer", default="forced", choices=["forced", "generate"],
+                   help='forced: answer "Sure, [SEG]." in one prefill (default); generate: greedy decoding')
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from refstream.pipeline import RANDOM_WEIGHTS_NOTE, Pipeline, RunOptions, run_to_folder
+    from refstream.config import load_model_config
+
+    options = RunOptions(
+        expressions=args.expression, model=args.model, checkpoint=args.checkpoint, method=args.method,
+        variant=args.variant, budget=args.budget, placement=args.placement, frames=args.frames,
+        device=args.device, decoder=args.decoder, stride=args.stride, max_frames=args.max_frames,
+        clip_text=args.clip_text, answer=args.answer,
+    )
+    options.validate()
+    from video_pipeline.decode import open_video
+
+    open_video(args.input, args.decoder).close()  # fail fast on a bad input, before loading the model
+    config = load_model_config(options.model, options.checkpoint)
+    if config.random_weights:
+        print(f"WARNING: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
+    started = time.perf_counter()
+    pipeline = Pipeline(config, options.device)
+    load_seconds = time.perf_counter() - started
+    summary = run_to_folder(args.input, options, args.out, progress=not args.quiet, pipeline=pipeline,
+                            load_seconds=load_seconds)
+    _print_summary(summary, args.out)
+    return 0
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    pruning = summary["pruning"]
+    stages = "  ".join(f"{k} {v:.2f}s" for k, v in summary["stage_seconds"].items())
+    lines = [
+        f"{summary['frames']} frames, {len(summary['expressions'])} expression(s), model {summary['model']} "
+        f"on {summary['device']}",
+        f"pruning: {pruning['method']}" + (f" ({pruning['variant']})" if pruning.get("variant") else "")
+        + f", budget {pruning['budget']}, {pruning['placement']}: {pruning['kept_per_frame']} {pruning['unit']}s/frame, "
+        f"{summary['visual_tokens_into_llm']} visual tokens into the LLM (sequence {summary['llm_sequence_length']})",
+        f"stages: {stages}",
+        f"total {summary['total_seconds']:.2f}s (model load {summary['model_load_seconds']:.2f}s), "
+        f"peak RSS {summary['peak_rss_mb']:.0f} MiB",
+        f"wrote {', '.join(summary['outputs'])} to {out}",
+    ]
+    if summary.get("note"):
+        lines.append(f"NOTE: {summary['note']}.")
+    print("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refstream", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``refstream`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+    except RefStreamError as exc:
+        print(f"refstream: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("refstream: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

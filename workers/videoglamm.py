@@ -1,0 +1,266 @@
+"""VideoGLaMM assembled from transformers hosts, with pruned CLIP tokens.
+
+Architecture (github mbzuai-oryx/VideoGLaMM @ 6b15b1e; REFERENCE.md section 2):
+
+- spatial encoder: ``CLIPModel`` (ViT-L/14-336), ``hidden_states[-2][:, 1:]``, 576 patches per frame;
+- temporal encoder: InternVideo2-1B on ``InternVLVisionModel`` (:mod:`workers.internvideo2`), 256 tokens
+  per frame in 4-frame chunks;
+- V->L adapters ``image_mm_projector`` (CLIP) and ``mm_projector`` (InternVideo2), each ``mlp2x_gelu``,
+  followed by adaptive average pooling: CLIP 24x24 -> 12x12, InternVideo2 16x16 -> 8x8
+  (``VideoGLaMM/model/videogpt_plus/model/arch.py``, ``project``);
+- LLM ``Phi3ForCausalLM``; the visual tokens (16 x 144 CLIP, frame-major, then 16 x 64 InternVideo2)
+  replace the run of ``<image>`` placeholders (``arch.py``, ``prepare_inputs_labels_for_multimodal``);
+- L->V adapter ``text_hidden_fcs``: Linear(H, H)-ReLU-Linear(H, 256) on the final-normed last-layer
+  hidden state of the position whose next token is ``[SEG]`` (``VideoGLaMM/model/VideoGLaMM.py``,
+  ``model_forward``);
+- pixel decoder: ``Sam2VideoModel`` driven by :mod:`workers.sam2_decoder`.
+
+Pruned tokens are placed in one of two ways (``placement``):
+
+``pooled`` (default)
+    All 576 patches are projected and pooled to the 144 cells of the 12x12 grid as in VideoGLaMM; the
+    pruning method selects ``round(B / 4)`` cells per frame and only those go to the LLM.
+``patch``
+    The B kept patches of each frame are projected and go to the LLM unpooled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from refstream.errors import ExpressionError, SequenceTooLongError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def mlp2x_gelu(in_dim: int, out_dim: int) -> nn.Sequential:
+    """LLaVA's ``mlp2x_gelu`` projector: Linear(in, out) - GELU - Linear(out, out)."""
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+
+
+def pool_grid(tokens: torch.Tensor, side: int) -> torch.Tensor:
+    """Adaptive average pooling of square token grids.
+
+    Args:
+        tokens: float [B, L, C] with L = g*g tokens in row-major order.
+        side: output grid side s.
+
+    Returns:
+        float [B, s*s, C], row-major (as ``apply_adaptive_avg_pooling`` in VideoGLaMM's ``arch.py``).
+    """
+    b, length, c = tokens.shape
+    g = int(round(length**0.5))
+    if g * g != length:
+        raise ValueError(f"expected a square token grid, got {length} tokens")
+    grid = tokens.transpose(1, 2).reshape(b, c, g, g)
+    return F.adaptive_avg_pool2d(grid, side).flatten(2).transpose(1, 2)
+
+
+@dataclass
+class SegAnswer:
+    """The LLM's answer for one expression.
+
+    ``embedding``: float [seg_dim] (the [SEG] prompt for SAM2) or None when the answer has no [SEG];
+    ``text``: the answer text (the forced answer, or what greedy decoding produced).
+    """
+
+    expression: str
+    embedding: torch.Tensor | None
+    text: str
+
+
+class VideoGLaMM(nn.Module):
+    """VideoGLaMM with LiteLVLM-ready inputs. Build it with :func:`workers.build.build_model`.
+
+    Args:
+        config: the :class:`refstream.config.ModelConfig` it was built from.
+        clip: ``transformers.CLIPModel``.
+        internvideo2: :class:`workers.internvideo2.InternVideo2Encoder`.
+        llm: ``transformers.Phi3ForCausalLM`` with ``[SEG]`` in its vocabulary.
+        sam2: ``transformers.Sam2VideoModel``.
+        llm_tokenizer: the Phi-3 tokenizer with ``[SEG]``.
+        clip_tokenizer: the CLIP tokenizer.
+    """
+
+    def __init__(self, config, clip, internvideo2, llm, sam2, llm_tokenizer, clip_tokenizer):
+        super().__init__()
+        self.config = config
+        self.clip = clip
+        self.internvideo2 = internvideo2
+        self.llm = llm
+        self.sam2 = sam2
+        self.llm_tokenizer = llm_tokenizer
+        self.clip_tokenizer = clip_tokenizer
+        hidden = llm.config.hidden_size
+        self.image_mm_projector = mlp2x_gelu(clip.config.vision_config.hidden_size, hidden)
+        self.mm_projector = mlp2x_gelu(internvideo2.hidden_size, hidden)
+        self.text_hidden_fcs = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.seg_dim))
+        self.seg_token_id = llm_tokenizer.convert_tokens_to_ids("[SEG]")
+        if self.seg_token_id is None or self.seg_token_id == llm_tokenizer.unk_token_id:
+            raise ValueError("the LLM tokenizer has no [SEG] token")
+
+    # ------------------------------------------------------------------ visual tokens
+    @property
+    def device(self) -> torch.device:
+        return self.image_mm_projector[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_mm_projector[0].weight.dtype
+
+    @torch.inference_mode()
+    def clip_tokens(self, hidden: torch.Tensor, kept: torch.Tensor | None, placement: str) -> torch.Tensor:
+        """CLIP visual tokens for the LLM.
+
+        Args:
+            hidden: float [F, 1+M, D] CLIP ``hidden_states[-2]`` (row 0 = CLS, never used).
+            kept: int64 [F, K] kept indices (patches for ``patch``, 12x12 cells for ``pooled``) in output
+                order, or None for the unpruned path (all 144 pooled cells).
+            placement: ``"pooled"`` or ``"patch"``.
+
+        Returns:
+            float [F, K, H] projected tokens (K = 144 when ``kept`` is None).
+        """
+        patches = hidden[:, 1:].to(self.dtype)
+        if placement == "patch" and kept is not None:
+            gathered = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            return self.image_mm_projector(gathered)
+        if placement not in ("pooled", "patch"):
+            raise ValueError(f"unknown placement {placement!r}: use 'pooled' or 'patch'")
+        cells = pool_grid(self.image_mm_projector(patches), self.config.clip_pool)
+        if kept is None:
+            return cells
+        return cells.gather(1, kept.unsqueeze(-1).expand(-1, -1, cells.shape[-1]))
+
+    @torch.inference_mode()
+    def internvideo2_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """InternVideo2 visual tokens for the LLM.
+
+        Args:
+            frames: float [T, 3, 224, 224] ImageNet-normalised encoder frames, T a multiple of 4.
+
+        Returns:
+            float [T, 64, H]: projected, then pooled 16x16 -> 8x8 per frame.
+        """
+        features = self.internvideo2(frames.to(self.device))
+        return pool_grid(self.mm_projector(features.to(self.dtype)), self.config.internvideo2_pool)
+
+    # ------------------------------------------------------------------ prompt
+    def question(self, expression: str) -> str:
+        """The user question for an expression (lowercased as in VideoGLaMM's ``eval_referdavis_infer.py``)."""
+        expression = expression.strip()
+        if not expression:
+            raise ExpressionError("the referring expression is empty: pass --expression \"the black swan\"")
+        return self.config.question.format(expression=expression.lower())
+
+    def prompt_ids(self, expression: str, answer: str = "") -> tuple[list[int], list[int]]:
+        """Token ids before and after the visual tokens, in the phi3_instruct template.
+
+        ``<|system|>\\n{system}<|end|>\\n<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n{answer}``
+        (VideoGLaMM ``model/videogpt_plus/conversation.py`` ``conv_phi3_instruct``, ``utils/conv_generator.py``
+        ``apply_for_chat``). The prefix carries the tokenizer's BOS as ``tokenizer_image_token`` keeps it.
+
+        Returns:
+            (prefix ids, suffix ids); the visual tokens go between them.
+        """
+        text = (
+            f"<|system|>\n{self.config.system_prompt}<|end|>\n<|user|>\n{IMAGE_PLACEHOLDER}\n"
+            f"{self.question(expression)}<|end|>\n<|assistant|>\n{answer}"
+        )
+        before, after = text.split(IMAGE_PLACEHOLDER)
+        tok = self.llm_tokenizer
+        prefix = tok(before, add_special_tokens=False).input_ids
+        if tok.bos_token_id is not None:
+            prefix = [tok.bos_token_id] + prefix
+        return prefix, tok(after, add_special_tokens=False).input_ids
+
+    def sequence_length(self, num_visual: int, expression: str = "x") -> int:
+        """LLM input length for ``num_visual`` visual tokens and the forced answer."""
+        prefix, suffix = self.prompt_ids(expression, self.config.forced_answer)
+        return len(prefix) + num_visual + len(suffix)
+
+    def check_sequence_length(self, num_visual: int, expressions: Sequence[str], mode: str = "forced") -> None:
+        """Raise :class:`SequenceTooLongError` when the prompt (plus ``max_new_tokens`` when generating)
+        would exceed the LLM's positions."""
+        limit = self.llm.config.max_position_embeddings
+        longest = max(self.sequence_length(num_visual, e) for e in expressions)
+        if mode == "generate":
+            longest += self.config.max_new_tokens
+        if longest > limit:
+            raise SequenceTooLongError(
+                f"the LLM input would be {longest} tokens ({num_visual} visual) but the LLM has {limit} positions. "
+                f"Use fewer encoder frames (--frames), a smaller budget (--budget), or --placement pooled."
+            )
+
+    # ------------------------------------------------------------------ [SEG]
+    @torch.inference_mode()
+    def seg_answers(self, visual: torch.Tensor, expressions: Sequence[str], mode: str = "forced") -> list[SegAnswer]:
+        """Run the LLM on the visual tokens for each expression and return the [SEG] prompts.
+
+        Args:
+            visual: float [V, H] visual tokens in LLM order (CLIP frame-major, then InternVideo2).
+            expressions: E referring expressions.
+            mode: ``"forced"`` (teacher-forced answer ``config.forced_answer``, one batched prefill,
+                deterministic) or ``"generate"`` (greedy decoding with the KV cache, up to
+                ``config.max_new_tokens``; the first generated ``[SEG]`` is used).
+
+        Returns:
+            E :class:`SegAnswer`; ``embedding`` is float [seg_dim] or None when no [SEG] was produced.
+        """
+        self.check_sequence_length(visual.shape[0], expressions, mode)
+        if mode == "forced":
+            return self._forced(visual, expressions)
+        if mode == "generate":
+            return [self._generate(visual, e) for e in expressions]
+        raise ValueError(f"unknown answer mode {mode!r}: use 'forced' or 'generate'")
+
+    def _embed(self, prefix: list[int], visual: torch.Tensor, suffix: list[int]) -> torch.Tensor:
+        embed = self.llm.get_input_embeddings()
+        ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        return torch.cat([embed(ids(prefix)), visual.to(self.dtype), embed(ids(suffix))])
+
+    def _forced(self, visual: torch.Tensor, expressions: Sequence[str]) -> list[SegAnswer]:
+        sequences, seg_positions = [], []
+        for expression in expressions:
+            prefix, suffix = self.prompt_ids(expression, self.config.forced_answer)
+            if self.seg_token_id not in suffix:
+                raise ValueError(f"the forced answer {self.config.forced_answer!r} has no [SEG]")
+            sequences.append(self._embed(prefix, visual, suffix))
+            seg_positions.append(len(prefix) + visual.shape[0] + suffix.index(self.seg_token_id) - 1)
+        longest = max(s.shape[0] for s in sequences)
+        batch = torch.zeros(len(sequences), longest, sequences[0].shape[-1], dtype=self.dtype, device=self.device)
+        mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=self.device)
+        for i, seq in enumerate(sequences):  # right padding: causal attention never sees it
+            batch[i, : seq.shape[0]] = seq
+            mask[i, : seq.shape[0]] = 1
+        hidden = self.llm.model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
+        rows = hidden[torch.arange(len(sequences)), torch.tensor(seg_positions)]
+        embeddings = self.text_hidden_fcs(rows)
+        return [SegAnswer(e, embeddings[i], self.config.forced_answer) for i, e in enumerate(expressions)]
+
+    def _generate(self, visual: torch.Tensor, expression: str) -> SegAnswer:
+        from transformers import DynamicCache
+
+        prefix, suffix = self.prompt_ids(expression)
+        tok = self.llm_tokenizer
+        stop = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")) if i is not None}
+        cache = DynamicCache(config=self.llm.config)
+        inputs = self._embed(prefix, visual, suffix).unsqueeze(0)
+        generated: list[int] = []
+        seg_embedding = None
+        for _ in range(self.config.max_new_tokens):
+            hidden = self.llm.model(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state
+            last = hidden[0, -1]
+            token = int(self.llm.lm_head(last).argmax())
+            if token in stop:
+                break
+            generated.append(token)
+            if token == self.seg_token_id and seg_embedding is None:
+                seg_embedding = self.text_hidden_fcs(last)
+            inputs = self.llm.get_input_embeddings()(torch.tensor([[token]], device=self.device))
+        return SegAnswer(expression, seg_embedding, tok.decode(generated))
