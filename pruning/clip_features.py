@@ -30,6 +30,11 @@ class ClipFrameFeatures:
     k: torch.Tensor  # float [F, 1+M, D]
     v: torch.Tensor  # float [F, 1+M, D]
     patch_embeds: torch.Tensor | None  # float [F, M, P]; None when projections were not requested
+    #: q_proj / k_proj outputs [F, 1+M, D] of the layer whose OUTPUT is hidden_states[-2] (layer index -2),
+    #: whose attention VisionZip and VisPruner read ("CLS attention at layer -2"); None unless requested.
+    penultimate_q: torch.Tensor | None = None
+    penultimate_k: torch.Tensor | None = None
+    num_heads: int = 16  # attention heads of the vision tower (to split q/k into heads)
 
     @property
     def grid(self) -> int:
@@ -62,41 +67,56 @@ class ClipFeatureExtractor:
         return self.clip.visual_projection.weight.dtype
 
     @torch.inference_mode()
-    def encode_frames(self, pixel_values: torch.Tensor, with_scores: bool = True) -> ClipFrameFeatures:
-        """Vision forward for F frames.
+    def encode_frames(
+        self, pixel_values: torch.Tensor, with_scores: bool = True, with_penultimate: bool = False
+    ) -> ClipFrameFeatures:
+        """Vision forward for F frames; hooks capture the projections the pruning methods need.
+
+        Attention maps are never requested from the model (so every layer keeps its fast attention
+        kernel); methods rebuild the one map they need from the hooked q/k (:mod:`pruning.attention`).
 
         Args:
             pixel_values: float [F, 3, S, S] CLIP-normalised frames (S = 336 for ViT-L/14-336).
-            with_scores: also capture q/k/v of the last layer and compute ``patch_embeds`` (LiteLVLM). When
-                False, q/k/v are empty tensors and ``patch_embeds`` is None.
+            with_scores: capture q/k/v of the last layer and compute ``patch_embeds`` (LiteLVLM, PruMerge,
+                TRIM). When False, q/k/v are empty tensors and ``patch_embeds`` is None.
+            with_penultimate: capture q/k of the layer at index -2 (VisionZip, VisPruner).
 
         Returns:
             :class:`ClipFrameFeatures` on the model's device and dtype.
         """
-        layer = self.clip.vision_model.encoder.layers[-1].self_attn
-        parts: dict[str, list[torch.Tensor]] = {"hidden": [], "q": [], "k": [], "v": []}
-        captured: dict[str, torch.Tensor] = {}
-        handles = []
+        layers = self.clip.vision_model.encoder.layers
+        wanted = {}
         if with_scores:
-            for name in ("q", "k", "v"):
-                proj = getattr(layer, f"{name}_proj")
-                handles.append(proj.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out)))
+            wanted.update({"q": layers[-1].self_attn.q_proj, "k": layers[-1].self_attn.k_proj, "v": layers[-1].self_attn.v_proj})
+        if with_penultimate:
+            wanted.update({"pq": layers[-2].self_attn.q_proj, "pk": layers[-2].self_attn.k_proj})
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in ("hidden", *wanted)}
+        captured: dict[str, torch.Tensor] = {}
+        handles = [
+            module.register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
+            for name, module in wanted.items()
+        ]
         try:
             for start in range(0, pixel_values.shape[0], self.chunk_size):
                 chunk = pixel_values[start : start + self.chunk_size].to(self.device, self.dtype)
                 out = self.clip.vision_model(pixel_values=chunk, output_hidden_states=True)
                 parts["hidden"].append(out.hidden_states[-2])
-                for name in ("q", "k", "v") if with_scores else ():
+                for name in wanted:
                     parts[name].append(captured.pop(name))
         finally:
             for handle in handles:
                 handle.remove()
-        hidden = torch.cat(parts["hidden"])
-        if not with_scores:
-            empty = hidden.new_empty(0)
-            return ClipFrameFeatures(hidden, empty, empty, empty, None)
-        patch_embeds = self.clip.visual_projection(self.clip.vision_model.post_layernorm(hidden[:, 1:]))
-        return ClipFrameFeatures(hidden, torch.cat(parts["q"]), torch.cat(parts["k"]), torch.cat(parts["v"]), patch_embeds)
+        cat = {name: torch.cat(chunks) for name, chunks in parts.items()}
+        hidden = cat["hidden"]
+        empty = hidden.new_empty(0)
+        heads = self.clip.config.vision_config.num_attention_heads
+        patch_embeds = None
+        if with_scores:
+            patch_embeds = self.clip.visual_projection(self.clip.vision_model.post_layernorm(hidden[:, 1:]))
+        return ClipFrameFeatures(
+            hidden, cat.get("q", empty), cat.get("k", empty), cat.get("v", empty), patch_embeds,
+            penultimate_q=cat.get("pq"), penultimate_k=cat.get("pk"), num_heads=heads,
+        )
 
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -29,34 +29,93 @@ PLACEMENTS = ("pooled", "patch")
 
 @dataclass
 class Selection:
-    """Kept tokens per frame.
+    """Kept (or merged) visual tokens per frame: what a pruning method returns.
 
-    ``indices``: int64 [F, K] kept tokens in output order (patches, or cells of the pooled grid when
-    ``unit == "cell"``); ``similarity_aware``: bool [F, K] marking LiteLVLM's similarity-aware tokens
-    (all False for methods without that notion); ``grid``: side of the grid the indices live on (24 for
-    patches, 12 for cells).
+    Attributes:
+        indices: int64 [F, K], the kept units in output order (patches on the 24x24 grid, or cells of the
+            pooled 12x12 grid when ``unit == "cell"``). For a merged token it is the unit the token is
+            anchored on (the merge target); ``-1`` marks a token tied to no single unit (an aggregate of
+            pruned tokens, e.g. TRIM's or PruMerge's extra token).
+        similarity_aware: bool [F, K], LiteLVLM's similarity-aware tokens (all False for other methods).
+        unit: ``"patch"`` or ``"cell"``.
+        grid: side of the grid ``indices`` live on (24 or 12).
+        merge_weights: float [F, K, T] or None. Methods that MERGE tokens set it: output token k of frame f
+            is ``sum_t merge_weights[f, k, t] * x[f, t]`` over the T units of that frame, for whatever
+            per-unit features x are used (CLIP layer -2 patches under ``patch``, projected pooled cells
+            under ``pooled``). None means plain selection (``x[f, indices[f, k]]``).
+        merged_features: float [F, K, D] or None: for merging methods, the merged CLIP layer -2 features of
+            the units (``merge_weights`` applied to the per-unit layer -2 hidden states).
+        stage: ``"encoder"`` (selection before the LLM) or ``"llm"`` (the method prunes inside the LLM, e.g.
+            FastV; then ``indices`` are filled in after the LLM has run).
     """
 
     indices: torch.Tensor
     similarity_aware: torch.Tensor
     unit: str
     grid: int
+    merge_weights: torch.Tensor | None = None
+    merged_features: torch.Tensor | None = None
+    stage: str = "encoder"
 
     @property
     def kept_per_frame(self) -> int:
+        """K, the visual tokens per frame after pruning."""
         return int(self.indices.shape[1])
+
+    @property
+    def merged(self) -> torch.Tensor:
+        """bool [F, K]: tokens that combine several units (drawn outlined by ``refstream explain``)."""
+        if self.merge_weights is None:
+            return torch.zeros_like(self.indices, dtype=torch.bool)
+        return (self.merge_weights != 0).sum(dim=-1) > 1
+
+    def gather(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Apply the selection to per-unit tokens.
+
+        Args:
+            tokens: float [F, T, C], one row per unit (T = grid * grid).
+
+        Returns:
+            float [F, K, C]: gathered rows, or the merge (``merge_weights @ tokens``) for merging methods.
+        """
+        if self.merge_weights is not None:
+            return torch.matmul(self.merge_weights.to(tokens.dtype), tokens)
+        return tokens.gather(1, self.indices.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 class PruningMethod:
-    """Base class: a visual-token pruning method (see the module docstring)."""
+    """Base class of a visual-token pruning method (see the module docstring).
+
+    Subclasses set the class attributes below, declare their options (with defaults) in ``options``,
+    and implement :meth:`select`. ``get_method(name, **options)`` validates the options.
+    """
 
     name = "base"
-    needs_text = False  # needs CLIP text_embeds
-    needs_scores = False  # needs q/k/v and patch_embeds from the CLIP forward
+    needs_text = False  # needs the CLIP text_embeds of the texts
+    needs_scores = False  # needs the last layer's q/k/v and patch_embeds
+    needs_penultimate = False  # needs q/k of the layer producing hidden_states[-2] (attention at layer -2)
+    stage = "encoder"  # "llm": prunes inside the LLM (FastV)
+    options: dict = {}
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(self.options) or "none"
+            raise ConfigError(f"pruning method {self.name!r} has no option {', '.join(unknown)}; its options: {known}")
+        for key, default in self.options.items():
+            setattr(self, key, options.get(key, default))
 
     def select(
-        self, features: ClipFrameFeatures, text_embeds: torch.Tensor | None, budget: int, placement: str, variant: str
+        self, features: ClipFrameFeatures, text_embeds: torch.Tensor | None, budget: int, placement: str
     ) -> Selection:  # pragma: no cover - interface
+        """Kept tokens per frame for ``budget`` (1..576 patch tokens per frame) under ``placement``.
+
+        Args:
+            features: per-frame CLIP features (what the method declared it needs is filled in).
+            text_embeds: float [N, P] CLIP text embeddings, or None when ``needs_text`` is False.
+            budget: tokens per frame, 1..576; under ``pooled`` the method keeps ``cells_for_budget(budget)``.
+            placement: ``"pooled"`` or ``"patch"``.
+        """
         raise NotImplementedError
 
 
@@ -76,20 +135,27 @@ def register(name: str) -> Callable[[type[PruningMethod]], type[PruningMethod]]:
     return add
 
 
+def _load_builtin_methods() -> None:
+    """Import the modules that register the built-in methods (kept lazy: they import torch code)."""
+    import pruning.methods  # noqa: F401
+
+
 def available_methods() -> list[str]:
     """Names of the registered pruning methods."""
+    _load_builtin_methods()
     return sorted(_REGISTRY)
 
 
-def get_method(name: str) -> PruningMethod:
-    """An instance of the registered method ``name``.
+def get_method(name: str, **options) -> PruningMethod:
+    """An instance of the registered method ``name`` with ``options`` (e.g. ``variant="official"``).
 
     Raises:
-        ConfigError: unknown name (the message lists the registered ones).
+        ConfigError: unknown name (the message lists the registered ones) or unknown option.
     """
+    _load_builtin_methods()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown pruning method {name!r}; choose one of: {', '.join(available_methods())}")
-    return _REGISTRY[name]()
+    return _REGISTRY[name](**options)
 
 
 def cells_for_budget(budget: int, num_cells: int = 144) -> int:
@@ -107,15 +173,52 @@ def pool_scores(scores: torch.Tensor, grid: int, side: int, reduce: str) -> torc
 
 
 def check_placement(placement: str) -> None:
+    """Raise :class:`ConfigError` naming the choices when ``placement`` is not ``pooled`` or ``patch``."""
     if placement not in PLACEMENTS:
         raise ConfigError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
+
+
+def unit_layout(features: ClipFrameFeatures, placement: str, budget: int) -> tuple[str, int, int]:
+    """(unit, grid side, tokens to keep per frame) for a placement and a patch budget.
+
+    ``patch``: patches on the 24x24 grid, ``min(budget, 576)``; ``pooled``: cells on the 12x12 grid,
+    :func:`cells_for_budget`.
+
+    Raises:
+        ConfigError: unknown placement; ValueError: budget < 1.
+    """
+    check_placement(placement)
+    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    grid = features.grid
+    if placement == "patch":
+        return "patch", grid, min(int(budget), grid * grid)
+    side = grid // 2
+    return "cell", side, cells_for_budget(int(budget), side * side)
+
+
+def to_units(values: torch.Tensor, grid: int, placement: str, reduce: str = "mean") -> torch.Tensor:
+    """Per-patch values [F, M] or features [F, M, C] on the units of ``placement``.
+
+    ``patch``: unchanged. ``pooled``: the 2x2 patches of each 12x12 cell combined by ``reduce``
+    (``mean`` or ``sum``), in raster order -> [F, 144] or [F, 144, C].
+    """
+    if placement == "patch":
+        return values
+    side = grid // 2
+    if values.dim() == 2:
+        return pool_scores(values, grid, side, reduce)
+    f, m, c = values.shape
+    grid_view = values.transpose(1, 2).reshape(f, c, grid, grid)
+    pooled = F.adaptive_avg_pool2d(grid_view, side).flatten(2).transpose(1, 2)
+    return pooled * (grid // side) ** 2 if reduce == "sum" else pooled
 
 
 @register("none")
 class NoPruning(PruningMethod):
     """Keep every token: all 576 patches (``patch``) or all 144 cells (``pooled``), in raster order."""
 
-    def select(self, features, text_embeds, budget, placement, variant) -> Selection:
+    def select(self, features, text_embeds, budget, placement) -> Selection:
         check_placement(placement)
         frames, grid = features.hidden.shape[0], features.grid
         side = grid if placement == "patch" else grid // 2
@@ -126,13 +229,26 @@ class NoPruning(PruningMethod):
 
 @register("litelvlm")
 class LiteLVLM(PruningMethod):
-    """LiteLVLM (:mod:`pruning.litelvlm`): low-similarity tokens to the [EOS] embeddings + [CLS] context."""
+    """LiteLVLM (:mod:`pruning.litelvlm`): low-similarity tokens to the [EOS] embeddings + [CLS] context.
+
+    Option ``variant``: ``paper`` (default), ``official`` or ``context-heavy``.
+    """
 
     needs_text = True
     needs_scores = True
+    options = {"variant": "paper"}
 
-    def select(self, features, text_embeds, budget, placement, variant) -> Selection:
+    def __init__(self, **options):
+        from pruning.litelvlm import VARIANTS
+
+        super().__init__(**options)
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown LiteLVLM variant {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
+
+    def select(self, features, text_embeds, budget, placement) -> Selection:
         from pruning import litelvlm
+
+        variant = self.variant
 
         check_placement(placement)
         if text_embeds is None:

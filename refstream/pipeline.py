@@ -156,7 +156,7 @@ class Pipeline:
         from workers.sam2_decoder import Sam2VideoDecoder
 
         options.validate()
-        method = get_method(options.method)
+        method = get_method(options.method, **({"variant": options.variant} if options.method == "litelvlm" else {}))
         timer = StageTimer()
         model = self.model
         expressions = [e.strip() for e in options.expressions]
@@ -172,15 +172,17 @@ class Pipeline:
             with timer("clip"):
                 clip_pixels = clip_preprocess(encoder_frames)
                 extractor = ClipFeatureExtractor(model.clip, model.clip_tokenizer)
-                features = extractor.encode_frames(clip_pixels, with_scores=method.needs_scores)
+                features = extractor.encode_frames(
+                    clip_pixels, with_scores=method.needs_scores, with_penultimate=method.needs_penultimate
+                )
                 text_embeds = None
                 if method.needs_text:
                     texts = [model.question(e) if options.clip_text == "question" else e for e in expressions]
                     text_embeds = extractor.encode_texts(texts)
             with timer("prune"):
-                selection = method.select(features, text_embeds, options.budget, options.placement, options.variant)
+                selection = method.select(features, text_embeds, options.budget, options.placement)
             with timer("llm"):
-                clip_tokens = model.clip_tokens(features.hidden, selection.indices, options.placement)
+                clip_tokens = model.clip_tokens(features.hidden, selection, options.placement)
                 iv2_tokens = model.internvideo2_tokens(internvideo_preprocess(encoder_frames))
                 visual = torch.cat([clip_tokens.flatten(0, 1), iv2_tokens.flatten(0, 1)])
                 answers = model.seg_answers(visual, expressions, options.answer)

@@ -83,7 +83,7 @@ class TestRegistry:
         feats = random_features(frames=1)
         text = torch.randn(1, 8)
         with pytest.raises(ConfigError) as info:
-            get_method(name).select(feats, text, 64, "cells", "paper")
+            get_method(name).select(feats, text, 64, "cells")
         msg = str(info.value)
         assert "'cells'" in msg and "pooled" in msg and "patch" in msg
         assert PLACEMENTS == ("pooled", "patch")
@@ -93,14 +93,14 @@ class TestRegistry:
 
             @register("_test_keep_first")
             class KeepFirst(PruningMethod):
-                def select(self, features, text_embeds, budget, placement, variant):
+                def select(self, features, text_embeds, budget, placement):
                     idx = torch.zeros(features.hidden.shape[0], 1, dtype=torch.long)
                     return Selection(idx, torch.zeros_like(idx, dtype=torch.bool), "patch", features.grid)
 
             assert "_test_keep_first" in available_methods()
             method = get_method("_test_keep_first")
             assert isinstance(method, KeepFirst) and method.name == "_test_keep_first"
-            assert method.select(random_features(frames=3), None, 5, "patch", "paper").kept_per_frame == 1
+            assert method.select(random_features(frames=3), None, 5, "patch").kept_per_frame == 1
             with pytest.raises(ValueError, match="already registered"):
                 register("_test_keep_first")(KeepFirst)
             with pytest.raises(ValueError, match="already registered"):
@@ -160,7 +160,7 @@ class TestNone:
     @pytest.mark.parametrize("budget", [1, 64, 576, 2000])
     def test_keeps_everything_in_raster_order(self, placement, count, unit, grid, budget):
         feats = random_features(frames=3)
-        sel = get_method("none").select(feats, None, budget, placement, "paper")
+        sel = get_method("none").select(feats, None, budget, placement)
         assert sel.indices.dtype == torch.int64
         assert sel.indices.shape == (3, count)
         assert torch.equal(sel.indices, torch.arange(count).expand(3, -1))
@@ -169,7 +169,7 @@ class TestNone:
         assert (sel.unit, sel.grid, sel.kept_per_frame) == (unit, grid, count)
 
     def test_indices_are_writable_per_frame(self):
-        sel = get_method("none").select(random_features(frames=2), None, 10, "pooled", "paper")
+        sel = get_method("none").select(random_features(frames=2), None, 10, "pooled")
         sel.indices[0, 0] = 99  # a real tensor, not an expanded view sharing memory across frames
         assert sel.indices[1, 0] == 0
 
@@ -186,7 +186,7 @@ class TestLiteLVLMPooled:
     def test_mean_similarity_and_summed_context_pick_the_right_cells(self):
         feats = crafted_features(self.SIMS, self.NORMS)
         # budget 8 -> 2 cells; paper, one text: 1 similarity-aware cell + 1 context cell
-        sel = get_method("litelvlm").select(feats, TEXT, 8, "pooled", "paper")
+        sel = get_method("litelvlm", variant="paper").select(feats, TEXT, 8, "pooled")
         assert (sel.unit, sel.grid) == ("cell", 2)
         assert sel.indices.tolist() == [[1, 2]]
         assert sel.similarity_aware.tolist() == [[True, False]]
@@ -194,34 +194,34 @@ class TestLiteLVLMPooled:
     def test_official_single_text_is_all_similarity(self):
         feats = crafted_features(self.SIMS, self.NORMS)
         # official: B // N = 2 lowest mean similarities: c1 (0), c2 (1)
-        sel = get_method("litelvlm").select(feats, TEXT, 8, "pooled", "official")
+        sel = get_method("litelvlm", variant="official").select(feats, TEXT, 8, "pooled")
         assert sel.indices.tolist() == [[1, 2]]
         assert sel.similarity_aware.tolist() == [[True, True]]
         # budget 12 -> 3 cells: c1, c2, c0 (1.25) in index order
-        sel = get_method("litelvlm").select(feats, TEXT, 12, "pooled", "official")
+        sel = get_method("litelvlm", variant="official").select(feats, TEXT, 12, "pooled")
         assert sel.indices.tolist() == [[0, 1, 2]]
 
     def test_context_heavy_single_cell_is_context(self):
         feats = crafted_features(self.SIMS, self.NORMS)
         # context-heavy: floor(2 * 0.05) = 0 similarity cells; both from context: c2 (12), then c0/c3 tie
         # at 4 -> lower index c0
-        sel = get_method("litelvlm").select(feats, TEXT, 8, "pooled", "context-heavy")
+        sel = get_method("litelvlm", variant="context-heavy").select(feats, TEXT, 8, "pooled")
         assert sel.indices.tolist() == [[0, 2]]
         assert not sel.similarity_aware.any()
 
     def test_budget_rounds_to_cells(self):
         feats = crafted_features(self.SIMS, self.NORMS)
         method = get_method("litelvlm")
-        assert method.select(feats, TEXT, 1, "pooled", "paper").kept_per_frame == 1
-        assert method.select(feats, TEXT, 12, "pooled", "paper").kept_per_frame == 3
-        assert method.select(feats, TEXT, 576, "pooled", "paper").indices.tolist() == [[0, 1, 2, 3]]
+        assert method.select(feats, TEXT, 1, "pooled").kept_per_frame == 1
+        assert method.select(feats, TEXT, 12, "pooled").kept_per_frame == 3
+        assert method.select(feats, TEXT, 576, "pooled").indices.tolist() == [[0, 1, 2, 3]]
 
     def test_patch_placement_selects_patches(self):
         # patch level: budget 4, one text, paper: the 2 lowest-similarity patches (the -10 patch 0 and
         # then the first 0 of cell 1, patch 2) + 2 best context patches among the rest
         # (patch 0 has the 4-spike but is taken; the 3s of cell 2: patches 8, 9)
         feats = crafted_features(self.SIMS, self.NORMS)
-        sel = get_method("litelvlm").select(feats, TEXT, 4, "patch", "paper")
+        sel = get_method("litelvlm", variant="paper").select(feats, TEXT, 4, "patch")
         assert (sel.unit, sel.grid) == ("patch", 4)
         assert sel.indices.tolist() == [[0, 2, 8, 9]]
         assert sel.similarity_aware.tolist() == [[True, True, False, False]]
@@ -232,13 +232,13 @@ class TestLiteLVLMPooled:
         texts = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
         # 3 cells per text: text0 {c1, c2, c0}, text1 {c3, c0, c2}; intersection {c0, c2}; fill 1 from
         # context among {c1, c3}: c3 (4) > c1 (2)
-        sel = get_method("litelvlm").select(feats, texts, 12, "pooled", "paper")
+        sel = get_method("litelvlm", variant="paper").select(feats, texts, 12, "pooled")
         assert sel.indices.tolist() == [[0, 2, 3]]
         assert sel.similarity_aware.tolist() == [[True, True, False]]
 
     def test_needs_text(self):
         with pytest.raises(ValueError, match="text"):
-            get_method("litelvlm").select(random_features(frames=1), None, 64, "pooled", "paper")
+            get_method("litelvlm", variant="paper").select(random_features(frames=1), None, 64, "pooled")
 
 
 class TestLiteLVLMFullSize:
@@ -246,7 +246,7 @@ class TestLiteLVLMFullSize:
     def test_pooled_equals_selection_on_independently_pooled_scores(self, variant):
         feats = random_features(frames=3, seed=5)
         text = torch.randn(2, 8, generator=torch.Generator().manual_seed(6))
-        sel = get_method("litelvlm").select(feats, text, 196, "pooled", variant)
+        sel = get_method("litelvlm", variant=variant).select(feats, text, 196, "pooled")
         sim = torch.einsum("fmp,np->fnm", feats.patch_embeds, text)
         ctx = litelvlm.context_scores(feats.q, feats.k, feats.v, variant)
         sim_c = F.avg_pool2d(sim.reshape(-1, 1, 24, 24), 2).reshape(3, 2, 144)
@@ -261,7 +261,7 @@ class TestLiteLVLMFullSize:
     def test_patch_equals_select_tokens(self):
         feats = random_features(frames=2, seed=8)
         text = torch.randn(1, 8, generator=torch.Generator().manual_seed(9))
-        sel = get_method("litelvlm").select(feats, text, 81, "patch", "paper")
+        sel = get_method("litelvlm", variant="paper").select(feats, text, 81, "patch")
         expected = litelvlm.select_tokens(feats.hidden, feats.q, feats.k, feats.v, feats.patch_embeds, text, 81, "paper")
         assert torch.equal(sel.indices, expected)
         assert sel.indices.shape == (2, 81) and (sel.unit, sel.grid) == ("patch", 24)
@@ -274,16 +274,16 @@ class TestLiteLVLMFullSize:
     def test_budget_at_least_576_keeps_all_in_raster_order_for_paper(self, placement, count, budget, texts):
         feats = random_features(frames=2, seed=11)
         text = torch.randn(texts, 8, generator=torch.Generator().manual_seed(12))
-        sel = get_method("litelvlm").select(feats, text, budget, placement, "paper")
+        sel = get_method("litelvlm", variant="paper").select(feats, text, budget, placement)
         assert torch.equal(sel.indices, torch.arange(count).expand(2, -1))
         # same tokens as method "none"
-        none = get_method("none").select(feats, None, budget, placement, "paper")
+        none = get_method("none").select(feats, None, budget, placement)
         assert torch.equal(sel.indices, none.indices)
 
     def test_similarity_flags_mark_lowest_similarity_cells(self):
         feats = random_features(frames=1, seed=13)
         text = torch.randn(1, 8, generator=torch.Generator().manual_seed(14))
-        sel = get_method("litelvlm").select(feats, text, 64, "pooled", "paper")  # 16 cells, 8 similarity-aware
+        sel = get_method("litelvlm", variant="paper").select(feats, text, 64, "pooled")  # 16 cells, 8 similarity-aware
         sim = pool_scores(torch.einsum("fmp,np->fnm", feats.patch_embeds, text), 24, 12, "mean")[0, 0]
         flagged = sel.indices[0][sel.similarity_aware[0]].tolist()
         assert sorted(flagged) == sorted(torch.argsort(sim)[:8].tolist())

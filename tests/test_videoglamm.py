@@ -145,7 +145,7 @@ class TestClipTokens:
         from pruning.registry import get_method
 
         empty = hidden.new_empty(0)
-        sel = get_method("none").select(ClipFrameFeatures(hidden, empty, empty, empty, None), None, 576, "pooled", "paper")
+        sel = get_method("none").select(ClipFrameFeatures(hidden, empty, empty, empty, None), None, 576, "pooled")
         assert torch.equal(model.clip_tokens(hidden, sel.indices, "pooled"), model.clip_tokens(hidden, None, "pooled"))
 
 

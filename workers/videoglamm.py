@@ -114,28 +114,34 @@ class VideoGLaMM(nn.Module):
         return self.image_mm_projector[0].weight.dtype
 
     @torch.inference_mode()
-    def clip_tokens(self, hidden: torch.Tensor, kept: torch.Tensor | None, placement: str) -> torch.Tensor:
+    def clip_tokens(self, hidden: torch.Tensor, kept, placement: str) -> torch.Tensor:
         """CLIP visual tokens for the LLM.
 
         Args:
             hidden: float [F, 1+M, D] CLIP ``hidden_states[-2]`` (row 0 = CLS, never used).
-            kept: int64 [F, K] kept indices (patches for ``patch``, 12x12 cells for ``pooled``) in output
-                order, or None for the unpruned path (all 144 pooled cells).
+            kept: a :class:`pruning.registry.Selection` (kept or merged units), an int64 [F, K] tensor of
+                kept indices (patches for ``patch``, 12x12 cells for ``pooled``) in output order, or None
+                for the unpruned path (all 144 pooled cells).
             placement: ``"pooled"`` or ``"patch"``.
 
         Returns:
             float [F, K, H] projected tokens (K = 144 when ``kept`` is None).
+
+        Raises:
+            ValueError: unknown placement.
         """
-        patches = hidden[:, 1:].to(self.dtype)
-        if placement == "patch" and kept is not None:
-            gathered = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-            return self.image_mm_projector(gathered)
         if placement not in ("pooled", "patch"):
             raise ValueError(f"unknown placement {placement!r}: use 'pooled' or 'patch'")
+        from pruning.registry import Selection
+
+        patches = hidden[:, 1:].to(self.dtype)
+        if isinstance(kept, torch.Tensor):
+            kept = Selection(kept, torch.zeros_like(kept, dtype=torch.bool), "", 0)
+        gather = None if kept is None else kept.gather
+        if placement == "patch" and gather is not None:
+            return self.image_mm_projector(gather(patches))  # select / merge CLIP features, then project
         cells = pool_grid(self.image_mm_projector(patches), self.config.clip_pool)
-        if kept is None:
-            return cells
-        return cells.gather(1, kept.unsqueeze(-1).expand(-1, -1, cells.shape[-1]))
+        return cells if gather is None else gather(cells)
 
     @torch.inference_mode()
     def internvideo2_tokens(self, frames: torch.Tensor) -> torch.Tensor:
