@@ -28,7 +28,8 @@ def _add_run_parser(sub) -> None:
                    help="referring expression; repeat for several objects (they share one pruning per frame)")
     p.add_argument("--model", default="videoglamm", help="tiny | videoglamm | path/to/config.yaml (default videoglamm)")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="the VideoGLaMM checkpoint folder")
-    p.add_argument("--method", default="litelvlm", help="pruning method: litelvlm | none (default litelvlm)")
+    p.add_argument("--method", default="litelvlm",
+                   help="pruning method (default litelvlm): " + METHODS_HELP)
     p.add_argument("--variant", default="paper", choices=["paper", "official", "context-heavy"],
                    help="LiteLVLM variant (default paper)")
     p.add_argument("--budget", type=int, default=196, help="visual tokens kept per frame, of 576 (default 196)")
@@ -45,6 +46,88 @@ def _add_run_parser(sub) -> None:
                    help='forced: answer "Sure, [SEG]." in one prefill (default); generate: greedy decoding')
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+METHODS_HELP = (
+    "none, random, litelvlm, trim, visionzip, vispruner, prumerge, prumerge+, fastv; "
+    "NAME:OPTION or NAME:KEY=VALUE sets options (litelvlm:official, random:seed=3)"
+)
+
+
+def _add_explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="draw the tokens each pruning method keeps (frames x methods grid)")
+    p.add_argument("input", help="a video file or a folder of frames")
+    p.add_argument("--expression", "-e", action="append", default=[], metavar="TEXT")
+    p.add_argument("--method", action="append", default=[], metavar="NAME[:OPTS]", help=METHODS_HELP)
+    p.add_argument("--budget", type=int, default=196)
+    p.add_argument("--placement", default="pooled", choices=["pooled", "patch"])
+    p.add_argument("--model", default="videoglamm")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--frames", type=int, default=16, help="encoder frames (the rows are chosen among them)")
+    p.add_argument("--rows", type=int, default=4, help="encoder frames drawn, evenly spaced (default 4)")
+    p.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
+    p.add_argument("--clip-text", default="question", choices=["question", "expression"])
+    p.add_argument("--out", required=True, metavar="FILE.png")
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from refstream.explain import explain
+
+    result = explain(
+        args.input, args.expression, args.method, args.budget, args.out, model=args.model,
+        checkpoint=args.checkpoint, placement=args.placement, frames=args.frames, rows=args.rows,
+        decoder=args.decoder, clip_text=args.clip_text,
+    )
+    kept = ", ".join(f"{k} {v}" for k, v in result["methods"].items())
+    print(f"wrote {result['out']}: frames {result['rows']} x methods ({kept} tokens per frame)")
+    return 0
+
+
+def _add_analyze_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="analyses of CLIP features")
+    asub = p.add_subparsers(dest="analysis", required=True)
+    r = asub.add_parser("reversal", help="[REF]-token similarity ranks to [EOS] and [CLS] (paper Figure 2)")
+    r.add_argument("--davis-root", required=True, metavar="D", help="Ref-DAVIS-17 root (DAVIS/ + davis_text_annotations/)")
+    r.add_argument("--out", required=True, metavar="DIR")
+    r.add_argument("--model", default="videoglamm", help="whose CLIP weights to use (tiny = random)")
+    r.add_argument("--checkpoint", default=None)
+    r.add_argument("--annotation", default="Davis17_annot1")
+    r.add_argument("--clip-text", default="question", choices=["question", "expression"])
+    r.add_argument("--frames-per-video", type=int, default=None)
+    r.add_argument("--quiet", action="store_true")
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from eval.ref_davis import RefDavis
+    from refstream.analyze import plot_reversal, reversal_analysis
+    from refstream.config import load_model_config
+    from workers.build import build_clip
+
+    dataset = RefDavis(args.davis_root)
+    config = load_model_config(args.model, args.checkpoint)
+    clip, tokenizer = build_clip(config)
+    result = reversal_analysis(
+        dataset, clip, tokenizer, annotation=args.annotation, clip_text=args.clip_text,
+        question=config.question, frames_per_video=args.frames_per_video, progress=not args.quiet,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {"model": config.name, "random_weights": config.random_weights, "annotation": args.annotation,
+               "clip_text": args.clip_text, **result.summary()}
+    if config.random_weights:
+        summary["note"] = "random CLIP weights: this checks the plumbing only; the reversal needs real weights"
+    (out / "reversal.json").write_text(json.dumps(summary, indent=2))
+    plot_reversal(result, out / "reversal.png", title=f"{config.name} CLIP, {dataset.root.name}")
+    eos, cls = summary["eos"], summary["cls"]
+    print(f"{summary['ref_tokens']} [REF] tokens in {summary['frames']} frames: mean rank to [EOS] "
+          f"{eos['mean_rank']:.1f}, to [CLS] {cls['mean_rank']:.1f} (of {summary['tokens_per_frame']}; 0 = most similar)")
+    print(f"wrote {out / 'reversal.png'} and {out / 'reversal.json'}")
+    if summary.get("note"):
+        print(f"NOTE: {summary['note']}.")
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -96,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refstream", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    _add_explain_parser(sub)
+    _add_analyze_parser(sub)
     return parser
 
 
@@ -106,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "explain":
+            return _cmd_explain(args)
+        if args.command == "analyze":
+            return _cmd_analyze(args)
     except RefStreamError as exc:
         print(f"refstream: error: {exc}", file=sys.stderr)
         return exc.exit_code

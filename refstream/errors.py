@@ -32,3 +32,7 @@ class WeightsNotFoundError(RefStreamError):
 
 class SequenceTooLongError(RefStreamError):
     """The LLM input sequence would exceed the model's maximum positions."""
+
+
+class DatasetLayoutError(RefStreamError):
+    """A dataset folder does not have the expected layout (the message shows the layout)."""

@@ -120,28 +120,55 @@ class OverlayWriter:
         self._container.close()
 
 
-def draw_tokens(
-    view: np.ndarray, indices: np.ndarray, similarity_aware: np.ndarray, grid: int, path: Path, scale: int = 2
-) -> None:
-    """Draw kept tokens on the CLIP view of one frame and save a PNG (the paper's Figure 5 style).
+MERGED_COLOUR = (250, 210, 40)
+
+
+def render_tokens(
+    view: np.ndarray, indices: np.ndarray, similarity_aware: np.ndarray, grid: int, scale: int = 2,
+    merged: np.ndarray | None = None,
+):
+    """The CLIP view of one frame with its kept tokens drawn (the paper's Figure 5 style).
+
+    Pruned areas are dimmed; kept tokens are shown at full brightness with a box: red for
+    similarity-aware tokens, green for the others (LiteLVLM's context-aware tokens, or plain kept
+    tokens of other methods), yellow for merged tokens (drawn at the unit they are anchored on).
+    Tokens with index -1 (aggregates of pruned tokens) have no position and are not drawn.
 
     Args:
         view: uint8 [S, S, 3], the frame as CLIP sees it (336x336 after resize and centre crop).
         indices: int [K] kept token indices on a ``grid`` x ``grid`` raster (patches or pooled cells).
-        similarity_aware: bool [K]; True -> red box (similarity-aware), False -> green (context-aware).
+        similarity_aware: bool [K].
         grid: tokens per side (24 for patches, 12 for pooled cells).
-        path: output ``.png``.
         scale: upscaling of the view so that boxes stay visible.
+        merged: bool [K] or None: tokens that merge several units.
+
+    Returns:
+        ``PIL.Image.Image`` (RGB, S*scale pixels square).
     """
     from PIL import Image, ImageDraw
 
     image = Image.fromarray(view).resize((view.shape[1] * scale, view.shape[0] * scale), Image.Resampling.NEAREST)
-    dimmed = Image.blend(image, Image.new("RGB", image.size, (0, 0, 0)), 0.35)
+    dimmed = Image.blend(image, Image.new("RGB", image.size, (0, 0, 0)), 0.6)
     draw = ImageDraw.Draw(dimmed)
     cell = image.size[0] / grid
-    for index, is_sim in zip(indices.tolist(), similarity_aware.tolist()):
+    merged = np.zeros(len(indices), dtype=bool) if merged is None else merged
+    boxes = []
+    for index, is_sim, is_merged in zip(indices.tolist(), similarity_aware.tolist(), merged.tolist()):
+        if index < 0:
+            continue
         row, col = divmod(int(index), grid)
         box = (col * cell, row * cell, (col + 1) * cell - 1, (row + 1) * cell - 1)
         dimmed.paste(image.crop(tuple(int(v) for v in box)), (int(box[0]), int(box[1])))
-        draw.rectangle(box, outline=SIMILARITY_COLOUR if is_sim else CONTEXT_COLOUR, width=2)
-    dimmed.save(path)
+        colour = MERGED_COLOUR if is_merged else SIMILARITY_COLOUR if is_sim else CONTEXT_COLOUR
+        boxes.append((box, colour))
+    for box, colour in boxes:
+        draw.rectangle(box, outline=colour, width=2)
+    return dimmed
+
+
+def draw_tokens(
+    view: np.ndarray, indices: np.ndarray, similarity_aware: np.ndarray, grid: int, path: Path, scale: int = 2,
+    merged: np.ndarray | None = None,
+) -> None:
+    """Save :func:`render_tokens` of one frame as a PNG at ``path``."""
+    render_tokens(view, indices, similarity_aware, grid, scale, merged).save(path)

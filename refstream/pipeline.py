@@ -149,6 +149,7 @@ class Pipeline:
         """
         from pruning.clip_features import ClipFeatureExtractor
         from pruning.registry import get_method
+        from refstream.explain import parse_method_spec
         from refstream.outputs import encode_rle
         from video_pipeline.decode import open_video
         from video_pipeline.plan import plan_frames
@@ -156,7 +157,10 @@ class Pipeline:
         from workers.sam2_decoder import Sam2VideoDecoder
 
         options.validate()
-        method = get_method(options.method, **({"variant": options.variant} if options.method == "litelvlm" else {}))
+        method_name, method_options = parse_method_spec(options.method)
+        if method_name == "litelvlm":
+            method_options.setdefault("variant", options.variant)
+        method = get_method(method_name, **method_options)
         timer = StageTimer()
         model = self.model
         expressions = [e.strip() for e in options.expressions]

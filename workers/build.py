@@ -57,6 +57,33 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: 
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
+def build_clip(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Only the CLIP part of a model config (for pruning analyses that need no LLM): ``(CLIPModel, tokenizer)``.
+
+    Random weights are seeded exactly as in :func:`build_model` (so the tiny CLIP here equals the tiny
+    model's CLIP); released weights load from ``config.clip.weights`` without network access.
+
+    Raises:
+        WeightsNotFoundError: released CLIP weights not found locally.
+    """
+    from transformers import CLIPModel
+
+    from workers.tokenizers import load_tokenizer, tiny_clip_tokenizer
+
+    if config.random_weights or config.clip.weights is None:
+        clip = _seeded(config.seed, lambda: CLIPModel(_clip_config(config)))
+        tokenizer = tiny_clip_tokenizer()
+    else:
+        if not _locally_available(config.clip.weights):
+            raise WeightsNotFoundError(
+                f"CLIP weights {config.clip.weights!r} are neither a local folder nor in the Hugging Face cache: "
+                f"run `huggingface-cli download {config.clip.weights}` on a machine with internet. {TINY_NOTE}"
+            )
+        clip = CLIPModel.from_pretrained(config.clip.weights, local_files_only=True)
+        tokenizer = load_tokenizer(config.clip.weights, "CLIP", f"Download {config.clip.weights}.")
+    return clip.to(device=device, dtype=dtype).eval().requires_grad_(False), tokenizer
+
+
 def _clip_config(config: ModelConfig):
     from transformers import CLIPConfig
 
