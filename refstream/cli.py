@@ -130,6 +130,35 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (print a table with hardware and versions)")
+    bsub = p.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("pruning", help="pruning cost next to the CLIP vision forward, every method and budget")
+    b.add_argument("--size", default="full", choices=["full", "tiny"], help="CLIP size (full = ViT-L/14-336)")
+    b.add_argument("--frames", type=int, default=16)
+    b.add_argument("--budget", type=int, action="append", help="repeatable; default 196 81 64")
+    b.add_argument("--method", action="append", help="repeatable; default every registered method")
+    b.add_argument("--placement", action="append", choices=["pooled", "patch"], help="default both")
+    b.add_argument("--texts", type=int, default=1, help="number of texts (expressions) for the text tower")
+    b.add_argument("--repeats", type=int, default=5, help="timed repeats of each selection (median)")
+    b.add_argument("--forward-repeats", type=int, default=2, help="CLIP forwards per configuration (min)")
+    b.add_argument("--video", default=None, help="frames from this video (default: ../shared/data/videos/bedroom.mp4 "
+                   "when present, else random pixels)")
+    b.add_argument("--json", default=None, metavar="FILE")
+    b.add_argument("--quiet", action="store_true")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from refstream.bench.pruning import main_bench_pruning
+
+    if args.video is None:
+        default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos" / "bedroom.mp4"
+        args.video = str(default) if default.is_file() else None
+    return main_bench_pruning(args)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from refstream.pipeline import RANDOM_WEIGHTS_NOTE, Pipeline, RunOptions, run_to_folder
     from refstream.config import load_model_config
@@ -181,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_explain_parser(sub)
     _add_analyze_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -195,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_explain(args)
         if args.command == "analyze":
             return _cmd_analyze(args)
+        if args.command == "bench":
+            return _cmd_bench(args)
     except RefStreamError as exc:
         print(f"refstream: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that print a table with hardware and versions (never timed unit tests)."""
