@@ -74,9 +74,9 @@ class TestRegistry:
 
     def test_unknown_method_names_the_choices(self):
         with pytest.raises(ConfigError) as info:
-            get_method("trim")
+            get_method("nosuchmethod")
         msg = str(info.value)
-        assert "'trim'" in msg and "litelvlm" in msg and "none" in msg
+        assert "'nosuchmethod'" in msg and "litelvlm" in msg and "none" in msg
 
     @pytest.mark.parametrize("name", ["none", "litelvlm"])
     def test_unknown_placement_names_the_choices(self, name):
