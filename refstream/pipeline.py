@@ -189,7 +189,12 @@ class Pipeline:
                 clip_tokens = model.clip_tokens(features.hidden, selection, options.placement)
                 iv2_tokens = model.internvideo2_tokens(internvideo_preprocess(encoder_frames))
                 visual = torch.cat([clip_tokens.flatten(0, 1), iv2_tokens.flatten(0, 1)])
-                answers = model.seg_answers(visual, expressions, options.answer)
+                llm_info = {}
+                if selection.stage == "llm":  # prunes inside the LLM (FastV): indices come from the LLM's run
+                    answers, selection = method.run_llm(model, visual, expressions, selection, options.answer)
+                    llm_info = {"llm_layer_lengths": [a.layer_lengths for a in answers]}  # per expression, per layer
+                else:
+                    answers = model.seg_answers(visual, expressions, options.answer)
             seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
 
             masks: list[list[dict]] = [[] for _ in expressions]
@@ -214,6 +219,7 @@ class Pipeline:
                 "kept_per_frame": selection.kept_per_frame,
                 "unit": selection.unit,
                 "clip_text": options.clip_text,
+                **llm_info,
             },
             model=self.config.name,
             random_weights=self.config.random_weights,

@@ -22,6 +22,10 @@ Pruned tokens are placed in one of two ways (``placement``):
     pruning method selects ``round(B / 4)`` cells per frame and only those go to the LLM.
 ``patch``
     The B kept patches of each frame are projected and go to the LLM unpooled.
+
+Methods that prune inside the LLM (FastV, :mod:`pruning.methods.fastv`) send every CLIP token and pass
+``fastv=`` settings to :meth:`VideoGLaMM.seg_answers`: layers ``< K`` see every token, layers ``>= K`` only
+the kept ones at their original positions; the answers report what was kept and each layer's length.
 """
 
 from __future__ import annotations
@@ -66,12 +70,20 @@ class SegAnswer:
     """The LLM's answer for one expression.
 
     ``embedding``: float [seg_dim] (the [SEG] prompt for SAM2) or None when the answer has no [SEG];
-    ``text``: the answer text (the forced answer, or what greedy decoding produced).
+    ``text``: the answer text (the forced answer, or what greedy decoding produced);
+    ``layer_lengths``: the sequence length each LLM decoder layer processed in the prefill (all equal
+    without in-LLM pruning; with FastV the full length for layers < K and the pruned length after), for
+    honest FLOP counts (decoding adds one token per step on top);
+    ``fastv_kept``: int64 [F, keep] CLIP units FastV kept per frame (ascending), None without FastV;
+    ``fastv_scores``: float32 [F, T] the head-mean layer K-1 attention FastV ranked by, None without FastV.
     """
 
     expression: str
     embedding: torch.Tensor | None
     text: str
+    layer_lengths: list[int] | None = None
+    fastv_kept: torch.Tensor | None = None
+    fastv_scores: torch.Tensor | None = None
 
 
 class VideoGLaMM(nn.Module):
@@ -205,7 +217,8 @@ class VideoGLaMM(nn.Module):
 
     # ------------------------------------------------------------------ [SEG]
     @torch.inference_mode()
-    def seg_answers(self, visual: torch.Tensor, expressions: Sequence[str], mode: str = "forced") -> list[SegAnswer]:
+    def seg_answers(self, visual: torch.Tensor, expressions: Sequence[str], mode: str = "forced",
+                    fastv=None) -> list[SegAnswer]:
         """Run the LLM on the visual tokens for each expression and return the [SEG] prompts.
 
         Args:
@@ -214,15 +227,32 @@ class VideoGLaMM(nn.Module):
             mode: ``"forced"`` (teacher-forced answer ``config.forced_answer``, one batched prefill,
                 deterministic) or ``"generate"`` (greedy decoding with the KV cache, up to
                 ``config.max_new_tokens``; the first generated ``[SEG]`` is used).
+            fastv: a :class:`pruning.methods.fastv.FastVSettings` to prune CLIP tokens inside the LLM
+                (FastV: the first ``fastv.frames * fastv.units_per_frame`` visual tokens are the CLIP
+                tokens), or None.
 
         Returns:
             E :class:`SegAnswer`; ``embedding`` is float [seg_dim] or None when no [SEG] was produced.
         """
-        self.check_sequence_length(visual.shape[0], expressions, mode)
+        if fastv is not None:
+            if fastv.image_tokens > visual.shape[0]:
+                raise ValueError(f"FastV expects {fastv.image_tokens} CLIP tokens but got {visual.shape[0]} visual tokens")
+            layers = self.llm.config.num_hidden_layers
+            if not 1 <= fastv.layer <= layers:
+                raise ValueError(f"FastV layer K={fastv.layer} must be in 1..{layers} (the LLM's layers)")
+        try:
+            self.check_sequence_length(visual.shape[0], expressions, mode)
+        except SequenceTooLongError as error:
+            if fastv is None:
+                raise
+            raise SequenceTooLongError(
+                f"{error} With FastV every CLIP token enters the LLM (pruning happens after layer {fastv.layer}), "
+                "so --budget does not shorten the input: use --placement pooled, or --frames 4 with --placement patch."
+            ) from None
         if mode == "forced":
-            return self._forced(visual, expressions)
+            return self._forced(visual, expressions, fastv)
         if mode == "generate":
-            return [self._generate(visual, e) for e in expressions]
+            return [self._generate(visual, e, fastv) for e in expressions]
         raise ValueError(f"unknown answer mode {mode!r}: use 'forced' or 'generate'")
 
     def _embed(self, prefix: list[int], visual: torch.Tensor, suffix: list[int]) -> torch.Tensor:
@@ -230,38 +260,74 @@ class VideoGLaMM(nn.Module):
         ids = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         return torch.cat([embed(ids(prefix)), visual.to(self.dtype), embed(ids(suffix))])
 
-    def _forced(self, visual: torch.Tensor, expressions: Sequence[str]) -> list[SegAnswer]:
-        sequences, seg_positions = [], []
+    def _forced(self, visual: torch.Tensor, expressions: Sequence[str], fastv=None) -> list[SegAnswer]:
+        sequences, seg_positions, prefix_lengths = [], [], set()
         for expression in expressions:
             prefix, suffix = self.prompt_ids(expression, self.config.forced_answer)
             if self.seg_token_id not in suffix:
                 raise ValueError(f"the forced answer {self.config.forced_answer!r} has no [SEG]")
             sequences.append(self._embed(prefix, visual, suffix))
             seg_positions.append(len(prefix) + visual.shape[0] + suffix.index(self.seg_token_id) - 1)
-        longest = max(s.shape[0] for s in sequences)
+            prefix_lengths.add(len(prefix))
+        lengths = [s.shape[0] for s in sequences]
+        longest = max(lengths)
         batch = torch.zeros(len(sequences), longest, sequences[0].shape[-1], dtype=self.dtype, device=self.device)
         mask = torch.zeros(len(sequences), longest, dtype=torch.long, device=self.device)
         for i, seq in enumerate(sequences):  # right padding: causal attention never sees it
             batch[i, : seq.shape[0]] = seq
             mask[i, : seq.shape[0]] = 1
-        hidden = self.llm.model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
-        rows = hidden[torch.arange(len(sequences)), torch.tensor(seg_positions)]
-        embeddings = self.text_hidden_fcs(rows)
-        return [SegAnswer(e, embeddings[i], self.config.forced_answer) for i, e in enumerate(expressions)]
+        forced = self.config.forced_answer
+        if fastv is None:
+            hidden = self.llm.model(inputs_embeds=batch, attention_mask=mask, use_cache=False).last_hidden_state
+            rows = hidden[torch.arange(len(sequences)), torch.tensor(seg_positions)]
+            embeddings = self.text_hidden_fcs(rows)
+            layers = self.llm.config.num_hidden_layers
+            return [SegAnswer(e, embeddings[i], forced, [lengths[i]] * layers) for i, e in enumerate(expressions)]
 
-    def _generate(self, visual: torch.Tensor, expression: str) -> SegAnswer:
+        from pruning.methods.fastv import fastv_prefill
+
+        (image_start,) = prefix_lengths  # the prompt before <image> does not depend on the expression
+        query = seg_positions if fastv.query == "seg" else None  # None: each sequence's last token
+        result = fastv_prefill(self.llm.model, batch, lengths, image_start, fastv, query_index=query)
+        rows = torch.stack([result.hidden[i, result.row_of(i, p)] for i, p in enumerate(seg_positions)])
+        embeddings = self.text_hidden_fcs(rows)
+        return [
+            SegAnswer(e, embeddings[i], forced, result.layer_lengths[i], result.kept_units[i], result.scores[i])
+            for i, e in enumerate(expressions)
+        ]
+
+    def _generate(self, visual: torch.Tensor, expression: str, fastv=None) -> SegAnswer:
         from transformers import DynamicCache
 
         prefix, suffix = self.prompt_ids(expression)
         tok = self.llm_tokenizer
         stop = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")) if i is not None}
-        cache = DynamicCache(config=self.llm.config)
         inputs = self._embed(prefix, visual, suffix).unsqueeze(0)
+        layers = self.llm.config.num_hidden_layers
+        layer_lengths, kept, scores = [inputs.shape[1]] * layers, None, None
+        if fastv is None:
+            cache = DynamicCache(config=self.llm.config)
+
+            def forward(inputs):
+                out = self.llm.model(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
+                return out.last_hidden_state[0, -1]
+        else:
+            from pruning.methods.fastv import fastv_decode_step, fastv_prefill
+
+            # prune once in the prefill (ranked by the last prompt token); decode on the pruned KV cache
+            result, state = fastv_prefill(
+                self.llm.model, inputs, [inputs.shape[1]], len(prefix), fastv, cache=DynamicCache()
+            )
+            layer_lengths, kept, scores = result.layer_lengths[0], result.kept_units[0], result.scores[0]
+            prefill_last = result.hidden[0, -1]
+
+            def forward(inputs):
+                return fastv_decode_step(self.llm.model, inputs, state)[0, -1]
+
         generated: list[int] = []
         seg_embedding = None
-        for _ in range(self.config.max_new_tokens):
-            hidden = self.llm.model(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state
-            last = hidden[0, -1]
+        for step in range(self.config.max_new_tokens):
+            last = prefill_last if fastv is not None and step == 0 else forward(inputs)
             token = int(self.llm.lm_head(last).argmax())
             if token in stop:
                 break
@@ -269,4 +335,4 @@ class VideoGLaMM(nn.Module):
             if token == self.seg_token_id and seg_embedding is None:
                 seg_embedding = self.text_hidden_fcs(last)
             inputs = self.llm.get_input_embeddings()(torch.tensor([[token]], device=self.device))
-        return SegAnswer(expression, seg_embedding, tok.decode(generated))
+        return SegAnswer(expression, seg_embedding, tok.decode(generated), layer_lengths, kept, scores)
