@@ -164,7 +164,7 @@ def _save_grid(out, views, columns, row_positions, frame_numbers, budget, scale:
     for c, column in enumerate(columns):
         sel = column.selection
         extra = int((sel.indices[0] < 0).sum())
-        title = f"{column.label}: {sel.kept_per_frame} {sel.unit}s" + (f" (+{extra} aggregate)" if extra else "")
+        title = f"{column.label}: {sel.kept_per_frame} tokens" + (f" ({extra} aggregate)" if extra else "")
         draw.text((label_w + c * (side + pad) + 4, 10), title, fill=(0, 0, 0))
     for r, (pos, number) in enumerate(zip(row_positions, frame_numbers)):
         y = header + r * (side + pad)

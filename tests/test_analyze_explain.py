@@ -96,3 +96,21 @@ def test_explain_unknown_method_exits_2(blackswan_dir, tmp_path, capsys):
     assert main(["explain", str(blackswan_dir), "-e", "x", "--method", "magic", "--model", "tiny",
                  "--out", str(tmp_path / "g.png")]) == 2
     assert "unknown pruning method" in capsys.readouterr().err
+
+
+def test_bench_pruning_tiny_report(tmp_path, capsys, bedroom_mp4):
+    """The benchmark's plumbing at tiny size (the real run uses full-size CLIP: `refstream bench pruning`)."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "pruning", "--size", "tiny", "--frames", "4", "--budget", "81", "--method", "litelvlm",
+                 "--method", "visionzip", "--method", "fastv", "--repeats", "2", "--forward-repeats", "1",
+                 "--video", str(bedroom_mp4), "--json", str(out), "--quiet"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert {r["method"] for r in report["rows"]} == {"litelvlm", "visionzip", "fastv"}
+    lite = [r for r in report["rows"] if r["method"] == "litelvlm"]
+    assert {(r["placement"], r["kept"]) for r in lite} == {("pooled", 20), ("patch", 81)}
+    assert all(r["select_ms"] > 0 for r in lite)
+    assert [r for r in report["rows"] if r["method"] == "fastv"][0]["select_ms"] is None
+    assert report["environment"]["torch"] and report["clip_forward_s"]["plain"] > 0
+    text = capsys.readouterr().out
+    assert "LiteLVLM selection" in text and "hardware:" in text
