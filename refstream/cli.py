@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Sequence
 
-from refstream.errors import RefStreamError
+from refstream.errors import ConfigError, RefStreamError
 
 
 def _add_run_parser(sub) -> None:
@@ -159,6 +159,64 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return main_bench_pruning(args)
 
 
+def _add_model_parsers(sub) -> None:
+    p = sub.add_parser("model-info", help="parameters per VideoGLaMM module (meta device: no weights needed)")
+    p.add_argument("--model", default="videoglamm")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    f = sub.add_parser("flops", help="LLM sequence length and FLOPs per stage (meta device: no weights needed)")
+    f.add_argument("--model", default="videoglamm")
+    f.add_argument("--frames", type=int, default=16)
+    f.add_argument("--method", default="none", help="pruning method (fastv counts each LLM layer at its length)")
+    f.add_argument("--budget", type=int, default=576)
+    f.add_argument("--placement", default="pooled", choices=["pooled", "patch"])
+    f.add_argument("--text-tokens", type=int, default=50,
+                   help="prompt text tokens (50 = the default question with the Phi-3 tokenizer)")
+    f.add_argument("--fastv-layer", type=int, default=2)
+    f.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    import json
+
+    from refstream.config import load_model_config
+    from workers.stats import build_skeleton, parameter_counts
+
+    config = load_model_config(args.model)
+    counts = parameter_counts(build_skeleton(config))
+    if args.json:
+        print(json.dumps({"model": config.name, "parameters": counts}, indent=2))
+    else:
+        print(f"{config.name}: parameters per module")
+        for name, value in counts.items():
+            print(f"  {name:<24}{value / 1e6:>12,.1f} M")
+    return 0
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    import json
+
+    from refstream.config import load_model_config
+    from workers.stats import build_skeleton, stage_flops
+
+    if args.frames < 4 or args.frames % 4:
+        raise ConfigError(f"--frames must be a positive multiple of 4, got {args.frames}")
+    if args.budget < 1:
+        raise ConfigError(f"--budget must be >= 1, got {args.budget}")
+    config = load_model_config(args.model)
+    result = stage_flops(build_skeleton(config), config, frames=args.frames, method=args.method, budget=args.budget,
+                         placement=args.placement, text_tokens=args.text_tokens, fastv_layer=args.fastv_layer)
+    result["model"] = config.name
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    fits = "" if result["fits_positions"] else f"  (exceeds the LLM's {result['max_positions']} positions)"
+    print(f"{config.name}, {args.frames} frames, {args.method} budget {args.budget} {args.placement}: "
+          f"{result['visual_tokens']} visual tokens, LLM sequence {result['sequence_length']}{fits}")
+    for stage, value in result["flops"].items():
+        print(f"  {stage:<24}{value / 1e12:>10.3f} TFLOPs")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from refstream.pipeline import RANDOM_WEIGHTS_NOTE, Pipeline, RunOptions, run_to_folder
     from refstream.config import load_model_config
@@ -211,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_parser(sub)
     _add_analyze_parser(sub)
     _add_bench_parser(sub)
+    _add_model_parsers(sub)
     return parser
 
 
@@ -227,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "model-info":
+            return _cmd_model_info(args)
+        if args.command == "flops":
+            return _cmd_flops(args)
     except RefStreamError as exc:
         print(f"refstream: error: {exc}", file=sys.stderr)
         return exc.exit_code

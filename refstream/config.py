@@ -28,8 +28,8 @@ class ClipSpec(_Strict):
     """CLIP ViT-L/14-336 (vision tower for VideoGLaMM; text tower and heads for LiteLVLM)."""
 
     weights: str | None = "openai/clip-vit-large-patch14-336"  # hub id or local folder; None = random
-    vision: dict[str, Any] = Field(default_factory=dict)  # CLIPVisionConfig overrides (random weights only)
-    text: dict[str, Any] = Field(default_factory=dict)  # CLIPTextConfig overrides (random weights only)
+    vision: dict[str, Any] = Field(default_factory=dict)  # CLIPVisionConfig (random weights, meta-device counts)
+    text: dict[str, Any] = Field(default_factory=dict)  # CLIPTextConfig (random weights, meta-device counts)
     projection_dim: int = 768
     select_layer: int = -2  # VideoGLaMM takes hidden_states[-2][:, 1:]
 
