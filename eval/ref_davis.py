@@ -12,6 +12,20 @@ Expected layout (REFERENCE.md section 3)::
 
 A wrong layout raises :class:`refstream.errors.DatasetLayoutError` naming the missing part and the
 expected layout.
+
+:class:`RefDavisConverted` reads the same data in ReferFormer's converted layout (github
+wjn922/ReferFormer @ 06fc218f, ``tools/data/convert_davis_to_ytvos.py``)::
+
+    ROOT/valid/JPEGImages/<video>/<frame>.jpg
+    ROOT/valid/Annotations/<video>/<frame>.png                 the Annotations_unsupervised masks
+    ROOT/meta_expressions/valid/meta_expressions.json          {"videos": {video: {"expressions":
+        {exp_id: {"exp": str, "obj_id": str}}, "frames": [..]}}}
+
+where, per video, the expressions of the k-th object (objects sorted by ``obj_id`` as a string) are
+exp_ids ``4k .. 4k+3`` in the order Davis17_annot1, Davis17_annot1_full_video, Davis17_annot2,
+Davis17_annot2_full_video (which is why ReferFormer's runs anno_0..anno_3 are those files in that
+order). :func:`open_ref_davis` picks the reader from the folder. Both readers fix the three video names
+that the text files misspell (``clasic-car``, ``dog-scale``, ``motor-bike``), as ReferFormer does.
 """
 
 from __future__ import annotations
@@ -26,6 +40,8 @@ import numpy as np
 from refstream.errors import DatasetLayoutError
 
 ANNOTATION_FILES = ("Davis17_annot1", "Davis17_annot1_full_video", "Davis17_annot2", "Davis17_annot2_full_video")
+# video names the davis_text_annotations files misspell -> the DAVIS folder names
+VIDEO_NAME_FIXES = {"clasic-car": "classic-car", "dog-scale": "dogs-scale", "motor-bike": "motorbike"}
 LAYOUT = (
     "ROOT/DAVIS/JPEGImages/480p/<video>/*.jpg, ROOT/DAVIS/Annotations_unsupervised/480p/<video>/*.png and "
     "ROOT/davis_text_annotations/Davis17_annot1.txt (lines: <video> <obj_id> \"<expression>\")"
@@ -68,7 +84,7 @@ def read_text_annotations(path: Path) -> list[Expression]:
             phrase = " ".join(parts) if parts else ""
         except ValueError:
             phrase = rest.strip().strip('"')
-        expressions.append(Expression(video, int(obj_id), phrase))
+        expressions.append(Expression(VIDEO_NAME_FIXES.get(video, video), int(obj_id), phrase))
     return expressions
 
 
@@ -117,3 +133,85 @@ class RefDavis:
         if annotation not in ANNOTATION_FILES:
             raise DatasetLayoutError(f"unknown annotation set {annotation!r}; one of {', '.join(ANNOTATION_FILES)}")
         return read_text_annotations(self.texts / f"{annotation}.txt")
+
+
+CONVERTED_LAYOUT = (
+    "ROOT/valid/JPEGImages/<video>/*.jpg, ROOT/valid/Annotations/<video>/*.png and "
+    "ROOT/meta_expressions/valid/meta_expressions.json (ReferFormer's converted Ref-DAVIS-17)"
+)
+
+
+class RefDavisConverted:
+    """Ref-DAVIS-17 (valid) in ReferFormer's converted layout; same interface as :class:`RefDavis`.
+
+    Raises:
+        DatasetLayoutError: the layout is wrong (the message names what is missing and what is expected).
+    """
+
+    def __init__(self, root: str | Path, split: str = "valid"):
+        import json
+
+        self.root = Path(root)
+        self.images = self.root / split / "JPEGImages"
+        self.masks = self.root / split / "Annotations"
+        meta = self.root / "meta_expressions" / split / "meta_expressions.json"
+        for part in (self.images, self.masks):
+            if not part.is_dir():
+                raise DatasetLayoutError(
+                    f"{self.root}: {part.relative_to(self.root)} not found. Expected layout: {CONVERTED_LAYOUT}.")
+        if not meta.is_file():
+            raise DatasetLayoutError(
+                f"{self.root}: {meta.relative_to(self.root)} not found. Expected layout: {CONVERTED_LAYOUT}.")
+        try:
+            self.meta = json.loads(meta.read_text())["videos"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DatasetLayoutError(f"{meta}: not a meta_expressions.json ({exc!r})") from exc
+
+    def videos(self) -> list[str]:
+        """Videos of the meta file that have frames, in the meta file's order."""
+        return [v for v in self.meta if (self.images / v).is_dir()]
+
+    def frames(self, video: str) -> list[Path]:
+        """JPEG frames of a video, sorted by name."""
+        frames = sorted((self.images / video).glob("*.jpg"))
+        if not frames:
+            raise DatasetLayoutError(f"{self.images / video}: no JPEG frames. Expected layout: {CONVERTED_LAYOUT}.")
+        return frames
+
+    def mask(self, video: str, frame: str) -> np.ndarray | None:
+        """uint8 [H, W] palette mask (object ids, 255 = void) of a frame, or None when it has no annotation."""
+        from PIL import Image
+
+        path = self.masks / video / f"{frame}.png"
+        if not path.is_file():
+            return None
+        return np.asarray(Image.open(path))
+
+    def expressions(self, annotation: str = "Davis17_annot1") -> list[Expression]:
+        """The expressions of one of the four annotation sets: exp_id ``4k + index(annotation)``."""
+        if annotation not in ANNOTATION_FILES:
+            raise DatasetLayoutError(f"unknown annotation set {annotation!r}; one of {', '.join(ANNOTATION_FILES)}")
+        which = ANNOTATION_FILES.index(annotation)
+        out = []
+        for video, info in self.meta.items():
+            exps = info.get("expressions", {})
+            for k in range(len(exps) // 4):
+                entry = exps.get(str(4 * k + which))
+                if entry is None:
+                    raise DatasetLayoutError(f"{video}: expression {4 * k + which} missing from the meta file")
+                out.append(Expression(video, int(entry["obj_id"]), entry["exp"]))
+        return out
+
+
+def open_ref_davis(root: str | Path):
+    """:class:`RefDavis` or :class:`RefDavisConverted`, whichever layout ``root`` has.
+
+    Raises:
+        DatasetLayoutError: neither layout (the message shows both).
+    """
+    root = Path(root)
+    if (root / "meta_expressions" / "valid" / "meta_expressions.json").is_file() and (root / "valid").is_dir():
+        return RefDavisConverted(root)
+    if (root / "DAVIS").is_dir() or (root / "davis_text_annotations").is_dir():
+        return RefDavis(root)
+    raise DatasetLayoutError(f"{root}: not a Ref-DAVIS-17 folder. Expected either {LAYOUT}, or {CONVERTED_LAYOUT}.")

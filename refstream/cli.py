@@ -146,6 +146,9 @@ def _add_bench_parser(sub) -> None:
                    "when present, else random pixels)")
     b.add_argument("--json", default=None, metavar="FILE")
     b.add_argument("--quiet", action="store_true")
+    from refstream.bench.metrics import add_bench_metrics_parser
+
+    add_bench_metrics_parser(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -153,6 +156,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from refstream.bench.pruning import main_bench_pruning
 
+    if args.bench == "metrics":
+        from refstream.bench.metrics import main_bench_metrics
+
+        return main_bench_metrics(args)
     if args.video is None:
         default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos" / "bedroom.mp4"
         args.video = str(default) if default.is_file() else None
@@ -270,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze_parser(sub)
     _add_bench_parser(sub)
     _add_model_parsers(sub)
+    from eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
@@ -286,6 +296,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "eval":
+            from eval.cli import run_eval
+
+            return run_eval(args)
         if args.command == "model-info":
             return _cmd_model_info(args)
         if args.command == "flops":
