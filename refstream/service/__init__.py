@@ -1,0 +1,1 @@
+"""The RefStream service: Redis job queue, workers, client."""

@@ -1,0 +1,134 @@
+"""Job payloads of the service: validated JSON (never pickle), and where inputs may come from.
+
+A job names an input video (a path under one of the service's allowed roots, or an uploaded file copied
+into the upload root within a size limit), one or more referring expressions and the pruning options of
+``refstream run``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from refstream.errors import ConfigError, ExpressionError, InputError
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL_STATES = ("done", "failed", "cancelled")
+
+
+class JobRequest(BaseModel):
+    """What a client asks for. Field names and meanings follow ``refstream run``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str
+    expressions: list[str] = Field(min_length=1)
+    method: str = "litelvlm"
+    variant: str = "paper"
+    budget: int = Field(default=196, ge=1)
+    placement: Literal["pooled", "patch"] = "pooled"
+    frames: int = Field(default=16, ge=4)
+    stride: int = Field(default=1, ge=1)
+    max_frames: int | None = Field(default=None, ge=1)
+    clip_text: Literal["question", "expression"] = "question"
+    answer: Literal["forced", "generate"] = "forced"
+
+    @field_validator("expressions")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        cleaned = [e.strip() for e in value]
+        if any(not e for e in cleaned):
+            raise ValueError('a referring expression is empty: pass --expression "the black swan"')
+        return cleaned
+
+    @field_validator("frames")
+    @classmethod
+    def _multiple_of_four(cls, value: int) -> int:
+        if value % 4:
+            raise ValueError("frames must be a multiple of 4 (InternVideo2 takes 4-frame chunks)")
+        return value
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "JobRequest":
+        """Parse and validate a payload.
+
+        Raises:
+            ExpressionError: an empty expression; ConfigError: any other invalid field (named).
+        """
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            if any(err["loc"][:1] == ("expressions",) for err in exc.errors()):
+                raise ExpressionError(f"invalid job: {exc}") from exc
+            raise ConfigError(f"invalid job: {exc}") from exc
+
+
+def new_job_id() -> str:
+    """A fresh job id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+class InputPolicy:
+    """Where job inputs may come from.
+
+    Args:
+        allowed_roots: folders whose files (at any depth) jobs may name. Paths are resolved (symlinks and
+            ``..`` followed) before the check, so nothing outside escapes through them.
+        upload_root: where uploaded files are copied (must be readable by every worker); it is allowed too.
+        max_upload_bytes: size limit of an uploaded file.
+    """
+
+    def __init__(self, allowed_roots, upload_root=None, max_upload_bytes: int = 512 * 1024 * 1024):
+        self.allowed_roots = [Path(r).resolve() for r in allowed_roots]
+        self.upload_root = Path(upload_root).resolve() if upload_root else None
+        if self.upload_root is not None:
+            self.allowed_roots.append(self.upload_root)
+        self.max_upload_bytes = max_upload_bytes
+
+    def check(self, path: str | os.PathLike) -> str:
+        """Return the resolved path if it lies under an allowed root.
+
+        Raises:
+            InputError: the path is outside every allowed root (the message lists them).
+        """
+        resolved = Path(path).expanduser().resolve()
+        for root in self.allowed_roots:
+            if resolved == root or root in resolved.parents:
+                return str(resolved)
+        roots = ", ".join(str(r) for r in self.allowed_roots) or "(none configured)"
+        raise InputError(
+            f"{path}: refused, the service only reads inputs under its allowed roots ({roots}). "
+            f"Fix: put the file under one of them, or upload it (submit --upload)."
+        )
+
+    def upload(self, path: str | os.PathLike) -> str:
+        """Copy a local file into the upload root and return the stored path.
+
+        Raises:
+            InputError: no upload root, a missing file, or a file over the size limit.
+        """
+        source = Path(path)
+        if self.upload_root is None:
+            raise InputError(f"{path}: this service accepts no uploads; name a file under its allowed roots")
+        if not source.is_file():
+            raise InputError(f"{path}: no such file to upload")
+        size = source.stat().st_size
+        if size > self.max_upload_bytes:
+            raise InputError(
+                f"{path}: {size} bytes is over the upload limit of {self.max_upload_bytes} bytes; "
+                f"put the file under an allowed root instead"
+            )
+        self.upload_root.mkdir(parents=True, exist_ok=True)
+        target = self.upload_root / f"{new_job_id()}{source.suffix}"
+        tmp = target.with_suffix(target.suffix + ".part")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return str(target)

@@ -1,0 +1,301 @@
+"""The job queue on Redis Streams: at-least-once delivery, leases, dead letters, idempotent results.
+
+Keys (``prefix`` defaults to ``refstream``):
+
+``{prefix}:jobs``         stream of submitted job ids (field ``id``), consumer group ``{prefix}-workers``
+``{prefix}:job:{id}``     hash: ``state``, ``request`` (JSON), ``frames_done``, ``frames_total``, ``stages``
+                          (JSON seconds per stage), ``error``, ``deliveries``, ``consumer``, timestamps
+``{prefix}:result:{id}``  the result JSON, written once (``SET NX``) with a TTL
+``{prefix}:dead``         dead-letter stream: jobs that failed ``max_deliveries`` times, with their last error
+
+Delivery (REFERENCE.md section 5): a worker takes an entry with ``XREADGROUP``; it stays pending until
+the worker ``XACK``s it, which happens only after the result is durably written (or the job is marked
+failed/cancelled). A worker that dies leaves the entry pending; once it has been idle longer than the
+lease, another worker takes it over with ``XAUTOCLAIM``. A running job renews its lease on every progress
+report (``XCLAIM ... JUSTID``), so a long job is not stolen. After ``max_deliveries`` deliveries the job
+goes to the dead-letter stream with its last error. Results are idempotent: the result key is written
+with ``SET NX``, so a job run twice (a reclaimed job whose first worker was only slow) keeps its first
+result and never yields two different ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from refstream.errors import RefStreamError
+from refstream.service.jobs import FINAL_STATES, JobRequest, new_job_id
+
+
+class JobNotFound(RefStreamError):
+    """No job with that id (or its record has expired)."""
+
+
+class JobCancelled(Exception):
+    """Raised inside a handler's progress callback when the job was cancelled meanwhile."""
+
+
+def connect(url: str, retries: int = 8):
+    """A Redis client from a URL, with reconnection and exponential backoff.
+
+    ``redis://[user:password@]host:port/db`` (ACL user and password) or ``rediss://...`` for TLS
+    (``?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`` as query options). Commands that hit a dropped
+    connection are retried ``retries`` times with exponential backoff (about 25 ms to 2 s).
+    """
+    import redis
+    from redis.backoff import ExponentialBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+    from redis.retry import Retry
+
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.025), retries)
+    return redis.Redis.from_url(
+        url, decode_responses=True, retry=retry, retry_on_error=[ConnectionError, TimeoutError],
+        health_check_interval=30, socket_connect_timeout=5,
+    )
+
+
+@dataclass
+class Delivery:
+    """One job handed to a worker: its id, request, stream entry id and how many times it was delivered."""
+
+    job_id: str
+    request: JobRequest
+    entry_id: str
+    deliveries: int
+
+
+class JobQueue:
+    """Client and worker side of the queue (the same names as the ``refstream`` verbs).
+
+    Args:
+        client: a ``redis.Redis`` with ``decode_responses=True`` (see :func:`connect`).
+        prefix: key prefix.
+        lease_ms: a delivered job idle longer than this is taken over by another worker.
+        max_deliveries: deliveries before a job goes to the dead-letter stream.
+        result_ttl_s: how long results and job records live after the job ends.
+    """
+
+    def __init__(self, client, prefix: str = "refstream", lease_ms: int = 60_000, max_deliveries: int = 3,
+                 result_ttl_s: int = 7 * 24 * 3600):
+        self.r = client
+        self.prefix = prefix
+        self.stream = f"{prefix}:jobs"
+        self.group = f"{prefix}-workers"
+        self.dead = f"{prefix}:dead"
+        self.lease_ms = lease_ms
+        self.max_deliveries = max_deliveries
+        self.result_ttl_s = result_ttl_s
+        self._ensure_group()
+
+    def _job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
+
+    def _result(self, job_id: str) -> str:
+        return f"{self.prefix}:result:{job_id}"
+
+    def _ensure_group(self) -> None:
+        from redis.exceptions import ResponseError
+
+        try:
+            self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # ------------------------------------------------------------------ client verbs
+    def submit(self, request: JobRequest, job_id: str | None = None) -> str:
+        """Queue a job; returns its id. With an existing ``job_id`` the call is idempotent (no second entry)."""
+        job_id = job_id or new_job_id()
+        now = time.time()
+        created = self.r.hsetnx(self._job(job_id), "request", request.to_json())
+        if not created:
+            return job_id
+        self.r.hset(self._job(job_id), mapping={
+            "state": "queued", "frames_done": 0, "frames_total": 0, "stages": "{}", "error": "",
+            "deliveries": 0, "created": now, "updated": now,
+        })
+        self.r.xadd(self.stream, {"id": job_id})
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """State, frames done of total, per-stage seconds, error, deliveries.
+
+        Raises:
+            JobNotFound: unknown or expired id.
+        """
+        record = self.r.hgetall(self._job(job_id))
+        if not record:
+            raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+        return {
+            "id": job_id, "state": record.get("state"), "frames_done": int(record.get("frames_done", 0)),
+            "frames_total": int(record.get("frames_total", 0)), "stages": json.loads(record.get("stages") or "{}"),
+            "error": record.get("error") or None, "deliveries": int(record.get("deliveries", 0)),
+            "request": json.loads(record["request"]) if record.get("request") else None,
+        }
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        """The job's result JSON, or None while it is not done."""
+        text = self.r.get(self._result(job_id))
+        return None if text is None else json.loads(text)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not finished; returns False when it had already ended."""
+        state = self.status(job_id)["state"]
+        if state in FINAL_STATES:
+            return False
+        self.r.hset(self._job(job_id), mapping={"state": "cancelled", "updated": time.time()})
+        return True
+
+    def wait(self, job_id: str, timeout_s: float = 600, poll_s: float = 0.2) -> dict[str, Any]:
+        """Poll until the job reaches a final state; returns its status."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = self.status(job_id)
+            if status["state"] in FINAL_STATES:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {status['state']} after {timeout_s} s")
+            time.sleep(poll_s)
+
+    def depth(self) -> dict[str, int]:
+        """Queue depth: entries never delivered (``lag``) and delivered but not yet acknowledged."""
+        info = {g["name"]: g for g in self.r.xinfo_groups(self.stream)}.get(self.group, {})
+        return {"pending": int(info.get("pending", 0)), "lag": int(info.get("lag") or 0)}
+
+    # ------------------------------------------------------------------ worker side
+    def take(self, consumer: str, block_ms: int = 1000) -> Delivery | None:
+        """Next job for ``consumer``: first one abandoned past the lease (XAUTOCLAIM), else a new one.
+
+        Jobs already cancelled or done are acknowledged and skipped; a job delivered more than
+        ``max_deliveries`` times goes to the dead-letter stream.
+        """
+        while True:
+            entry = self._reclaim(consumer) or self._read_new(consumer, block_ms)
+            if entry is None:
+                return None
+            entry_id, fields = entry
+            job_id = fields.get("id")
+            delivery = self._admit(consumer, entry_id, job_id)
+            if delivery is not None:
+                return delivery
+
+    def _reclaim(self, consumer: str):
+        _, entries, *_ = self.r.xautoclaim(self.stream, self.group, consumer, min_idle_time=self.lease_ms,
+                                           start_id="0-0", count=1)
+        entries = [e for e in entries if e and e[1] is not None]
+        return entries[0] if entries else None
+
+    def _read_new(self, consumer: str, block_ms: int):
+        response = self.r.xreadgroup(self.group, consumer, {self.stream: ">"}, count=1, block=block_ms)
+        if not response:
+            return None
+        return response[0][1][0]
+
+    def _admit(self, consumer: str, entry_id: str, job_id: str | None) -> Delivery | None:
+        record = self.r.hgetall(self._job(job_id)) if job_id else {}
+        if not record or record.get("state") in FINAL_STATES or self.r.exists(self._result(job_id)):
+            self.r.xack(self.stream, self.group, entry_id)  # nothing (left) to do
+            return None
+        deliveries = self.r.hincrby(self._job(job_id), "deliveries", 1)
+        if deliveries > self.max_deliveries:
+            error = record.get("error") or "the worker died or timed out on every delivery"
+            self._dead_letter(job_id, entry_id, error, deliveries - 1)
+            return None
+        self.r.hset(self._job(job_id), mapping={"state": "running", "consumer": consumer, "updated": time.time()})
+        try:
+            request = JobRequest.from_json(record["request"])
+        except RefStreamError as exc:
+            self.fail(Delivery(job_id, None, entry_id, deliveries), str(exc))  # type: ignore[arg-type]
+            return None
+        return Delivery(job_id, request, entry_id, deliveries)
+
+    def progress(self, delivery: Delivery, consumer: str, frames_done: int | None = None,
+                 frames_total: int | None = None, stages: dict | None = None) -> None:
+        """Record progress and renew the lease. Raises :class:`JobCancelled` if the job was cancelled."""
+        mapping: dict[str, Any] = {"updated": time.time()}
+        if frames_done is not None:
+            mapping["frames_done"] = frames_done
+        if frames_total is not None:
+            mapping["frames_total"] = frames_total
+        if stages is not None:
+            mapping["stages"] = json.dumps(stages)
+        pipe = self.r.pipeline()
+        pipe.hset(self._job(delivery.job_id), mapping=mapping)
+        pipe.hget(self._job(delivery.job_id), "state")
+        pipe.xclaim(self.stream, self.group, consumer, min_idle_time=0, message_ids=[delivery.entry_id], justid=True)
+        _, state, _ = pipe.execute()
+        if state == "cancelled":
+            raise JobCancelled(delivery.job_id)
+
+    def complete(self, delivery: Delivery, result: dict[str, Any]) -> bool:
+        """Write the result (first writer wins), mark the job done, then acknowledge the entry.
+
+        Returns:
+            True when this call wrote the result, False when an earlier delivery already had.
+        """
+        written = bool(self.r.set(self._result(delivery.job_id), json.dumps(result), nx=True, ex=self.result_ttl_s))
+        pipe = self.r.pipeline()
+        pipe.hset(self._job(delivery.job_id), mapping={"state": "done", "error": "", "updated": time.time()})
+        pipe.expire(self._job(delivery.job_id), self.result_ttl_s)
+        pipe.xack(self.stream, self.group, delivery.entry_id)
+        pipe.execute()
+        return written
+
+    def fail(self, delivery: Delivery, error: str, permanent: bool = True) -> None:
+        """Record an error. Permanent (bad input): failed and acknowledged now. Otherwise the entry stays
+        pending and is retried after the lease, until ``max_deliveries`` sends it to the dead letters."""
+        self.r.hset(self._job(delivery.job_id), mapping={"error": error, "updated": time.time()})
+        if permanent or delivery.deliveries >= self.max_deliveries:
+            self._dead_letter(delivery.job_id, delivery.entry_id, error, delivery.deliveries, dead=not permanent)
+        else:
+            self.r.hset(self._job(delivery.job_id), "state", "queued")
+
+    def cancelled(self, delivery: Delivery) -> None:
+        """Acknowledge a job the worker stopped because it was cancelled."""
+        self.r.xack(self.stream, self.group, delivery.entry_id)
+
+    def _dead_letter(self, job_id: str, entry_id: str, error: str, deliveries: int, dead: bool = True) -> None:
+        pipe = self.r.pipeline()
+        if dead:
+            pipe.xadd(self.dead, {"id": job_id, "error": error, "deliveries": deliveries})
+        pipe.hset(self._job(job_id), mapping={"state": "failed", "error": error, "updated": time.time()})
+        pipe.expire(self._job(job_id), self.result_ttl_s)
+        pipe.xack(self.stream, self.group, entry_id)
+        pipe.execute()
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        """The dead-letter stream's entries (job id, last error, deliveries)."""
+        return [fields for _, fields in self.r.xrange(self.dead)]
+
+    def work(self, consumer: str, handler: Callable[[JobRequest, Callable[..., None]], dict], *,
+             stop: Callable[[], bool] = lambda: False, block_ms: int = 500, max_jobs: int | None = None) -> int:
+        """Worker loop: take a job, run ``handler(request, progress)``, complete or fail it; repeat.
+
+        ``progress(frames_done=, frames_total=, stages=)`` renews the lease and raises
+        :class:`JobCancelled` when the job was cancelled. A :class:`RefStreamError` (bad input) fails the job
+        at once; any other exception leaves it to be retried after the lease. A failed job never stops the
+        loop. Returns the number of jobs handled.
+        """
+        handled = 0
+        while not stop() and (max_jobs is None or handled < max_jobs):
+            delivery = self.take(consumer, block_ms)
+            if delivery is None:
+                continue
+            handled += 1
+
+            def progress(**kwargs) -> None:
+                self.progress(delivery, consumer, **kwargs)
+
+            try:
+                result = handler(delivery.request, progress)
+            except JobCancelled:
+                self.cancelled(delivery)
+            except RefStreamError as exc:
+                self.fail(delivery, str(exc), permanent=True)
+            except Exception as exc:  # noqa: BLE001 - a failed job must never take the worker down
+                self.fail(delivery, f"{exc.__class__.__name__}: {exc}", permanent=False)
+            else:
+                self.complete(delivery, result)
+        return handled
