@@ -4,14 +4,27 @@ Random weights (``random_weights: true``, the ``tiny`` preset): every part is bu
 a fixed seed, so two builds are identical, and the tokenizers are the byte-level stand-ins of
 :mod:`workers.tokenizers`.
 
-Released weights (the ``videoglamm`` preset) come from three places (REFERENCE.md section 2):
+Released weights (the ``videoglamm`` preset, or any config with ``random_weights: false``) come from:
 
 - the VideoGLaMM download folder (``--checkpoint DIR`` or ``$REFSTREAM_CHECKPOINT``): ``config.json``,
-  ``pytorch_model-0000k-of-0000n.bin`` shards with ``pytorch_model.bin.index.json`` (LoRA merged), and
-  the Phi-3 tokenizer files with ``[SEG]``; it provides the LLM, both projectors and ``text_hidden_fcs``;
-- ``openai/clip-vit-large-patch14-336`` (hub id in the local cache, or a folder);
-- ``InternVideo2-stage2_1b-224p-f4.pt`` (in the checkpoint folder, or an absolute path) and
-  ``facebook/sam2-hiera-large-hf``.
+  ``pytorch_model-0000k-of-0000n.bin`` shards with ``pytorch_model.bin.index.json`` (LoRA merged, read with
+  ``torch.load(weights_only=True)``, memory-mapped), and the Phi-3 tokenizer files with ``[SEG]``; it provides
+  the LLM, both projectors, ``text_hidden_fcs`` and SAM2 (``model.visual_model.*``, original SAM2 names; key
+  mapping in :mod:`workers.checkpoint`); ``config.json``'s ``sliding_window`` is converted from transformers
+  4.41 semantics (2047 -> 2048) and its ``vocab_size`` (32012) must cover the tokenizer;
+- ``config.clip.weights`` (``openai/clip-vit-large-patch14-336``: hub id in the local cache, or a folder;
+  ``CLIPModel``, both towers and heads);
+- ``config.internvideo2.weights`` (``InternVideo2-stage2_1b-224p-f4.pt``, in the checkpoint folder or an
+  absolute path; state dict under ``model`` or ``module``, prefix ``vision_encoder.``), else the checkpoint's
+  own ``model.vision_tower.vision_encoder.*``;
+- ``config.sam2.weights`` (``facebook/sam2-hiera-large-hf``) only when the checkpoint has no SAM2 keys.
+
+Everything is loaded strictly: a missing, unexpected or wrongly shaped tensor raises
+:class:`workers.checkpoint.CheckpointMismatchError` naming the keys, a missing shard
+:class:`workers.checkpoint.CheckpointFileMissingError` naming the files (both are
+:class:`WeightsNotFoundError`). The big parts are built on the meta device and receive the file tensors by
+assignment, cast to the requested dtype. A folder written by ``refstream convert`` (:mod:`workers.convert`,
+recognised by its ``refstream.json``) is loaded instead when ``--checkpoint`` points at one.
 
 Nothing is downloaded: a missing part raises :class:`WeightsNotFoundError` naming what to get, where
 to put it, and that ``--model tiny`` runs with random weights.
@@ -53,7 +66,7 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: 
     if config.random_weights:
         model = _build_random(config)
     else:
-        model = _build_released(config)
+        model = _build_released(config, dtype)  # tensors are cast while loading: no float32 copy of a bf16 model
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -79,7 +92,7 @@ def build_clip(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
                 f"CLIP weights {config.clip.weights!r} are neither a local folder nor in the Hugging Face cache: "
                 f"run `huggingface-cli download {config.clip.weights}` on a machine with internet. {TINY_NOTE}"
             )
-        clip = CLIPModel.from_pretrained(config.clip.weights, local_files_only=True)
+        clip = _load_clip(config.clip.weights, dtype)
         tokenizer = load_tokenizer(config.clip.weights, "CLIP", f"Download {config.clip.weights}.")
     return clip.to(device=device, dtype=dtype).eval().requires_grad_(False), tokenizer
 
@@ -131,24 +144,88 @@ def resolve_checkpoint(config: ModelConfig) -> Path:
     return DEFAULT_CHECKPOINT
 
 
+IV2_FILENAME = "InternVideo2-stage2_1b-224p-f4.pt"
+
+
+def _internvideo2_path(config: ModelConfig, folder: Path) -> Path | None:
+    """The InternVideo2 ``.pt``: an absolute path, a path relative to the checkpoint folder, or a hub id in the
+    local Hugging Face cache (``OpenGVLab/InternVideo2-Stage2_1B-224p-f4`` or ``owner/name/file.pt``)."""
+    ref = config.internvideo2.weights
+    if not ref:
+        return None
+    path = Path(ref).expanduser()
+    path = path if path.is_absolute() else folder / path
+    parts = ref.split("/")
+    if not path.is_file() and not Path(ref).is_absolute() and len(parts) in (2, 3) and all(parts):
+        repo, filename = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else IV2_FILENAME)
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(repo, filename)
+        except Exception:  # noqa: BLE001 - not a valid repo id: keep the path
+            cached = None
+        if isinstance(cached, str):
+            return Path(cached)
+    return path
+
+
+def _official_weight_map(folder: Path) -> dict[str, str] | None:
+    """``weight_map`` of the official index (or of a single ``pytorch_model.bin``: None); None when unreadable."""
+    from workers.checkpoint import OFFICIAL_INDEX
+
+    try:
+        weight_map = json.loads((folder / OFFICIAL_INDEX).read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return weight_map if isinstance(weight_map, dict) else None
+
+
 def missing_weights(config: ModelConfig) -> list[str]:
-    """Human-readable list of the released-weight files that are missing (empty when all are there)."""
+    """Human-readable list of the released-weight files that are missing (empty when all are there).
+
+    Understands both the official download folder and the folder written by ``refstream convert``
+    (:mod:`workers.convert`, recognised by its ``refstream.json``; it holds every part, so nothing else is needed).
+    In the official folder, SAM2 comes from ``model.visual_model.*`` when the index lists such keys (else from
+    ``config.sam2.weights``) and InternVideo2 from its ``.pt`` (else from ``model.vision_tower.vision_encoder.*``).
+    """
+    from workers.checkpoint import IV2_PREFIX, OFFICIAL_INDEX, OFFICIAL_SINGLE, SAM2_PREFIX
+    from workers.convert import LAYOUT_FILE, refstream_folder_problems
+
     folder = resolve_checkpoint(config)
     problems = []
+    if folder.is_dir() and (folder / LAYOUT_FILE).is_file():
+        return refstream_folder_problems(folder)
+    weight_map = None
     if not folder.is_dir():
         problems.append(f"the VideoGLaMM checkpoint folder {folder} does not exist")
     else:
-        for name in ("config.json", "pytorch_model.bin.index.json", "tokenizer_config.json"):
+        for name in ("config.json", "tokenizer_config.json"):
             if not (folder / name).is_file():
                 problems.append(f"{folder / name} is missing")
-    iv2 = config.internvideo2.weights
-    if iv2:
-        path = Path(iv2) if Path(iv2).is_absolute() else folder / iv2
-        if not path.is_file():
-            problems.append(f"InternVideo2 weights {path} are missing (OpenGVLab/InternVideo2-Stage2_1B-224p-f4)")
-    for what, ref in (("CLIP", config.clip.weights), ("SAM2", config.sam2.weights)):
-        if ref and not _locally_available(ref):
-            problems.append(f"{what} weights {ref!r} are neither a local folder nor in the Hugging Face cache")
+        if (folder / OFFICIAL_INDEX).is_file():
+            weight_map = _official_weight_map(folder)
+            if weight_map is None:
+                problems.append(f"{folder / OFFICIAL_INDEX} is not a valid index (no 'weight_map'); re-download it")
+            else:
+                for shard in sorted(set(weight_map.values())):
+                    if not (folder / shard).is_file():
+                        problems.append(f"checkpoint shard {folder / shard} (listed in {OFFICIAL_INDEX}) is missing")
+        elif not (folder / OFFICIAL_SINGLE).is_file():
+            problems.append(f"{folder / OFFICIAL_INDEX} is missing (and there is no single {OFFICIAL_SINGLE})")
+    keys = weight_map or {}
+    iv2 = _internvideo2_path(config, folder)
+    has_tower = any(k.startswith(IV2_PREFIX + "vision_encoder.") for k in keys)
+    if iv2 is not None and not iv2.is_file() and not has_tower:
+        problems.append(f"InternVideo2 weights {iv2} are missing (OpenGVLab/InternVideo2-Stage2_1B-224p-f4, "
+                        f"file InternVideo2-stage2_1b-224p-f4.pt)")
+    if config.clip.weights and not _locally_available(config.clip.weights):
+        problems.append(f"CLIP weights {config.clip.weights!r} are neither a local folder nor in the Hugging Face cache")
+    has_sam2 = any(k.startswith(SAM2_PREFIX) for k in keys)
+    if weight_map is not None and not has_sam2:
+        ref = config.sam2.weights
+        if not ref or not _locally_available(ref):
+            problems.append(f"the checkpoint has no SAM2 weights (model.visual_model.*) and SAM2 weights {ref!r} are "
+                            "neither a local folder nor in the Hugging Face cache")
     return problems
 
 
@@ -163,10 +240,10 @@ def _locally_available(ref: str) -> bool:
         return False
 
 
-def _build_released(config: ModelConfig):
+def _build_released(config: ModelConfig, dtype: torch.dtype | None = torch.float32):
     problems = missing_weights(config)
+    folder = resolve_checkpoint(config)
     if problems:
-        folder = resolve_checkpoint(config)
         raise WeightsNotFoundError(
             "VideoGLaMM weights not found:\n  - " + "\n  - ".join(problems) + "\n"
             f"Get the VideoGLaMM checkpoint folder from {VIDEOGLAMM_SOURCE} and put it at {folder} (or pass "
@@ -174,68 +251,277 @@ def _build_released(config: ModelConfig):
             f"(OpenGVLab/InternVideo2-Stage2_1B-224p-f4) inside it; download {config.clip.weights} and "
             f"{config.sam2.weights} with `huggingface-cli download <id>` on a machine with internet. {TINY_NOTE}"
         )
-    return _load_released(config, resolve_checkpoint(config))
+    from workers.convert import LAYOUT_FILE, load_refstream_folder
+
+    if (folder / LAYOUT_FILE).is_file():
+        return load_refstream_folder(config, folder, dtype)
+    return _load_released(config, folder, dtype)
 
 
-def _load_released(config: ModelConfig, folder: Path):
-    """Load every part from local files, strictly (missing or unexpected keys are named)."""
-    from transformers import CLIPModel, Phi3ForCausalLM
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
 
+
+def _load_released(config: ModelConfig, folder: Path, dtype: torch.dtype | None = torch.float32):
+    """Load every part from the official download folder and the base weights, strictly.
+
+    The LLM, projectors, ``text_hidden_fcs``, SAM2 (and InternVideo2 when needed) are built on the meta device
+    and receive the checkpoint's tensors by assignment (cast to ``dtype``; ``None`` keeps each file's dtype),
+    so a 3.8 B-parameter LLM is never initialised; non-persistent buffers (rotary ``inv_freq``, SAM2's memory
+    attention positions) are then recomputed on the CPU.
+
+    Raises:
+        CheckpointMismatchError: a key is missing or unexpected, or a shape differs (named, in official names).
+        CheckpointFileMissingError: a shard listed in the index is missing.
+        WeightsNotFoundError: a base model or tokenizer is missing or unreadable.
+    """
+    from transformers import Phi3Config, Phi3ForCausalLM, Sam2VideoModel
+
+    from workers.checkpoint import (
+        IGNORED_PREFIXES, IV2_PREFIX, SAM2_PREFIX, CheckpointMismatchError, convert_sam2_state_dict,
+        llm_config_from_checkpoint, official_key, refstream_key,
+    )
     from workers.internvideo2 import build_internvideo2, internvideo2_vision_config
-    from workers.sam2_decoder import load_sam2
+    from workers.sam2_decoder import full_sam2_video_config, tiny_sam2_video_config
     from workers.tokenizers import load_tokenizer
     from workers.videoglamm import VideoGLaMM
 
-    clip = CLIPModel.from_pretrained(config.clip.weights, local_files_only=True)
-    clip_tok = load_tokenizer(config.clip.weights, "CLIP", "Download openai/clip-vit-large-patch14-336.")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsNotFoundError(f"cannot read {folder / 'config.json'} ({exc}); re-download the checkpoint folder "
+                                   f"from {VIDEOGLAMM_SOURCE}") from exc
+    state = _read_sharded_checkpoint(folder)
+    where = f"the VideoGLaMM checkpoint in {folder}"
+    own, sam2_src, iv2_src, unexpected = {}, {}, {}, []
+    for key, value in state.items():
+        if key.startswith(SAM2_PREFIX):
+            sam2_src[key[len(SAM2_PREFIX):]] = value
+        elif key.startswith(IV2_PREFIX + "vision_encoder."):
+            iv2_src[key[len(IV2_PREFIX):]] = value
+        elif key.startswith(IGNORED_PREFIXES):
+            continue
+        elif (name := refstream_key(key)) is not None:
+            own[name] = value
+        else:
+            unexpected.append(key)
+
+    clip = _load_clip(config.clip.weights, dtype)
+    clip_tok = load_tokenizer(config.clip.weights, "CLIP", f"Download {config.clip.weights}.")
     llm_tok = load_tokenizer(folder, "VideoGLaMM (Phi-3 with [SEG])", f"Get it from {VIDEOGLAMM_SOURCE}.")
+    seg_id = llm_tok.convert_tokens_to_ids("[SEG]")
+    if seg_id is None or seg_id == llm_tok.unk_token_id:
+        raise WeightsNotFoundError(f"the tokenizer in {folder} has no [SEG] token: is this a VideoGLaMM checkpoint?")
+    if raw.get("seg_token_idx") is not None and int(raw["seg_token_idx"]) != seg_id:
+        raise WeightsNotFoundError(f"{folder / 'config.json'} says seg_token_idx={raw['seg_token_idx']} but the "
+                                   f"tokenizer maps [SEG] to {seg_id}: the tokenizer files do not belong to these weights")
+    llm_config = Phi3Config(**llm_config_from_checkpoint(raw, config.llm))
+    if llm_config.vocab_size < len(llm_tok):
+        raise WeightsNotFoundError(f"{folder / 'config.json'} has vocab_size {llm_config.vocab_size} but the tokenizer "
+                                   f"has {len(llm_tok)} tokens (VideoGLaMM: 32012 with [SEG] = 32011)")
+
+    sam2_config = tiny_sam2_video_config() if config.sam2.size == "tiny" else full_sam2_video_config()
     with torch.device("meta"):
-        llm = Phi3ForCausalLM(_llm_config(config))
-    internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2.size))
-    iv2_path = Path(config.internvideo2.weights)
-    iv2_path = iv2_path if iv2_path.is_absolute() else folder / iv2_path
-    internvideo2.load_original_state_dict(torch.load(iv2_path, map_location="cpu", weights_only=True))
-    sam2 = load_sam2(config.sam2.weights)
+        llm = Phi3ForCausalLM(llm_config)
+        sam2 = Sam2VideoModel(sam2_config) if sam2_src else None
+        internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2.size))
+    if sam2 is not None:
+        converted = convert_sam2_state_dict(sam2_src, sam2.state_dict(), what=f"SAM2 ({SAM2_PREFIX}*) in {folder}",
+                                            prefix=SAM2_PREFIX)
+        own.update({"sam2." + k: v for k, v in converted.items()})
+    else:
+        sam2 = _load_sam2_strict(config.sam2.weights, dtype)
+    iv2_state = _internvideo2_state(config, folder, iv2_src, internvideo2)
+    own.update({"internvideo2.host." + k: v for k, v in iv2_state.items()})
     with torch.device("meta"):
         model = VideoGLaMM(config, clip, internvideo2, llm, sam2, llm_tok, clip_tok)
-    state = _read_sharded_checkpoint(folder)
-    own = {}
-    for key, value in state.items():
-        if key.startswith("model.visual_model.") or key.startswith("model.vision_tower."):
-            continue  # SAM2 and the encoders come from their own weights above
-        for src, dst in (
-            ("model.image_mm_projector.", "image_mm_projector."),
-            ("model.mm_projector.", "mm_projector."),
-            ("model.text_hidden_fcs.0.", "text_hidden_fcs."),
-            ("model.", "llm.model."),
-            ("lm_head.", "llm.lm_head."),
-        ):
-            if key.startswith(src):
-                own[dst + key[len(src):]] = value
-                break
-        else:
-            own[key] = value
-    expected = {k for k in model.state_dict() if k.startswith(("llm.", "image_mm_projector.", "mm_projector.", "text_hidden_fcs."))}
-    missing, unexpected = sorted(expected - own.keys()), sorted(own.keys() - expected)
-    if missing or unexpected:
-        raise WeightsNotFoundError(
-            f"the checkpoint in {folder} does not match VideoGLaMM: missing {missing[:20]} unexpected {unexpected[:20]}"
-        )
-    model.load_state_dict(own, strict=False, assign=True)
-    # Non-persistent buffers (rotary inverse frequencies) were created on the meta device: rebuild them.
-    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
-    model.llm.model.rotary_emb = Phi3RotaryEmbedding(config=model.llm.config)
+    loaded_elsewhere = ("clip.",) + (("sam2.",) if not sam2_src else ())
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(loaded_elsewhere)}
+    name = lambda k: official_key(k) or k  # noqa: E731
+    missing = [name(k) for k in expected if k not in own]
+    unexpected += [name(k) for k in own if k not in expected]
+    mismatched = [f"{name(k)}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
+                  for k, v in own.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(where, missing, unexpected, mismatched,
+                                      hint=f"Is it the VideoGLaMM release ({VIDEOGLAMM_SOURCE}) for this --model config?")
+    model.load_state_dict(_cast(own, dtype), strict=False, assign=True)
+    materialize_meta_buffers(model)
     return model
 
 
+def _internvideo2_state(config: ModelConfig, folder: Path, tower: dict, encoder) -> dict[str, torch.Tensor]:
+    """InternVideo2 host state dict: from the ``.pt`` when present (as the original's inference), else the tower."""
+    from workers.checkpoint import IV2_PREFIX, CheckpointMismatchError
+    from workers.internvideo2 import CheckpointKeysError, convert_internvideo2_state_dict
+
+    path = _internvideo2_path(config, folder)
+    layers = encoder.host.config.num_hidden_layers
+    if path is not None and path.is_file():
+        source, what, prefix = _torch_load(path, "InternVideo2 weights"), f"InternVideo2 weights {path}", "vision_encoder."
+    elif tower:
+        source, what, prefix = tower, f"InternVideo2 ({IV2_PREFIX}vision_encoder.*) in {folder}", IV2_PREFIX + "vision_encoder."
+    else:
+        raise WeightsNotFoundError(f"InternVideo2 weights {path} are missing and {folder} has no "
+                                   f"{IV2_PREFIX}vision_encoder.* keys: download InternVideo2-stage2_1b-224p-f4.pt "
+                                   f"(OpenGVLab/InternVideo2-Stage2_1B-224p-f4) into {folder}")
+    try:
+        converted = convert_internvideo2_state_dict(source, num_layers=layers)
+    except CheckpointKeysError as exc:
+        raise CheckpointMismatchError(what, [prefix + k for k in exc.missing], [prefix + k for k in exc.unexpected]) from exc
+    expected = encoder.host.state_dict()
+    bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+           for k, v in converted.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise CheckpointMismatchError(what, mismatched=bad, hint=f"internvideo2.size is {config.internvideo2.size!r}")
+    return converted
+
+
+def materialize_meta_buffers(model: torch.nn.Module) -> None:
+    """Recompute buffers left on the meta device (non-persistent ones: rotary ``inv_freq``, position ids).
+
+    Each module holding one is rebuilt on the CPU from its own ``config`` (``type(m)(m.config)``, under a
+    private RNG), or from its nearest ancestor's config when it keeps none, and its buffers are copied over. Afterwards no parameter or buffer may be on the meta device.
+
+    Raises:
+        RuntimeError: a meta tensor could not be rebuilt or remains (named).
+    """
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        metas = [b for b, t in module.named_buffers(recurse=False) if t is not None and t.is_meta]
+        if not metas:
+            continue
+        # the module's own config, else the nearest ancestor's (e.g. CLIPTextEmbeddings keeps none)
+        parts = name.split(".") if name else []
+        configs = [getattr(modules[".".join(parts[:i])], "config", None) for i in range(len(parts), -1, -1)]
+        fresh = None
+        for cfg in (c for c in configs if c is not None and not isinstance(c, dict)):
+            try:
+                with torch.device("cpu"), torch.random.fork_rng(devices=[]):
+                    candidate = type(module)(cfg)
+            except Exception:  # noqa: BLE001 - not this module's config; try the next ancestor's
+                continue
+            if all(candidate._buffers.get(b) is not None
+                   and candidate._buffers[b].shape == module._buffers[b].shape for b in metas):
+                fresh = candidate
+                break
+        if fresh is None:
+            raise RuntimeError(f"cannot rebuild meta buffers {metas} of {name or 'the model'} ({type(module).__name__})")
+        for buffer in metas:
+            module._buffers[buffer] = fresh._buffers[buffer]
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device after loading: {left[:20]}")
+
+
+def _torch_load(path: Path, what: str) -> dict:
+    """``torch.load(weights_only=True)`` (memory-mapped when the file allows it) of a mapping of tensors."""
+    import pickle
+
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) serialisation cannot be memory-mapped
+            if "mmap" not in str(exc) and "zip" not in str(exc):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsNotFoundError(f"{what} {path} cannot be read with torch.load(weights_only=True): it holds more "
+                                   f"than tensors ({str(exc).splitlines()[0]}). Re-download the original file.") from exc
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise WeightsNotFoundError(f"{what} {path} is unreadable ({exc.__class__.__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else ''}); re-download it") from exc
+    if not isinstance(data, dict):
+        raise WeightsNotFoundError(f"{what} {path} is not a state dict (got {type(data).__name__})")
+    return data
+
+
 def _read_sharded_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
-    """Read ``pytorch_model-*.bin`` shards listed in the index with ``torch.load(weights_only=True)``."""
-    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+    """Read the ``pytorch_model-*.bin`` shards listed in the index with ``torch.load(weights_only=True)``.
+
+    A single ``pytorch_model.bin`` (no index) is read too. Shards are memory-mapped; every shard must hold
+    exactly the keys the index assigns to it.
+
+    Raises:
+        CheckpointFileMissingError: the index or a listed shard is missing (files named).
+        CheckpointMismatchError: index and shards disagree (keys named).
+    """
+    from workers.checkpoint import (
+        OFFICIAL_INDEX, OFFICIAL_SINGLE, CheckpointFileMissingError, CheckpointMismatchError,
+    )
+
+    index_path = folder / OFFICIAL_INDEX
+    if not index_path.is_file():
+        if (folder / OFFICIAL_SINGLE).is_file():
+            return dict(_torch_load(folder / OFFICIAL_SINGLE, "checkpoint"))
+        raise CheckpointFileMissingError(
+            f"{index_path} is missing; get the complete checkpoint folder from {VIDEOGLAMM_SOURCE}", [index_path])
+    weight_map = _official_weight_map(folder)
+    if weight_map is None:
+        raise CheckpointFileMissingError(f"{index_path} is not a valid index (no 'weight_map'); re-download it", [index_path])
+    shards = sorted(set(weight_map.values()))
+    absent = [folder / s for s in shards if not (folder / s).is_file()]
+    if absent:
+        raise CheckpointFileMissingError(
+            f"checkpoint shard(s) listed in {index_path} are missing: {', '.join(str(p) for p in absent)}; "
+            f"re-download them from {VIDEOGLAMM_SOURCE}", absent)
     state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        path = folder / shard
-        if not path.is_file():
-            raise WeightsNotFoundError(f"checkpoint shard {path} listed in the index is missing; re-download it")
-        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    not_in_shard, not_listed = [], []
+    for shard in shards:
+        part = _torch_load(folder / shard, "checkpoint shard")
+        listed = {k for k, s in weight_map.items() if s == shard}
+        not_in_shard += [f"{k} (index: {shard})" for k in sorted(listed - part.keys())]
+        not_listed += [f"{k} (in {shard})" for k in sorted(part.keys() - listed)]
+        state.update({k: v for k, v in part.items() if k in listed})
+    if not_in_shard or not_listed:
+        raise CheckpointMismatchError(f"the shards in {folder} and {OFFICIAL_INDEX}", not_in_shard, not_listed,
+                                      hint="The download is incomplete or mixed: re-download the folder.")
     return state
+
+
+def _load_clip(ref: str, dtype: torch.dtype | None):
+    """``CLIPModel`` (vision + text towers and heads) from a local folder or the HF cache, strictly."""
+    from transformers import CLIPModel
+
+    from workers.checkpoint import CheckpointMismatchError
+
+    if not _locally_available(ref):
+        raise WeightsNotFoundError(
+            f"CLIP weights {ref!r} are neither a local folder nor in the Hugging Face cache: "
+            f"run `huggingface-cli download {ref}` on a machine with internet. {TINY_NOTE}"
+        )
+    try:
+        clip, info = CLIPModel.from_pretrained(ref, local_files_only=True, dtype=dtype or "auto", output_loading_info=True)
+    except OSError as exc:
+        raise WeightsNotFoundError(f"CLIP weights {ref!r} are incomplete ({str(exc).splitlines()[0]}): "
+                                   f"re-download them with `huggingface-cli download {ref}`") from exc
+    _check_loading_info(f"CLIP weights {ref!r}", info, CheckpointMismatchError)
+    return clip
+
+
+def _load_sam2_strict(ref: str | None, dtype: torch.dtype | None):
+    """``Sam2VideoModel`` from ``facebook/sam2-hiera-large-hf`` (folder or cached id), strictly."""
+    from transformers import Sam2VideoModel
+
+    from workers.checkpoint import CheckpointMismatchError
+    from workers.sam2_decoder import SAM2_HIERA_LARGE_ID, load_sam2
+
+    ref = ref or SAM2_HIERA_LARGE_ID
+    try:
+        sam2, info = Sam2VideoModel.from_pretrained(ref, local_files_only=True, dtype=dtype or "auto",
+                                                    output_loading_info=True)
+    except OSError:
+        return load_sam2(ref)  # raises WeightsNotFoundError saying where to get it
+    _check_loading_info(f"SAM2 weights {ref!r}", info, CheckpointMismatchError)
+    return sam2
+
+
+def _check_loading_info(what: str, info: dict, error) -> None:
+    missing = list(info.get("missing_keys") or [])
+    unexpected = [k for k in info.get("unexpected_keys") or [] if not k.endswith("position_ids")]
+    mismatched = [str(m) for m in info.get("mismatched_keys") or []]
+    if missing or unexpected or mismatched:
+        raise error(what, missing, unexpected, mismatched)

@@ -1,0 +1,280 @@
+"""``refstream convert SRC DST``: the official VideoGLaMM folder -> RefStream's own safetensors layout.
+
+The official download (pickle ``.bin`` shards in the original module names, plus CLIP, InternVideo2 and SAM2
+base weights found elsewhere) is loaded once, strictly, through :func:`workers.build._load_released`, and
+written as one self-contained folder that loads by memory-mapping with no key renaming:
+
+``DST/refstream.json``
+    ``{"format": "refstream-videoglamm", "version": 1, "dtype", "source", "llm_config", "clip_config",
+    "internvideo2_config", "sam2_config", "seg_dim", "index"}``: the transformers configs of the four hosts
+    (``llm_config`` in transformers-5 semantics: ``sliding_window`` already converted).
+``DST/model-0000k-of-0000n.safetensors`` + ``DST/model.safetensors.index.json``
+    every persistent tensor of :class:`workers.videoglamm.VideoGLaMM` under its own state-dict key
+    (``llm.*``, ``clip.*``, ``internvideo2.host.*``, ``sam2.*``, ``image_mm_projector.*``, ``mm_projector.*``,
+    ``text_hidden_fcs.*``).
+``DST/llm_tokenizer/``, ``DST/clip_tokenizer/``
+    ``save_pretrained`` of the two tokenizers.
+
+Pass DST as ``--checkpoint`` (or ``checkpoint:``) to load it; :func:`workers.build.build_model` recognises
+the layout by ``refstream.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from refstream.errors import ConfigError, WeightsNotFoundError
+
+__all__ = [
+    "FORMAT",
+    "LAYOUT_FILE",
+    "add_convert_parser",
+    "convert_checkpoint",
+    "load_refstream_folder",
+    "refstream_folder_problems",
+    "run_convert",
+    "save_refstream_folder",
+]
+
+FORMAT = "refstream-videoglamm"
+VERSION = 1
+LAYOUT_FILE = "refstream.json"
+INDEX_FILE = "model.safetensors.index.json"
+LLM_TOKENIZER_DIR = "llm_tokenizer"
+CLIP_TOKENIZER_DIR = "clip_tokenizer"
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parse_size(text: str) -> int:
+    units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "b": 1}
+    lowered = text.strip().lower()
+    for suffix, factor in units.items():
+        if lowered.endswith(suffix):
+            return int(float(lowered[: -len(suffix)]) * factor)
+    return int(lowered)
+
+
+# ============================================================================================ write
+def save_refstream_folder(model, dst: str | Path, *, dtype: torch.dtype | None = None, shard_bytes: int = 4 << 30,
+                          source: str = "") -> dict:
+    """Write ``model`` (a loaded :class:`workers.videoglamm.VideoGLaMM`) in RefStream's safetensors layout.
+
+    Args:
+        model: the model; its persistent state dict is written as is (cast to ``dtype`` unless None).
+        dst: output folder (created; existing layout files are overwritten).
+        dtype: tensor dtype on disk, or None to keep each tensor's dtype.
+        shard_bytes: upper bound of one shard's size (a larger single tensor gets its own shard).
+        source: recorded in ``refstream.json``.
+
+    Returns:
+        the ``refstream.json`` content.
+    """
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    seen: dict[tuple, str] = {}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, value in state.items():
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape), value.dtype)
+        value = value.contiguous()
+        if ident in seen or not value.is_contiguous():
+            value = value.clone()  # safetensors refuses tensors that share memory
+        seen[ident] = key
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        # break storage sharing between keys of one shard (safetensors requires disjoint memory)
+        ptrs: set[int] = set()
+        for key, value in list(shard.items()):
+            ptr = value.untyped_storage().data_ptr()
+            if ptr in ptrs and value.numel():
+                shard[key] = value.clone()
+            ptrs.add(shard[key].untyped_storage().data_ptr())
+        save_file(shard, str(dst / name), metadata={"format": "pt"})
+        for key, value in shard.items():
+            weight_map[key] = name
+            total += value.numel() * value.element_size()
+    (dst / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                             indent=2, sort_keys=True))
+    model.llm_tokenizer.save_pretrained(dst / LLM_TOKENIZER_DIR)
+    model.clip_tokenizer.save_pretrained(dst / CLIP_TOKENIZER_DIR)
+    layout = {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+        "source": source,
+        "seg_dim": int(model.text_hidden_fcs[2].out_features),
+        "llm_config": model.llm.config.to_dict(),
+        "clip_config": model.clip.config.to_dict(),
+        "internvideo2_config": model.internvideo2.host.config.to_dict(),
+        "sam2_config": model.sam2.config.to_dict(),
+        "index": INDEX_FILE,
+    }
+    (dst / LAYOUT_FILE).write_text(json.dumps(layout, indent=2, sort_keys=True, default=str))
+    return layout
+
+
+# ============================================================================================ read
+def _read_layout(folder: Path) -> dict:
+    try:
+        layout = json.loads((folder / LAYOUT_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsNotFoundError(f"cannot read {folder / LAYOUT_FILE} ({exc}); re-run `refstream convert`") from exc
+    if layout.get("format") != FORMAT or int(layout.get("version", 0)) > VERSION:
+        raise WeightsNotFoundError(f"{folder / LAYOUT_FILE} is not a RefStream v{VERSION} layout "
+                                   f"(format {layout.get('format')!r}, version {layout.get('version')!r})")
+    return layout
+
+
+def refstream_folder_problems(folder: Path) -> list[str]:
+    """Missing pieces of a folder written by :func:`save_refstream_folder` (empty when complete)."""
+    problems = []
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return [f"{index} is missing; re-run `refstream convert`"]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError):
+        return [f"{index} is not a valid index; re-run `refstream convert`"]
+    problems += [f"shard {folder / s} (listed in {INDEX_FILE}) is missing" for s in shards if not (folder / s).is_file()]
+    for sub in (LLM_TOKENIZER_DIR, CLIP_TOKENIZER_DIR):
+        if not (folder / sub).is_dir():
+            problems.append(f"tokenizer folder {folder / sub} is missing")
+    return problems
+
+
+def load_refstream_folder(config, folder: str | Path, dtype: torch.dtype | None = torch.float32):
+    """Load a folder written by :func:`save_refstream_folder`: meta-device build, mmap'd safetensors, strict.
+
+    Raises:
+        CheckpointMismatchError: missing / unexpected keys or wrong shapes (RefStream key names).
+        CheckpointFileMissingError: a shard listed in the index is missing.
+    """
+    from safetensors import safe_open
+    from transformers import CLIPConfig, CLIPModel, InternVLVisionConfig, Phi3Config, Phi3ForCausalLM, Sam2VideoConfig
+    from transformers import Sam2VideoModel
+
+    from workers.build import _cast, materialize_meta_buffers
+    from workers.checkpoint import CheckpointFileMissingError, CheckpointMismatchError
+    from workers.internvideo2 import build_internvideo2
+    from workers.tokenizers import load_tokenizer
+    from workers.videoglamm import VideoGLaMM
+
+    folder = Path(folder)
+    layout = _read_layout(folder)
+    if int(layout.get("seg_dim", config.seg_dim)) != config.seg_dim:
+        raise ConfigError(f"{folder} was converted with seg_dim {layout['seg_dim']} but the model config says {config.seg_dim}")
+    problems = refstream_folder_problems(folder)
+    if problems:
+        raise CheckpointFileMissingError("; ".join(problems), [p.split(" ")[1] for p in problems if p.startswith("shard ")])
+    weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
+    llm_tok = load_tokenizer(folder / LLM_TOKENIZER_DIR, "VideoGLaMM (Phi-3 with [SEG])", "Re-run `refstream convert`.")
+    clip_tok = load_tokenizer(folder / CLIP_TOKENIZER_DIR, "CLIP", "Re-run `refstream convert`.")
+    with torch.device("meta"):
+        clip = CLIPModel(CLIPConfig.from_dict(layout["clip_config"]))
+        internvideo2 = build_internvideo2(InternVLVisionConfig.from_dict(layout["internvideo2_config"]))
+        llm = Phi3ForCausalLM(Phi3Config.from_dict(layout["llm_config"]))
+        sam2 = Sam2VideoModel(Sam2VideoConfig.from_dict(layout["sam2_config"]))
+        model = VideoGLaMM(config, clip, internvideo2, llm, sam2, llm_tok, clip_tok)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(str(folder / shard), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
+                  for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(f"the converted checkpoint in {folder}", missing, unexpected, mismatched,
+                                      hint="Re-run `refstream convert`.")
+    model.load_state_dict(_cast(state, dtype), strict=True, assign=True)
+    materialize_meta_buffers(model)
+    return model
+
+
+# ============================================================================================ convert
+def convert_checkpoint(config, src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
+                       shard_bytes: int = 4 << 30, overwrite: bool = False) -> dict:
+    """Load the official folder ``src`` (with ``config``'s base weights) and write ``dst`` in RefStream's layout.
+
+    Raises:
+        WeightsNotFoundError (or a subclass): ``src`` or a base model is missing or does not match.
+        ConfigError: ``dst`` is not empty and ``overwrite`` is False, or ``dst`` is ``src``.
+    """
+    from workers.build import _build_released
+
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()
+    if src.resolve() == dst.resolve():
+        raise ConfigError(f"convert: DST must differ from SRC ({src})")
+    if dst.exists() and any(dst.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"convert: {dst} exists and is not empty; pass --overwrite or choose another folder")
+        if (dst / LAYOUT_FILE).is_file():
+            for old in dst.glob("model-*-of-*.safetensors"):
+                old.unlink()
+            for sub in (LLM_TOKENIZER_DIR, CLIP_TOKENIZER_DIR):
+                shutil.rmtree(dst / sub, ignore_errors=True)
+    model = _build_released(config.model_copy(update={"checkpoint": str(src), "random_weights": False}), dtype)
+    return save_refstream_folder(model, dst, dtype=dtype, shard_bytes=shard_bytes, source=str(src))
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``refstream convert SRC DST`` to an ``argparse`` sub-parser collection; returns the parser."""
+    p = subparsers.add_parser(
+        "convert",
+        help="convert the VideoGLaMM download folder into RefStream's safetensors layout (fast, mmap loads)",
+        description="Load the official VideoGLaMM folder SRC (config.json, pytorch_model-*.bin shards + index, "
+                    "tokenizer) with the base weights named by --model (CLIP, InternVideo2 .pt, SAM2 when the "
+                    "checkpoint has none), strictly, and write one self-contained safetensors folder DST. "
+                    "Use DST as --checkpoint afterwards.",
+    )
+    p.add_argument("src", metavar="SRC", help="the official VideoGLaMM checkpoint folder")
+    p.add_argument("dst", metavar="DST", help="output folder")
+    p.add_argument("--model", default="videoglamm", help="model preset or YAML naming the base weights (default videoglamm)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                   help="tensor dtype on disk (auto: keep each file's dtype)")
+    p.add_argument("--shard-size", default="4GB", help="largest shard size, e.g. 4GB or 500MB (default 4GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing converted folder at DST")
+    return p
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run ``refstream convert``; prints a summary and returns 0.
+
+    Raises:
+        RefStreamError: (ConfigError / WeightsNotFoundError and subclasses) for the CLI to print (exit code 2).
+    """
+    from refstream.config import load_model_config
+
+    try:
+        shard_bytes = _parse_size(args.shard_size)
+    except ValueError:
+        raise ConfigError(f"--shard-size {args.shard_size!r} is not a size such as 4GB or 500MB") from None
+    config = load_model_config(args.model, str(args.src))
+    layout = convert_checkpoint(config, args.src, args.dst, dtype=DTYPES[args.dtype], shard_bytes=shard_bytes,
+                                overwrite=args.overwrite)
+    index = json.loads((Path(args.dst) / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    print(f"wrote {len(index['weight_map'])} tensors ({index['metadata']['total_size'] / 1e9:.2f} GB, "
+          f"dtype {layout['dtype'] or 'as in the sources'}) in {len(shards)} shard(s) to {args.dst}; "
+          f"load it with --checkpoint {args.dst}", file=sys.stdout)
+    return 0
