@@ -149,6 +149,9 @@ def _add_bench_parser(sub) -> None:
     from refstream.bench.metrics import add_bench_metrics_parser
 
     add_bench_metrics_parser(bsub)
+    from refstream.bench.runs import add_bench_run_parsers
+
+    add_bench_run_parsers(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -156,6 +159,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from refstream.bench.pruning import main_bench_pruning
 
+    if args.bench in ("run", "report"):
+        from refstream.bench.runs import run_bench_command
+
+        return run_bench_command(args)
     if args.bench == "metrics":
         from refstream.bench.metrics import main_bench_metrics
 
@@ -278,8 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_parser(sub)
     _add_model_parsers(sub)
     from eval.cli import add_eval_parser
+    from refstream.service.cli import add_service_parsers
+
+    from workers.convert import add_convert_parser
 
     add_eval_parser(sub)
+    add_service_parsers(sub)
+    add_convert_parser(sub)
     return parser
 
 
@@ -296,6 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args)
         if args.command == "bench":
             return _cmd_bench(args)
+        from refstream.service.cli import SERVICE_COMMANDS, run_service_command
+
+        if args.command in SERVICE_COMMANDS:
+            return run_service_command(args)
+        if args.command == "convert":
+            from workers.convert import run_convert
+
+            return run_convert(args)
         if args.command == "eval":
             from eval.cli import run_eval
 

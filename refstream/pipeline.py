@@ -138,6 +138,144 @@ class Pipeline:
     def from_options(cls, options: RunOptions) -> "Pipeline":
         return cls(load_model_config(options.model, options.checkpoint), options.device)
 
+    # ----------------------------------------------------------------------------------- building blocks
+    # ``run`` (one job) and ``run_sweep`` (several methods x budgets over one video, for ``refstream bench run``)
+    # are both made of these steps; each expression-independent result is computed once per video and kept in
+    # a :class:`VideoFeatures`.
+
+    def open_source(self, input_path: str | Path, decoder: str = "decord", timer: "StageTimer | None" = None):
+        """Open a video file or frame folder (a :class:`video_pipeline.decode.VideoSource`; close it after)."""
+        from video_pipeline.decode import open_video
+
+        timer = timer or StageTimer()
+        with timer("decode"):
+            return open_video(input_path, decoder)
+
+    def encode_video(self, source, plan, *, with_scores: bool, with_penultimate: bool,
+                     timer: "StageTimer | None" = None) -> "VideoFeatures":
+        """Decode the encoder frames and run ONE CLIP vision forward (per 16 frames) capturing the hooks asked
+        for: pass the union of what every method to be run needs (``needs_scores`` / ``needs_penultimate``).
+
+        InternVideo2 tokens and CLIP text embeddings are computed lazily, once, by :meth:`internvideo2_tokens`
+        and :meth:`text_embeds`, and cached on the returned :class:`VideoFeatures`.
+        """
+        from pruning.clip_features import ClipFeatureExtractor
+        from video_pipeline.preprocess import clip_preprocess
+
+        timer = timer or StageTimer()
+        with timer("decode"):
+            encoder_frames = source.read(plan.encoder_indices)
+        with timer("clip"):
+            clip_pixels = clip_preprocess(encoder_frames)
+            extractor = ClipFeatureExtractor(self.model.clip, self.model.clip_tokenizer)
+            features = extractor.encode_frames(clip_pixels, with_scores=with_scores, with_penultimate=with_penultimate)
+        return VideoFeatures(
+            height=source.height, width=source.width, fps=source.fps, plan=plan,
+            frame_names=[source.frame_names[i] for i in plan.sam2_indices], encoder_frames=encoder_frames,
+            clip_pixels=clip_pixels, clip=features, extractor=extractor,
+        )
+
+    def text_embeds(self, video: "VideoFeatures", texts: Sequence[str], timer: "StageTimer | None" = None) -> torch.Tensor:
+        """CLIP ``text_embeds`` [N, P] of ``texts``; each distinct text goes through the text tower once per
+        video (one batched forward for the texts not seen yet)."""
+        timer = timer or StageTimer()
+        with timer("clip"):
+            new = [t for t in dict.fromkeys(texts) if t not in video.text_cache]
+            if new:
+                for text, row in zip(new, video.extractor.encode_texts(new)):
+                    video.text_cache[text] = row
+            return torch.stack([video.text_cache[t] for t in texts])
+
+    def internvideo2_tokens(self, video: "VideoFeatures", timer: "StageTimer | None" = None) -> torch.Tensor:
+        """InternVideo2 tokens [T, 64, H] of the encoder frames, computed once per video."""
+        from video_pipeline.preprocess import internvideo_preprocess
+
+        timer = timer or StageTimer()
+        if video.iv2_tokens is None:
+            with timer("llm"):
+                video.iv2_tokens = self.model.internvideo2_tokens(internvideo_preprocess(video.encoder_frames))
+        return video.iv2_tokens
+
+    def clip_texts(self, expressions: Sequence[str], clip_text: str = "question") -> list[str]:
+        """What the CLIP text tower reads for each expression (the templated question or the bare expression)."""
+        return [self.model.question(e) if clip_text == "question" else e for e in expressions]
+
+    def answer(self, video: "VideoFeatures", method, budget: int, placement: str, expressions: Sequence[str],
+               answer_mode: str = "forced", clip_text: str = "question", timer: "StageTimer | None" = None):
+        """Prune (one selection shared by ``expressions``; LiteLVLM's rule over N texts) and run the LLM.
+
+        Returns:
+            ``(answers, selection, visual_tokens, llm_sequence_length, llm_info)``.
+        """
+        timer = timer or StageTimer()
+        model = self.model
+        text_embeds = None
+        if method.needs_text:
+            text_embeds = self.text_embeds(video, self.clip_texts(expressions, clip_text), timer)
+        with timer("prune"):
+            selection = method.select(video.clip, text_embeds, budget, placement)
+        iv2 = self.internvideo2_tokens(video, timer)
+        with timer("llm"):
+            clip_tokens = model.clip_tokens(video.clip.hidden, selection, placement)
+            visual = torch.cat([clip_tokens.flatten(0, 1), iv2.flatten(0, 1)])
+            llm_info = {}
+            if selection.stage == "llm":  # prunes inside the LLM (FastV): indices come from the LLM's run
+                answers, selection = method.run_llm(model, visual, list(expressions), selection, answer_mode)
+                llm_info = {"llm_layer_lengths": [a.layer_lengths for a in answers]}  # per expression, per layer
+            else:
+                answers = model.seg_answers(visual, list(expressions), answer_mode)
+        seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
+        return answers, selection, int(visual.shape[0]), seq_len, llm_info
+
+    def segment_logits(self, source, plan, answers: Sequence, on_frame, timer: "StageTimer | None" = None,
+                       progress: bool = False, desc: str = "segmenting") -> None:
+        """ONE streaming SAM2 pass for every answer (N objects in one session: each frame's image features are
+        computed once for all of them). Decodes the SAM2 frames in chunks (bounded memory).
+
+        ``on_frame(position, frame uint8 [H, W, 3], logits)`` is called per frame in order; ``logits`` is a list
+        with, per answer, float32 [H, W] mask logits (``> 0`` = object) or None for an answer without [SEG].
+        """
+        from tqdm import tqdm
+
+        from video_pipeline.preprocess import sam2_preprocess
+        from workers.sam2_decoder import Sam2VideoDecoder
+
+        timer = timer or StageTimer()
+        decoder = Sam2VideoDecoder(self.model.sam2)
+        prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
+        stream = None
+        if prompted:
+            seg = torch.stack([answers[i].embedding for i in prompted])
+            with timer("sam2"):
+                stream = decoder.open_stream(seg, (source.height, source.width))
+        bar = tqdm(total=len(plan.sam2_indices), desc=desc, unit="frame", disable=not progress, file=sys.stderr)
+        position = 0
+        try:
+            chunks = source.iter_chunks(plan.sam2_indices, chunk_size=8)
+            while True:
+                with timer("decode"):
+                    item = next(chunks, None)
+                if item is None:
+                    break
+                _, frames = item
+                with timer("sam2"):
+                    pixels = sam2_preprocess(frames, style=self.sam2_style, size=decoder.image_size) if stream is not None else None
+                for j, frame in enumerate(frames):
+                    per_object: list = [None] * len(answers)
+                    if stream is not None:
+                        with timer("sam2"):
+                            logits = stream.step(pixels[j].to(self.device, self.model.dtype))
+                            for k, i in enumerate(prompted):
+                                per_object[i] = logits[k].float().cpu()
+                    on_frame(position, frame, per_object)
+                    position += 1
+                    bar.update(1)
+        finally:
+            bar.close()
+            if stream is not None:
+                stream.close()
+
+    # ------------------------------------------------------------------------------------------------ one job
     def run(self, input_path: str | Path, options: RunOptions, progress: bool = True, on_frames=None,
             on_open=None) -> JobResult:
         """Run one job. ``on_open(source)`` is called once the input is open (e.g. to read its fps);
@@ -147,59 +285,39 @@ class Pipeline:
         Raises:
             RefStreamError subclasses for bad input (exit code 2 in the CLI).
         """
-        from pruning.clip_features import ClipFeatureExtractor
-        from pruning.registry import get_method
-        from refstream.explain import parse_method_spec
         from refstream.outputs import encode_rle
-        from video_pipeline.decode import open_video
         from video_pipeline.plan import plan_frames
-        from video_pipeline.preprocess import clip_preprocess, internvideo_preprocess
-        from workers.sam2_decoder import Sam2VideoDecoder
 
         options.validate()
-        method_name, method_options = parse_method_spec(options.method)
-        if method_name == "litelvlm":
-            method_options.setdefault("variant", options.variant)
-        method = get_method(method_name, **method_options)
+        method = make_method(options.method, options.variant)
         timer = StageTimer()
-        model = self.model
         expressions = [e.strip() for e in options.expressions]
 
-        with timer("decode"):
-            source = open_video(input_path, options.decoder)
+        source = self.open_source(input_path, options.decoder, timer)
         with source:
             if on_open is not None:
                 on_open(source)
             plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
-            with timer("decode"):
-                encoder_frames = source.read(plan.encoder_indices)
-            with timer("clip"):
-                clip_pixels = clip_preprocess(encoder_frames)
-                extractor = ClipFeatureExtractor(model.clip, model.clip_tokenizer)
-                features = extractor.encode_frames(
-                    clip_pixels, with_scores=method.needs_scores, with_penultimate=method.needs_penultimate
-                )
-                text_embeds = None
-                if method.needs_text:
-                    texts = [model.question(e) if options.clip_text == "question" else e for e in expressions]
-                    text_embeds = extractor.encode_texts(texts)
-            with timer("prune"):
-                selection = method.select(features, text_embeds, options.budget, options.placement)
-            with timer("llm"):
-                clip_tokens = model.clip_tokens(features.hidden, selection, options.placement)
-                iv2_tokens = model.internvideo2_tokens(internvideo_preprocess(encoder_frames))
-                visual = torch.cat([clip_tokens.flatten(0, 1), iv2_tokens.flatten(0, 1)])
-                llm_info = {}
-                if selection.stage == "llm":  # prunes inside the LLM (FastV): indices come from the LLM's run
-                    answers, selection = method.run_llm(model, visual, expressions, selection, options.answer)
-                    llm_info = {"llm_layer_lengths": [a.layer_lengths for a in answers]}  # per expression, per layer
-                else:
-                    answers = model.seg_answers(visual, expressions, options.answer)
-            seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
+            video = self.encode_video(source, plan, with_scores=method.needs_scores,
+                                      with_penultimate=method.needs_penultimate, timer=timer)
+            answers, selection, visual_tokens, seq_len, llm_info = self.answer(
+                video, method, options.budget, options.placement, expressions, options.answer, options.clip_text, timer)
 
             masks: list[list[dict]] = [[] for _ in expressions]
-            self._segment(source, plan, answers, masks, timer, progress, on_frames, Sam2VideoDecoder, encode_rle)
+            empty = np.zeros((source.height, source.width), dtype=bool)
 
+            def on_frame(position, frame, logits):
+                with timer("sam2"):
+                    per_object = [empty if lg is None else (lg > 0).numpy() for lg in logits]
+                with timer("write"):
+                    for i, mask in enumerate(per_object):
+                        masks[i].append(encode_rle(mask))
+                    if on_frames is not None:
+                        on_frames(len(masks[0]) - 1, frame, np.stack(per_object))
+
+            self.segment_logits(source, plan, answers, on_frame, timer, progress)
+
+        clip_pixels = video.clip_pixels
         view = (clip_pixels[0] * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1))
         view = (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
         return JobResult(
@@ -207,7 +325,7 @@ class Pipeline:
             height=source.height,
             width=source.width,
             fps=source.fps,
-            frames=[source.frame_names[i] for i in plan.sam2_indices],
+            frames=video.frame_names,
             expressions=expressions,
             answers=[a.text for a in answers],
             masks=masks,
@@ -223,7 +341,7 @@ class Pipeline:
             },
             model=self.config.name,
             random_weights=self.config.random_weights,
-            visual_tokens=int(visual.shape[0]),
+            visual_tokens=visual_tokens,
             llm_sequence_length=seq_len,
             timings=dict(timer.seconds),
             tokens_view=view,
@@ -232,48 +350,153 @@ class Pipeline:
             ),
         )
 
-    def _segment(self, source, plan, answers, masks, timer, progress, on_frames, decoder_cls, encode_rle) -> None:
-        """Stream every SAM2 frame: decode a chunk, preprocess, propagate, encode RLE (bounded memory)."""
-        from tqdm import tqdm
+    # ------------------------------------------------------------------------------ sweep (bench run)
+    def run_sweep(self, input_path: str | Path, expressions: Sequence[str], runs: Sequence[tuple[str, int]],
+                  on_run_frame, *, options: "SweepOptions | None" = None, on_run_done=None,
+                  on_run_start=None, progress: bool = False) -> "SweepResult":
+        """Several (method, budget) runs over one video and its expressions, sharing every
+        expression-independent result.
 
-        from video_pipeline.preprocess import sam2_preprocess
+        Computed ONCE per video: the decoded encoder frames, one CLIP vision forward with every hook any of
+        the methods needs, the InternVideo2 tokens, and the CLIP text embeddings (one per distinct text).
+        Per run (method, budget): the pruning and the LLM; a text-dependent method (``needs_text``) prunes
+        for each expression with its own text (one query = one expression, as the benchmarks score it),
+        the others once for all expressions. Then all expressions of the run go through ONE SAM2 pass
+        (N objects, image features once per frame); with ``options.sam2_pass == "video"`` all runs share a
+        single SAM2 pass instead (every run's objects in one session).
 
-        decoder = decoder_cls(self.model.sam2)
-        prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
-        empty = np.zeros((source.height, source.width), dtype=bool)
-        stream = None
-        if prompted:
-            seg = torch.stack([answers[i].embedding for i in prompted])
-            with timer("sam2"):
-                stream = decoder.open_stream(seg, (source.height, source.width))
-        bar = tqdm(total=len(plan.sam2_indices), desc="segmenting", unit="frame", disable=not progress, file=sys.stderr)
-        try:
-            chunks = source.iter_chunks(plan.sam2_indices, chunk_size=8)
-            while True:
-                with timer("decode"):
-                    item = next(chunks, None)
-                if item is None:
-                    break
-                _, frames = item
-                with timer("sam2"):
-                    pixels = sam2_preprocess(frames, style=self.sam2_style, size=decoder.image_size) if stream is not None else None
-                for j, frame in enumerate(frames):
-                    per_object = [empty] * len(answers)
-                    if stream is not None:
-                        with timer("sam2"):
-                            logits = stream.step(pixels[j].to(self.device, self.model.dtype))
-                            for k, i in enumerate(prompted):
-                                per_object[i] = (logits[k] > 0).cpu().numpy()
-                    with timer("write"):
-                        for i, mask in enumerate(per_object):
-                            masks[i].append(encode_rle(mask))
-                        if on_frames is not None:
-                            on_frames(len(masks[0]) - 1, frame, np.stack(per_object))
-                    bar.update(1)
-        finally:
-            bar.close()
-            if stream is not None:
-                stream.close()
+        Args:
+            expressions: the expressions of every run (unless a run names its own).
+            runs: (method spec, budget) pairs, e.g. ``("litelvlm:official", 81)``, or (method spec, budget,
+                expressions) triples for runs over their own subset of expressions.
+            on_run_frame: ``on_run_frame(run_index, position, frame_name, logits)`` with ``logits`` a list
+                (per expression) of float32 [H, W] logits or None (no [SEG]).
+            on_run_start: ``on_run_start(run_index, info)`` once the run's answers are known (before SAM2),
+                ``info`` = dict(visual_tokens=[per expression], answers=[...], kept_per_frame=int).
+            on_run_done: ``on_run_done(run_index, stage_seconds)`` after its SAM2 pass.
+
+        Returns:
+            :class:`SweepResult` (frames, size, shared and per-run stage seconds).
+        """
+        from video_pipeline.plan import plan_frames
+
+        options = options or SweepOptions()
+        expressions = [e.strip() for e in expressions]
+        runs = [(r[0], r[1], [e.strip() for e in r[2]] if len(r) > 2 else expressions) for r in runs]
+        for _, _, subset in runs:
+            if not subset or any(not e for e in subset):
+                raise ExpressionError('a referring expression is empty: every unit needs a non-empty expression')
+        methods = [make_method(spec, options.variant) for spec, _, _ in runs]
+        shared = StageTimer()
+        per_run = [StageTimer() for _ in runs]
+        source = self.open_source(input_path, options.decoder, shared)
+        with source:
+            plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
+            video = self.encode_video(
+                source, plan, with_scores=any(m.needs_scores for m in methods),
+                with_penultimate=any(m.needs_penultimate for m in methods), timer=shared)
+            if any(m.needs_text for m in methods):
+                every = list(dict.fromkeys(e for _, _, subset in runs for e in subset))
+                self.text_embeds(video, self.clip_texts(every, options.clip_text), shared)
+            self.internvideo2_tokens(video, shared)
+            all_answers = []
+            for r, ((spec, budget, expressions), method) in enumerate(zip(runs, methods)):
+                timer = per_run[r]
+                if method.needs_text:
+                    parts = [self.answer(video, method, budget, options.placement, [e], options.answer,
+                                         options.clip_text, timer) for e in expressions]
+                    answers = [p[0][0] for p in parts]
+                    tokens = [p[2] for p in parts]
+                    kept = parts[0][1].kept_per_frame
+                else:
+                    answers, selection, visual, _, _ = self.answer(
+                        video, method, budget, options.placement, expressions, options.answer, options.clip_text, timer)
+                    tokens, kept = [visual] * len(expressions), selection.kept_per_frame
+                all_answers.append(answers)
+                if on_run_start is not None:
+                    on_run_start(r, {"visual_tokens": tokens, "answers": [a.text for a in answers],
+                                     "kept_per_frame": kept})
+            names = video.frame_names
+
+            if options.sam2_pass == "video":
+                flat = [a for answers in all_answers for a in answers]
+                offsets = np.cumsum([0] + [len(a) for a in all_answers]).tolist()
+                combined = StageTimer()
+
+                def on_frame(position, frame, logits):
+                    for r in range(len(runs)):
+                        on_run_frame(r, position, names[position], logits[offsets[r]:offsets[r + 1]])
+
+                self.segment_logits(source, plan, flat, on_frame, combined, progress)
+                for r, timer in enumerate(per_run):  # one pass for all runs: its time split evenly
+                    for stage, seconds in combined.seconds.items():
+                        timer.seconds[stage] += seconds / len(runs)
+                    if on_run_done is not None:
+                        on_run_done(r, dict(timer.seconds))
+            else:
+                for r, answers in enumerate(all_answers):
+                    self.segment_logits(
+                        source, plan, answers,
+                        lambda position, frame, logits, r=r: on_run_frame(r, position, names[position], logits),
+                        per_run[r], progress)
+                    if on_run_done is not None:
+                        on_run_done(r, dict(per_run[r].seconds))
+        return SweepResult(
+            frames=names, height=video.height, width=video.width, shared_seconds=dict(shared.seconds),
+            run_seconds=[dict(t.seconds) for t in per_run],
+        )
+
+
+@dataclass
+class SweepOptions:
+    """Options of :meth:`Pipeline.run_sweep` shared by every run of a sweep (see :class:`RunOptions`)."""
+
+    variant: str = "paper"
+    placement: str = "pooled"
+    frames: int = 16
+    stride: int = 1
+    max_frames: int | None = None
+    decoder: str = "decord"
+    clip_text: str = "question"
+    answer: str = "forced"
+    sam2_pass: str = "run"  # "run": one SAM2 pass per (method, budget); "video": one pass for all runs
+
+
+@dataclass
+class SweepResult:
+    frames: list[str]
+    height: int
+    width: int
+    shared_seconds: dict[str, float]
+    run_seconds: list[dict[str, float]]
+
+
+@dataclass
+class VideoFeatures:
+    """The expression-independent results of one video, computed once and reused by every run."""
+
+    height: int
+    width: int
+    fps: float | None
+    plan: object  # video_pipeline.plan.FramePlan
+    frame_names: list[str]  # names of the SAM2 frames
+    encoder_frames: np.ndarray  # uint8 [16, H, W, 3]
+    clip_pixels: torch.Tensor  # CLIP-normalised encoder frames
+    clip: object  # pruning.clip_features.ClipFrameFeatures (union of the hooks the methods need)
+    extractor: object  # the ClipFeatureExtractor (for the text tower)
+    iv2_tokens: torch.Tensor | None = None
+    text_cache: dict = field(default_factory=dict)  # CLIP text -> text_embeds row [P]
+
+
+def make_method(spec: str, variant: str = "paper"):
+    """A pruning method from a ``--method`` spec (``name[:opt,key=value]``); ``variant`` fills LiteLVLM's default."""
+    from pruning.registry import get_method
+    from refstream.explain import parse_method_spec
+
+    method_name, method_options = parse_method_spec(spec)
+    if method_name == "litelvlm":
+        method_options.setdefault("variant", variant)
+    return get_method(method_name, **method_options)
 
 
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -286,8 +509,11 @@ def peak_rss_mb() -> float:
 
 
 def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, progress: bool = True,
-                  pipeline: Pipeline | None = None, load_seconds: float = 0.0) -> dict:
+                  pipeline: Pipeline | None = None, load_seconds: float = 0.0, on_frames=None, on_open=None) -> dict:
     """Run a job and write ``masks.json``, ``overlay.mp4``, ``tokens.png`` and ``summary.json`` into ``out``.
+
+    ``on_open(source)`` and ``on_frames(index, frame, masks)`` are called as in :meth:`Pipeline.run`, after
+    the overlay writer's own handling (the service uses them for progress).
 
     Returns:
         The summary dictionary (also written to ``summary.json``).
@@ -305,11 +531,17 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
         started -= load_seconds  # the model was loaded by the caller just before
     writer: dict[str, OverlayWriter] = {}
 
+    user_open, user_frames = on_open, on_frames
+
     def on_open(source):
         writer["w"] = OverlayWriter(out / "overlay.mp4", source.width, source.height, source.fps)
+        if user_open is not None:
+            user_open(source)
 
     def on_frames(index, frame, masks):
         writer["w"].write(frame, masks)
+        if user_frames is not None:
+            user_frames(index, frame, masks)
 
     try:
         result = pipeline.run(input_path, options, progress=progress, on_frames=on_frames, on_open=on_open)

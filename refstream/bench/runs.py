@@ -1,0 +1,639 @@
+"""``refstream bench run`` (a method x budget sweep over a benchmark, on Ray) and ``refstream bench report``.
+
+Run folder ``RUN`` (everything written atomically; rerunning the command resumes)::
+
+    RUN/run.json                                  the sweep's settings (a resume must match them)
+    RUN/status/<combo>/<video>/<exp_id>.json      one record per finished or failed unit: status, seconds,
+                                                  attempts, error, visual tokens (a unit = video x expression,
+                                                  per combo = method x budget, named <method>_<budget>)
+    RUN/predictions/<combo>/...                   official layouts:
+        ref-davis17: anno_0..anno_3/<vid>/<frame>.png  indexed PNGs, objects merged by argmax against 0.1
+        mevis, refytvos: <vid>/<exp_id>/<frame>.png    0/255 PNGs, every frame
+    RUN/units/<combo>/<vid>/<exp_id>.npz          Ref-DAVIS only: one object's probabilities (uint16 p*65535,
+                                                  0 at or below 0.1) before the merge
+    RUN/results/<combo>.json                      J, F, J&F (where GT exists), frames/s, visual tokens
+    RUN/submissions/<combo>.zip                   Refer-YouTube-VOS (Annotations/<vid>/<exp_id>/<frame>.png)
+                                                  and MeViS valid (<vid>/<exp_id>/<frame>.png)
+    RUN/summary.json, RUN/failures.json
+
+Work is spread over Ray actors (:mod:`workers.actor`) one video at a time: a video's decoded frames, CLIP
+features, InternVideo2 tokens and text embeddings are computed once for all its expressions, methods and
+budgets; per (method, budget) its expressions share one SAM2 pass. A failed unit is retried (``--retries``,
+alone in a new task), then recorded as failed, listed at the end, and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from refstream.errors import ConfigError, RefStreamError
+
+SETTINGS = ("dataset", "root", "split", "model", "checkpoint", "placement", "variant", "frames", "stride",
+            "max_frames", "clip_text", "answer", "videos")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def combo_name(method: str, budget: int) -> str:
+    """A file-safe name for (method spec, budget): ``litelvlm_196``, ``litelvlm-official_81``."""
+    return f"{re.sub(r'[^A-Za-z0-9.+-]+', '-', method).strip('-')}_{int(budget)}"
+
+
+def merge_objects(probs: np.ndarray, obj_ids, background: float = 0.1) -> np.ndarray:
+    """Ref-DAVIS merge: per pixel, the id of the object with the highest probability if that probability
+    is above ``background``, else 0. Ties go to the earlier object.
+
+    Args:
+        probs: float [N, ...] per-object probabilities (``sigmoid(logit)``), N >= 0.
+        obj_ids: the N object ids (the values written).
+
+    Returns:
+        uint8 [...] labels (uint16 for ids above 255).
+    """
+    obj_ids = np.asarray(list(obj_ids))
+    dtype = np.uint8 if (obj_ids.size == 0 or obj_ids.max() < 256) else np.uint16
+    if probs.shape[0] == 0:
+        return np.zeros(probs.shape[1:], dtype)
+    best = np.argmax(probs, axis=0)
+    top = np.take_along_axis(probs, best[None], axis=0)[0]
+    return np.where(top > background, obj_ids[best], 0).astype(dtype)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from workers.actor import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
+
+
+def _write_json(path: Path, data) -> None:
+    _atomic_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    raise TypeError(type(x).__name__)
+
+
+def _indexed_png(labels: np.ndarray) -> bytes:
+    """An indexed (palette) PNG with the DAVIS palette."""
+    from PIL import Image
+
+    image = Image.fromarray(labels.astype(np.uint8), mode="P")
+    palette = []
+    for i in range(256):  # the DAVIS / PASCAL VOC colour map
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    image.putpalette(palette)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------- the sweep
+class BenchRun:
+    """A sweep in a run folder (see the module docstring). Build it from parsed arguments with
+    :meth:`from_args`, then :meth:`run`."""
+
+    def __init__(self, settings: dict, methods: list[str], budgets: list[int], out: str | Path, *,
+                 address: str | None = None, workers: int | None = None, retries: int = 1, device: str = "auto",
+                 num_gpus: float | None = None, decoder: str = "decord", sam2_pass: str = "run",
+                 progress: bool = True, score: bool = True):
+        from refstream.bench.datasets import load_dataset
+
+        if not methods:
+            raise ConfigError("bench run: pass at least one --method (e.g. --method none --method litelvlm)")
+        if not budgets or any(b < 1 for b in budgets):
+            raise ConfigError("bench run: pass --budget B (>= 1) at least once")
+        if settings["frames"] < 4 or settings["frames"] % 4:
+            raise ConfigError(f"--frames must be a positive multiple of 4, got {settings['frames']}")
+        if sam2_pass not in ("run", "video"):
+            raise ConfigError(f"--sam2-pass must be run or video, got {sam2_pass!r}")
+        from refstream.pipeline import make_method
+
+        for m in methods:
+            make_method(m, settings["variant"])  # fail fast on unknown methods / options
+        self.settings = settings
+        self.methods, self.budgets = list(dict.fromkeys(methods)), list(dict.fromkeys(budgets))
+        self.combos = {combo_name(m, b): (m, b) for m in self.methods for b in self.budgets}
+        self.out = Path(out)
+        self.address, self.workers, self.retries = address, workers, retries
+        self.device, self.num_gpus, self.decoder, self.sam2_pass = device, num_gpus, decoder, sam2_pass
+        self.progress, self.score = progress, score
+        self.dataset = load_dataset(settings["dataset"], settings["root"], settings["split"], settings["videos"])
+        self.kind = self.dataset.kind
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BenchRun":
+        settings = {
+            "dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
+            "model": args.model, "checkpoint": args.checkpoint, "placement": args.placement, "variant": args.variant,
+            "frames": args.frames, "stride": args.stride, "max_frames": args.max_frames, "clip_text": args.clip_text,
+            "answer": args.answer, "videos": args.video,
+        }
+        return cls(settings, args.method or [], args.budget or [], args.out, address=args.address,
+                   workers=args.workers, retries=args.retries, device=args.device, num_gpus=args.gpus_per_worker,
+                   decoder=args.decoder, sam2_pass=args.sam2_pass, progress=not args.quiet, score=not args.no_score)
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+    def status_path(self, combo: str, video: str, exp_id: str) -> Path:
+        return self.out / "status" / combo / video / f"{exp_id}.json"
+
+    def _check_settings(self) -> None:
+        path = self.out / "run.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            diff = [k for k in SETTINGS if old.get("settings", {}).get(k) != self.settings.get(k)]
+            if diff:
+                shown = "; ".join(f"{k}: {old['settings'].get(k)!r} there, {self.settings.get(k)!r} now" for k in diff)
+                raise ConfigError(f"{self.out} holds a run with other settings ({shown}); use another --out")
+            combos = dict(old.get("combos", {}))
+            combos.update({k: list(v) for k, v in self.combos.items()})
+        else:
+            combos = {k: list(v) for k, v in self.combos.items()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, {"settings": self.settings, "combos": combos})
+
+    def _done(self, combo: str, video: str, exp_id: str) -> bool:
+        path = self.status_path(combo, video, exp_id)
+        if not path.is_file():
+            return False
+        try:
+            return json.loads(path.read_text()).get("status") == "ok"
+        except ValueError:
+            return False
+
+    def _options(self) -> dict:
+        s = self.settings
+        return {"variant": s["variant"], "placement": s["placement"], "frames": s["frames"], "stride": s["stride"],
+                "max_frames": s["max_frames"], "decoder": self.decoder, "clip_text": s["clip_text"],
+                "answer": s["answer"], "sam2_pass": self.sam2_pass}
+
+    def _task(self, video: str, units: list[tuple]) -> dict:
+        """units: [(Unit, [combo, ...])]"""
+        return {
+            "video": video, "path": str(self.dataset.video_paths[video]), "kind": self.kind,
+            "runs": {c: list(self.combos[c]) for c in dict.fromkeys(c for _, cs in units for c in cs)},
+            "units": [{"exp_id": u.exp_id, "text": u.text, "combos": list(cs)} for u, cs in units],
+            "options": self._options(), "frames": self.dataset.frames.get(video),
+        }
+
+    def pending_tasks(self) -> tuple[list[dict], int, int]:
+        """(tasks, pending unit-combos, finished unit-combos skipped)."""
+        by_video: dict[str, list] = {}
+        pending = skipped = 0
+        for unit in self.dataset.units:
+            todo = [c for c in self.combos if not self._done(c, unit.video, unit.exp_id)]
+            skipped += len(self.combos) - len(todo)
+            if todo:
+                by_video.setdefault(unit.video, []).append((unit, todo))
+                pending += len(todo)
+        return [self._task(v, us) for v, us in by_video.items()], pending, skipped
+
+    # -- execution --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        """Run every pending unit, assemble, score, zip; returns the summary (also ``RUN/summary.json``)."""
+        started = time.perf_counter()
+        self._check_settings()
+        tasks, pending, skipped = self.pending_tasks()
+        self._say(f"bench run: {self.dataset.name} {self.dataset.split}: {len(self.dataset.units)} units x "
+                  f"{len(self.combos)} runs ({', '.join(self.combos)}); {skipped} already done, {pending} to do "
+                  f"in {len(tasks)} video task(s)")
+        failures: dict[tuple, dict] = {}
+        if tasks:
+            if self.workers == 0:
+                self._execute_local(tasks, pending, failures)
+            else:
+                self._execute_ray(tasks, pending, failures)
+        results = {}
+        for combo in self.combos:
+            results[combo] = self.finish_combo(combo)
+        wall = time.perf_counter() - started
+        failed = [f for f in failures.values()]
+        summary = {"dataset": self.dataset.name, "split": self.dataset.split, "settings": self.settings,
+                   "combos": {c: list(v) for c, v in self.combos.items()}, "results": results,
+                   "units": len(self.dataset.units), "skipped": skipped, "ran": pending,
+                   "failed": len(failed), "wall_seconds": round(wall, 2)}
+        _write_json(self.out / "failures.json", failed)
+        _write_json(self.out / "summary.json", summary)
+        for f in failed:
+            self._say(f"FAILED {f['combo']} {f['video']}/{f['exp_id']} after {f.get('attempts')} attempt(s): {f['error']}")
+        self._say(f"bench run: done in {wall:.1f} s; {len(failed)} unit(s) failed; wrote {self.out}")
+        return summary
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(text, file=sys.stderr, flush=True)
+
+    def _record(self, rec: dict, attempts: int, bar) -> None:
+        rec = dict(rec, attempts=attempts)
+        _write_json(self.status_path(rec["combo"], rec["video"], rec["exp_id"]), rec)
+        bar.update(1)
+
+    def _handle(self, task: dict, records: list[dict] | None, error: str | None, attempt: int, queue: list,
+                failures: dict, bar) -> None:
+        """Write the records of a finished task; requeue failed units alone (until ``retries``)."""
+        if records is None:  # the task itself failed (actor died, ...): every unit of it failed
+            records = [{"combo": c, "video": task["video"], "exp_id": u["exp_id"], "status": "failed", "error": error}
+                       for u in task["units"] for c in u["combos"]]
+        retry: dict[str, list[str]] = {}
+        for rec in records:
+            key = (rec["combo"], rec["video"], rec["exp_id"])
+            if rec["status"] == "ok":
+                failures.pop(key, None)
+                self._record(rec, attempt, bar)
+            elif attempt <= self.retries:
+                retry.setdefault(rec["exp_id"], []).append(rec["combo"])
+                failures[key] = dict(rec, attempts=attempt)
+            else:
+                failures[key] = dict(rec, attempts=attempt)
+                self._record(rec, attempt, bar)
+        if retry:
+            bar.set_postfix_str(f"retrying {sum(map(len, retry.values()))}")
+        for unit in task["units"]:
+            if unit["exp_id"] in retry:  # alone in a new task, with only the runs that failed
+                queue.append((dict(task, units=[dict(unit, combos=retry[unit["exp_id"]])],
+                                   runs={c: task["runs"][c] for c in retry[unit["exp_id"]]}), attempt + 1))
+
+    def _bar(self, total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="units", unit="unit", disable=not self.progress, file=sys.stderr,
+                    smoothing=0.1, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining} ETA, {rate_fmt}]{postfix}")
+
+    def _worker_config(self) -> dict:
+        s = self.settings
+        return {"model": s["model"], "checkpoint": s["checkpoint"], "device": self.device, "num_gpus": self.num_gpus}
+
+    def _execute_local(self, tasks: list[dict], pending: int, failures: dict) -> None:
+        """In this process, without Ray (``--workers 0``)."""
+        from workers.actor import BenchWorker
+
+        worker = BenchWorker(self._worker_config(), str(self.out))
+        queue = [(t, 1) for t in tasks]
+        with self._bar(pending) as bar:
+            while queue:
+                task, attempt = queue.pop(0)
+                try:
+                    records, error = worker.run_video(task), None
+                except Exception as exc:  # noqa: BLE001
+                    records, error = None, f"{type(exc).__name__}: {exc}"
+                self._handle(task, records, error, attempt, queue, failures, bar)
+
+    def _execute_ray(self, tasks: list[dict], pending: int, failures: dict) -> None:
+        import ray
+
+        from workers.actor import WorkerConfig, make_worker_class
+
+        started_ray = False
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                         object_store_memory=512 * 1024 * 1024)
+            started_ray = True
+        try:
+            config = self._worker_config()
+            cls = make_worker_class(WorkerConfig(**config))
+            count = self.workers
+            if count is None:  # one per GPU, else one
+                count = max(1, int(ray.cluster_resources().get("GPU", 0))) if self.device != "cpu" else 1
+            tasks = split_tasks(tasks, count)
+            count = max(1, min(count, len(tasks)))
+            actors = [cls.remote(config, str(self.out.resolve())) for _ in range(count)]
+            health = ray.get([a.health.remote() for a in actors], timeout=600)
+            self._say(f"bench run: {count} worker(s) ready: " + ", ".join(f"pid {h['pid']} on {h['device']}" for h in health))
+            queue = [(t, 1) for t in tasks]
+            running: dict = {}
+            idle = list(actors)
+            with self._bar(pending) as bar:
+                while queue or running:
+                    while queue and idle:
+                        task, attempt = queue.pop(0)
+                        actor = idle.pop(0)
+                        running[actor.run_video.remote(task)] = (actor, task, attempt)
+                    done, _ = ray.wait(list(running), num_returns=1)
+                    ref = done[0]
+                    actor, task, attempt = running.pop(ref)
+                    try:
+                        records, error = ray.get(ref), None
+                    except ray.exceptions.RayActorError as exc:  # the actor died (restarting, or gone)
+                        records, error = None, f"worker died: {type(exc).__name__}: {str(exc)[:300]}"
+                        actor = self._replace_if_dead(actor, cls, config)
+                    except ray.exceptions.RayError as exc:
+                        cause = getattr(exc, "cause", None) or exc
+                        records, error = None, f"{type(cause).__name__}: {str(cause)[:500]}"
+                    idle.append(actor)
+                    self._handle(task, records, error, attempt, queue, failures, bar)
+            for a in actors:
+                ray.kill(a)
+        finally:
+            if started_ray:
+                ray.shutdown()
+
+    def _replace_if_dead(self, actor, cls, config):
+        """Keep an actor Ray is restarting; replace one that is gone for good (restarts used up)."""
+        import ray
+
+        try:
+            ray.get(actor.health.remote(), timeout=600)
+            return actor
+        except ray.exceptions.RayError:
+            return cls.remote(config, str(self.out.resolve()))
+
+    # -- assembling, scoring, zipping -------------------------------------------------------------------
+    def _unit_records(self, combo: str) -> list[dict]:
+        out = []
+        for unit in self.dataset.units:
+            path = self.status_path(combo, unit.video, unit.exp_id)
+            if path.is_file():
+                out.append(json.loads(path.read_text()))
+            else:
+                out.append({"combo": combo, "video": unit.video, "exp_id": unit.exp_id, "status": "missing"})
+        return out
+
+    def finish_combo(self, combo: str) -> dict:
+        """Assemble (Ref-DAVIS merge), score where GT exists, zip for the servers; ``RUN/results/<combo>.json``."""
+        records = self._unit_records(combo)
+        ok = [r for r in records if r["status"] == "ok"]
+        bad = [r for r in records if r["status"] != "ok"]
+        method, budget = self.combos[combo]
+        frames_by_video = {}
+        for r in ok:
+            frames_by_video[r["video"]] = r["frames"]
+        seconds = sum(r.get("seconds", 0.0) for r in ok)
+        result = {
+            "dataset": self.dataset.name, "split": self.dataset.split, "combo": combo, "method": method,
+            "budget": budget, "placement": self.settings["placement"], "model": self.settings["model"],
+            "units": len(records), "units_ok": len(ok), "units_failed": len(bad),
+            "failed": [f"{r['video']}/{r['exp_id']}: {r.get('error') or r['status']}" for r in bad],
+            "visual_tokens": float(np.mean([r["visual_tokens"] for r in ok])) if ok else None,
+            "kept_per_frame": ok[0].get("kept_per_frame") if ok else None,
+            "frames": int(sum(frames_by_video.values())), "seconds": round(seconds, 3),
+            "frames_per_second": round(sum(frames_by_video.values()) / seconds, 3) if seconds > 0 else None,
+            "J": None, "F": None, "J&F": None,
+        }
+        partial = bool(bad) or self.settings["max_frames"] is not None or self.settings["stride"] != 1
+        if self.kind == "merged":
+            self._assemble_ref_davis(combo)
+        if self.score and self.dataset.has_gt and ok:
+            result.update(self._score(combo, missing_as_empty=partial))
+            result["scored_partial"] = partial
+        if not self.dataset.has_gt and self.dataset.name in ("refytvos", "mevis") and ok:
+            result["submission"] = str(self._zip(combo, complete=not partial))
+        _write_json(self.out / "results" / f"{combo}.json", result)
+        return result
+
+    def _assemble_ref_davis(self, combo: str) -> None:
+        from refstream.bench.datasets import Unit  # noqa: F401
+        from workers.actor import PROB_SCALE, atomic_write_bytes
+
+        groups: dict[tuple[str, str], list] = {}
+        for u in self.dataset.units:
+            groups.setdefault((u.group, u.video), []).append(u)
+        runs = [f"anno_{k}" for k in range(4)]
+        for run in runs:
+            for video in self.dataset.videos():
+                units = [u for u in groups.get((run, video), []) if self._done(combo, video, u.exp_id)]
+                probs, ids, frames = [], [], None
+                for u in sorted(units, key=lambda u: u.obj_id):
+                    with np.load(self.out / "units" / combo / video / f"{u.exp_id}.npz") as z:
+                        probs.append(z["probs"])
+                        frames = [str(f) for f in z["frames"]]
+                    ids.append(u.obj_id)
+                if frames is None:
+                    frames, size = self._video_frames(video)
+                    stacked = np.zeros((0, len(frames), *size), np.float32)
+                else:
+                    stacked = np.stack(probs).astype(np.float32) / PROB_SCALE
+                folder = self.out / "predictions" / combo / run / video
+                for t, name in enumerate(frames):
+                    labels = merge_objects(stacked[:, t], ids, 0.1)
+                    atomic_write_bytes(folder / f"{name}.png", _indexed_png(labels))
+
+    def _video_frames(self, video: str) -> tuple[list[str], tuple[int, int]]:
+        from video_pipeline.decode import open_video
+        from video_pipeline.plan import plan_frames
+
+        s = self.settings
+        with open_video(self.dataset.video_paths[video], self.decoder) as src:
+            plan = plan_frames(src.num_frames, s["frames"], s["stride"], s["max_frames"])
+            return [src.frame_names[i] for i in plan.sam2_indices], (src.height, src.width)
+
+    def _score(self, combo: str, missing_as_empty: bool) -> dict:
+        pred = self.out / "predictions" / combo
+        if self.dataset.name == "ref-davis17":
+            from eval.davis import evaluate_ref_davis17
+
+            res = evaluate_ref_davis17(self.dataset.root, pred, missing_as_empty=missing_as_empty,
+                                       sequences=self.dataset.videos())
+            return {"J": res["J"]["mean"], "F": res["F"]["mean"], "J&F": res["J&F"],
+                    "runs": {k: v["J&F"] for k, v in res["runs"].items()}}
+        from eval.mevis import MevisSplit, _score_one
+
+        split = MevisSplit(self.dataset.root)
+        per = {}
+        for u in self.dataset.units:
+            if not (pred / u.video / u.exp_id).is_dir() and not missing_as_empty:
+                continue
+            key, (j, f) = _score_one(split, pred, u.video, u.exp_id, True)
+            per[key] = [j, f]
+        if not per:
+            return {}
+        j = float(np.mean([v[0] for v in per.values()]))
+        f = float(np.mean([v[1] for v in per.values()]))
+        return {"J": j, "F": f, "J&F": (j + f) / 2, "per_expression": per}
+
+    def _zip(self, combo: str, complete: bool) -> Path:
+        import zipfile
+
+        pred = self.out / "predictions" / combo
+        out = self.out / "submissions" / f"{combo}.zip"
+        if self.dataset.name == "refytvos" and complete and set(self.dataset.videos()) >= set(self._all_valid()):
+            from eval.refytvos import RefYTVOS, make_submission_zip
+
+            return make_submission_zip(RefYTVOS(self.dataset.root), pred, out)
+        prefix = "Annotations/" if self.dataset.name == "refytvos" else ""
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for u in self.dataset.units:
+                folder = pred / u.video / u.exp_id
+                for f in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+                    zf.write(f, f"{prefix}{u.video}/{u.exp_id}/{f.name}")
+        os.replace(tmp, out)
+        return out
+
+    def _all_valid(self) -> list[str]:
+        from eval.refytvos import RefYTVOS
+
+        return RefYTVOS(self.dataset.root).valid_videos()
+
+
+def split_tasks(tasks: list[dict], workers: int) -> list[dict]:
+    """With fewer video tasks than workers, split the biggest task's runs (method x budget) in two until every
+    worker has one: each part recomputes the video's shared features (CLIP, InternVideo2: small next to the
+    SAM2 passes) but the parts run in parallel."""
+    tasks = list(tasks)
+    while len(tasks) < workers:
+        big = max(range(len(tasks)), key=lambda i: len(tasks[i]["runs"]))
+        runs = list(tasks[big]["runs"])
+        if len(runs) < 2:
+            break
+        task = tasks.pop(big)
+        for part in (runs[: len(runs) // 2], runs[len(runs) // 2:]):
+            units = [dict(u, combos=[c for c in u["combos"] if c in part]) for u in task["units"]]
+            tasks.append(dict(task, runs={c: task["runs"][c] for c in part}, units=[u for u in units if u["combos"]]))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- report
+def load_results(run: str | Path) -> list[dict]:
+    """The per-combo results of a run folder (``results/*.json``), in the run's combo order."""
+    run = Path(run)
+    files = sorted((run / "results").glob("*.json"))
+    if not files:
+        raise RefStreamError(f"{run}: no results/*.json (not a finished `refstream bench run` folder)")
+    order = list(json.loads((run / "run.json").read_text()).get("combos", {})) if (run / "run.json").is_file() else []
+    results = [json.loads(f.read_text()) for f in files]
+    results.sort(key=lambda r: order.index(r["combo"]) if r["combo"] in order else len(order))
+    return results
+
+
+def report_rows(results: list[dict]) -> list[dict]:
+    """Rows method x budget with J, F, J&F (x100), Rel. = 100 * J&F / J&F of the ``none`` row of the same
+    dataset (same budget when there is one, else its largest budget), frames/s and visual tokens."""
+    rows = []
+    for r in results:
+        nones = [x for x in results if x["dataset"] == r["dataset"] and x["method"] == "none" and x.get("J&F") is not None]
+        ref = next((x for x in nones if x["budget"] == r["budget"]), None) or max(nones, key=lambda x: x["budget"], default=None)
+        jf = r.get("J&F")
+        rel = 100.0 * jf / ref["J&F"] if (jf is not None and ref and ref["J&F"]) else None
+        pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
+        rows.append({"dataset": r["dataset"], "method": r["method"], "budget": r["budget"], "J": pct(r.get("J")),
+                     "F": pct(r.get("F")), "J&F": pct(jf), "Rel.": rel, "frames/s": r.get("frames_per_second"),
+                     "visual tokens": r.get("visual_tokens"), "units": f"{r['units_ok']}/{r['units']}"})
+    return rows
+
+
+COLUMNS = ("dataset", "method", "budget", "J", "F", "J&F", "Rel.", "frames/s", "visual tokens", "units")
+
+
+def _fmt(key: str, v) -> str:
+    if v is None:
+        return "-"
+    if key in ("J", "F", "J&F", "Rel."):
+        return f"{v:.1f}"
+    if key == "frames/s":
+        return f"{v:.2f}"
+    if key == "visual tokens":
+        return f"{v:.0f}"
+    return str(v)
+
+
+def report_markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if c in ("dataset", "method") else "---:" for c in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_fmt(c, r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def report_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for r in rows:
+        w.writerow(["" if r[c] is None else (round(r[c], 4) if isinstance(r[c], float) else r[c]) for c in COLUMNS])
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_bench_run_parsers(bench_subparsers) -> None:
+    """Add ``run`` and ``report`` to the ``refstream bench`` subparsers (dispatch with :func:`run_bench_command`)."""
+    p = bench_subparsers.add_parser("run", help="a method x budget sweep over Ref-DAVIS-17 / Refer-YouTube-VOS / MeViS on Ray")
+    p.add_argument("--dataset", required=True, choices=["ref-davis17", "refytvos", "mevis"])
+    p.add_argument("--root", required=True, help="the dataset folder (MeViS: the root holding the split, or the split)")
+    p.add_argument("--split", default=None, help="ref-davis17/refytvos: valid; mevis: valid_u (scored here) or valid")
+    p.add_argument("--method", action="append", help="repeatable: none, random, litelvlm[:variant], ...")
+    p.add_argument("--budget", action="append", type=int, help="repeatable: visual tokens per frame, e.g. 576 196 81")
+    p.add_argument("--model", default="videoglamm", help="tiny | videoglamm | CONFIG.yaml")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--out", required=True, help="the run folder (rerun the command to resume)")
+    p.add_argument("--address", default=None, help="Ray cluster: auto | ray://HOST:10001 (default: a local one)")
+    p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else 1; 0 = no Ray)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="default 1 when the cluster has GPUs, else 0")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--placement", default="pooled", choices=["pooled", "patch"])
+    p.add_argument("--variant", default="paper", choices=["paper", "official", "context-heavy"])
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--stride", type=int, default=1)
+    p.add_argument("--max-frames", type=int, default=None, help="only the first N frames of each video (scores partial)")
+    p.add_argument("--video", action="append", help="repeatable: only these videos")
+    p.add_argument("--clip-text", default="question", choices=["question", "expression"])
+    p.add_argument("--answer", default="forced", choices=["forced", "generate"])
+    p.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
+    p.add_argument("--sam2-pass", default="run", choices=["run", "video"],
+                   help="run: one SAM2 pass per (method, budget); video: one pass for the whole sweep")
+    p.add_argument("--retries", type=int, default=1, help="times a failed unit is retried before it is reported")
+    p.add_argument("--no-score", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    r = bench_subparsers.add_parser("report", help="markdown + CSV table of bench runs (method x budget)")
+    r.add_argument("runs", nargs="+", metavar="RUN")
+    r.add_argument("--markdown", default=None, metavar="FILE", help="default RUN/report.md (first RUN)")
+    r.add_argument("--csv", default=None, metavar="FILE", help="default RUN/report.csv (first RUN)")
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """``refstream bench run`` / ``report`` (``args.bench``). Exit code: 0, 1 when units failed, 2 bad input."""
+    which = getattr(args, "bench", None)
+    if which == "run":
+        summary = BenchRun.from_args(args).run()
+        print(report_markdown(report_rows(list(summary["results"].values()))))
+        print(f"wall time {summary['wall_seconds']:.1f} s; {summary['ran']} unit-runs ran, {summary['skipped']} "
+              f"skipped (done), {summary['failed']} failed; {args.out}")
+        return 1 if summary["failed"] else 0
+    if which == "report":
+        results = [r for run in args.runs for r in load_results(run)]
+        rows = report_rows(results)
+        md, table = report_markdown(rows), report_csv(rows)
+        first = Path(args.runs[0])
+        _atomic_text(Path(args.markdown) if args.markdown else first / "report.md", md)
+        _atomic_text(Path(args.csv) if args.csv else first / "report.csv", table)
+        print(md)
+        return 0
+    raise ConfigError(f"unknown bench command {which!r}")
+
+
+def main(argv=None) -> int:
+    """``python -m refstream.bench.runs run|report ...`` (the same as ``refstream bench run|report``)."""
+    parser = argparse.ArgumentParser(prog="refstream bench")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    add_bench_run_parsers(sub)
+    args = parser.parse_args(argv)
+    try:
+        return run_bench_command(args)
+    except RefStreamError as exc:
+        print(f"refstream: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

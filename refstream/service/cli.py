@@ -1,0 +1,105 @@
+"""Command-line verbs of the service: ``submit``, ``status``, ``result``, ``cancel`` and ``serve``.
+
+The same names exist on :class:`refstream.service.client.RefStreamClient` for Python callers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+DEFAULT_REDIS_URL = os.environ.get("REFSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _roots(value: str | None) -> list[str]:
+    return [p for p in (value or "").split(os.pathsep) if p]
+
+
+def add_service_parsers(sub) -> None:
+    """Add the service verbs to the ``refstream`` subcommands."""
+    def common(p):
+        p.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                       help="redis[s]://[user:password@]host:port/db (default $REFSTREAM_REDIS_URL)")
+
+    p = sub.add_parser("submit", help="queue a job on the service; prints the job id")
+    common(p)
+    p.add_argument("input", help="a video under the service's allowed roots (or a local file with --upload)")
+    p.add_argument("--expression", "-e", action="append", default=[], metavar="TEXT")
+    p.add_argument("--method", default="litelvlm")
+    p.add_argument("--variant", default="paper")
+    p.add_argument("--budget", type=int, default=196)
+    p.add_argument("--placement", default="pooled", choices=["pooled", "patch"])
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--upload", action="store_true", help="copy the file into the service's upload root first")
+    p.add_argument("--upload-root", default=os.environ.get("REFSTREAM_UPLOAD_ROOT"))
+    p.add_argument("--max-upload-mb", type=int, default=512)
+    p.add_argument("--wait", action="store_true", help="wait until the job ends and print its status")
+    p.add_argument("--timeout", type=float, default=3600)
+
+    p = sub.add_parser("status", help="a job's state, frames done of total, per-stage times, error")
+    common(p)
+    p.add_argument("id")
+    p = sub.add_parser("result", help="write a finished job's files (as refstream run does)")
+    common(p)
+    p.add_argument("id")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    common(p)
+    p.add_argument("id")
+
+    p = sub.add_parser("serve", help="run queue workers (Ray actors) until SIGTERM")
+    common(p)
+    p.add_argument("--address", default=None, help="join a Ray cluster (auto or ray://host:port)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--model", default="videoglamm")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per worker (default 1 with --device cuda, else 0)")
+    p.add_argument("--allowed-root", action="append", default=_roots(os.environ.get("REFSTREAM_ALLOWED_ROOTS")),
+                   help="folder jobs may read from (repeatable; default $REFSTREAM_ALLOWED_ROOTS)")
+    p.add_argument("--upload-root", default=os.environ.get("REFSTREAM_UPLOAD_ROOT"))
+    p.add_argument("--max-upload-mb", type=int, default=512)
+    p.add_argument("--lease-ms", type=int, default=60_000)
+    p.add_argument("--max-deliveries", type=int, default=3)
+
+
+SERVICE_COMMANDS = ("submit", "status", "result", "cancel", "serve")
+
+
+def run_service_command(args: argparse.Namespace) -> int:
+    """Run one of :data:`SERVICE_COMMANDS`."""
+    from refstream.service.client import RefStreamClient
+
+    if args.command == "serve":
+        from refstream.service.serve import serve
+
+        num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+        serve(args.redis_url, address=args.address, workers=args.workers, model=args.model,
+              checkpoint=args.checkpoint, device=args.device, allowed_roots=args.allowed_root,
+              upload_root=args.upload_root, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+              lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus)
+        return 0
+    client = RefStreamClient(args.redis_url, upload_root=getattr(args, "upload_root", None),
+                             max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)
+    if args.command == "submit":
+        job = client.submit(args.input, args.expression, upload=args.upload, method=args.method,
+                            variant=args.variant, budget=args.budget, placement=args.placement,
+                            max_frames=args.max_frames)
+        print(job)
+        if args.wait:
+            status = client.wait(job, timeout_s=args.timeout)
+            print(json.dumps(status, indent=2))
+            return 0 if status["state"] == "done" else 1
+        return 0
+    if args.command == "status":
+        print(json.dumps(client.status(args.id), indent=2))
+        return 0
+    if args.command == "result":
+        paths = client.result(args.id, args.out)
+        print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
+        return 0
+    if args.command == "cancel":
+        print("cancelled" if client.cancel(args.id) else "already finished")
+        return 0
+    raise ValueError(args.command)

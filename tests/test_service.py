@@ -1,0 +1,109 @@
+"""The service end to end: real redis-server, the tiny model, workers in-process and as Ray actors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from refstream.cli import main
+from refstream.errors import ExpressionError
+from refstream.service.client import JobNotDone, RefStreamClient
+from refstream.service.queue import JobQueue, connect
+from refstream.service.worker import QueueWorker
+
+
+@pytest.fixture
+def data_root(shared_data):
+    return shared_data
+
+
+def test_jobs_run_like_refstream_run_and_bad_jobs_fail_cleanly(redis_server, data_root, blackswan_dir, tmp_path):
+    client = RefStreamClient(redis_server.url)
+    good = client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81)
+    corrupt = tmp_path / "allowed" / "corrupt.mp4"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(os.urandom(2048))
+    bad = client.submit(str(corrupt), ["the black swan"])
+    outside = client.submit(str(tmp_path / "elsewhere.mp4"), ["x"])
+    with pytest.raises(ExpressionError):
+        client.submit(str(blackswan_dir), ["  "])  # refused at submit: nothing queued
+    worker = QueueWorker(redis_server.url, model="tiny", device="cpu",
+                         allowed_roots=[data_root, tmp_path / "allowed"], lease_ms=5000)
+    assert worker.run(max_jobs=3, block_ms=50) == 3
+    assert client.status(good)["state"] == "done"
+    assert client.status(bad)["state"] == "failed" and "corrupt.mp4" in client.status(bad)["error"]
+    assert "allowed roots" in client.status(outside)["error"]
+    with pytest.raises(JobNotDone, match="failed"):
+        client.result(bad, tmp_path / "nope")
+    files = client.result(good, tmp_path / "out")
+    assert sorted(p.name for p in files) == ["masks.json", "overlay.mp4", "summary.json", "tokens.png"]
+    status = client.status(good)
+    assert status["frames_done"] == status["frames_total"] == 4 and "sam2" in status["stages"]
+
+    # The same files as `refstream run` with the same options.
+    assert main(["run", str(blackswan_dir), "-e", "the black swan", "--model", "tiny", "--max-frames", "4",
+                 "--budget", "81", "--device", "cpu", "--quiet", "--out", str(tmp_path / "direct")]) == 0
+    served = json.loads((tmp_path / "out" / "masks.json").read_text())
+    direct = json.loads((tmp_path / "direct" / "masks.json").read_text())
+    assert served["objects"] == direct["objects"] and served["pruning"] == direct["pruning"]
+    assert worker.health()["redis"] is True
+
+
+def test_cli_verbs(redis_server, data_root, blackswan_dir, tmp_path, capsys):
+    url = ["--redis-url", redis_server.url]
+    assert main(["submit", *url, str(blackswan_dir), "-e", "the black swan", "--max-frames", "2"]) == 0
+    job = capsys.readouterr().out.strip()
+    assert main(["status", *url, job]) == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "queued"
+    QueueWorker(redis_server.url, model="tiny", device="cpu", allowed_roots=[data_root]).run(max_jobs=1, block_ms=50)
+    assert main(["result", *url, job, "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "masks.json").is_file()
+    assert main(["cancel", *url, job]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert main(["status", *url, "nosuchjob"]) == 2
+
+
+@pytest.mark.slow
+def test_ray_worker_killed_mid_job_is_restarted_and_the_job_finishes(redis_server, data_root, bedroom_mp4):
+    """kill -9 a worker actor mid-job: Ray restarts it, the job is reclaimed after the lease and finishes once."""
+    import ray
+
+    from refstream.service.serve import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024)
+    try:
+        stop = threading.Event()
+        actors = []
+        thread = threading.Thread(target=serve, args=(redis_server.url,), kwargs=dict(
+            workers=1, model="tiny", device="cpu", allowed_roots=[data_root], lease_ms=3000, stop_event=stop,
+            on_start=actors.extend, log=lambda *_: None))
+        thread.start()
+        client = RefStreamClient(redis_server.url)
+        job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=120)
+        deadline = time.monotonic() + 120
+        while client.status(job)["frames_done"] < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        pid = ray.get(actors[0].health.remote())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        status = client.wait(job, timeout_s=300)
+        assert status["state"] == "done" and status["deliveries"] == 2
+        assert len(json.loads(client.queue.r.get(f"refstream:result:{job}"))["files"]) == 4
+        stop.set()
+        thread.join(timeout=120)
+        assert not thread.is_alive()
+    finally:
+        ray.shutdown()
+
+
+def test_queue_depth_metric(redis_server, blackswan_dir):
+    queue = JobQueue(connect(redis_server.url))
+    client = RefStreamClient(redis_server.url)
+    for _ in range(3):
+        client.submit(str(blackswan_dir), ["x"])
+    assert queue.depth() == {"pending": 0, "lag": 3}
