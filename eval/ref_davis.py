@@ -88,12 +88,38 @@ def read_text_annotations(path: Path) -> list[Expression]:
     return expressions
 
 
-class RefDavis:
+class _FramesAndMasks:
+    """Frame and mask access shared by both Ref-DAVIS layouts (``images``, ``masks`` and ``layout`` set by them)."""
+
+    images: Path
+    masks: Path
+    layout: str
+
+    def frames(self, video: str) -> list[Path]:
+        """JPEG frames of a video, sorted by name."""
+        frames = sorted((self.images / video).glob("*.jpg"))
+        if not frames:
+            raise DatasetLayoutError(f"{self.images / video}: no JPEG frames. Expected layout: {self.layout}.")
+        return frames
+
+    def mask(self, video: str, frame: str) -> np.ndarray | None:
+        """uint8 [H, W] palette mask (object ids, 255 = void) of a frame, or None when it has no annotation."""
+        from PIL import Image
+
+        path = self.masks / video / f"{frame}.png"
+        if not path.is_file():
+            return None
+        return np.asarray(Image.open(path))
+
+
+class RefDavis(_FramesAndMasks):
     """Ref-DAVIS-17 at ``root`` (see the module docstring for the layout).
 
     Raises:
         DatasetLayoutError: the layout is wrong (the message names what is missing and what is expected).
     """
+
+    layout = LAYOUT
 
     def __init__(self, root: str | Path, resolution: str = "480p"):
         self.root = Path(root)
@@ -112,22 +138,6 @@ class RefDavis:
             return [n for n in names if (self.images / n).is_dir()]
         return sorted(p.name for p in self.images.iterdir() if p.is_dir())
 
-    def frames(self, video: str) -> list[Path]:
-        """JPEG frames of a video, sorted by name."""
-        frames = sorted((self.images / video).glob("*.jpg"))
-        if not frames:
-            raise DatasetLayoutError(f"{self.images / video}: no JPEG frames. Expected layout: {LAYOUT}.")
-        return frames
-
-    def mask(self, video: str, frame: str) -> np.ndarray | None:
-        """uint8 [H, W] palette mask (object ids, 255 = void) of a frame, or None when it has no annotation."""
-        from PIL import Image
-
-        path = self.masks / video / f"{frame}.png"
-        if not path.is_file():
-            return None
-        return np.asarray(Image.open(path))
-
     def expressions(self, annotation: str = "Davis17_annot1") -> list[Expression]:
         """The expressions of one of the four annotation sets."""
         if annotation not in ANNOTATION_FILES:
@@ -141,12 +151,14 @@ CONVERTED_LAYOUT = (
 )
 
 
-class RefDavisConverted:
+class RefDavisConverted(_FramesAndMasks):
     """Ref-DAVIS-17 (valid) in ReferFormer's converted layout; same interface as :class:`RefDavis`.
 
     Raises:
         DatasetLayoutError: the layout is wrong (the message names what is missing and what is expected).
     """
+
+    layout = CONVERTED_LAYOUT
 
     def __init__(self, root: str | Path, split: str = "valid"):
         import json
@@ -170,22 +182,6 @@ class RefDavisConverted:
     def videos(self) -> list[str]:
         """Videos of the meta file that have frames, in the meta file's order."""
         return [v for v in self.meta if (self.images / v).is_dir()]
-
-    def frames(self, video: str) -> list[Path]:
-        """JPEG frames of a video, sorted by name."""
-        frames = sorted((self.images / video).glob("*.jpg"))
-        if not frames:
-            raise DatasetLayoutError(f"{self.images / video}: no JPEG frames. Expected layout: {CONVERTED_LAYOUT}.")
-        return frames
-
-    def mask(self, video: str, frame: str) -> np.ndarray | None:
-        """uint8 [H, W] palette mask (object ids, 255 = void) of a frame, or None when it has no annotation."""
-        from PIL import Image
-
-        path = self.masks / video / f"{frame}.png"
-        if not path.is_file():
-            return None
-        return np.asarray(Image.open(path))
 
     def expressions(self, annotation: str = "Davis17_annot1") -> list[Expression]:
         """The expressions of one of the four annotation sets: exp_id ``4k + index(annotation)``."""

@@ -26,21 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
+from refstream.bench import cpu_name
+
 from eval.metrics import f_measure
 
 SHAPE = (480, 854)
 TARGET = 1.5
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment(official_dir: Path | None = None) -> dict:
@@ -49,7 +41,7 @@ def environment(official_dir: Path | None = None) -> dict:
 
     import cv2
 
-    env = {"cpu": _cpu_name(), "cores": os.cpu_count(), "opencv_threads": cv2.getNumThreads(),
+    env = {"cpu": cpu_name(), "cores": os.cpu_count(), "opencv_threads": cv2.getNumThreads(),
            "python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
            "platform": platform.platform()}
     try:

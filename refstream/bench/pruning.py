@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from refstream.bench import cpu_name
 import torch
 
 BUDGETS = (196, 81, 64)
@@ -48,22 +50,12 @@ def clip_config(size: str):
     return CLIPConfig(vision_config=vision, text_config=text, projection_dim=32)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment() -> dict:
     """Hardware and software versions for the report."""
     import transformers
 
     return {
-        "cpu": _cpu_name(), "cores": torch.get_num_threads(), "python": platform.python_version(),
+        "cpu": cpu_name(), "cores": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
         "platform": platform.platform(),
     }
