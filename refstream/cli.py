@@ -44,6 +44,9 @@ def _add_run_parser(sub) -> None:
                    help="text given to CLIP for LiteLVLM: the full LLM question (default) or the bare expression")
     p.add_argument("--answer", default="forced", choices=["forced", "generate"],
                    help='forced: answer "Sure, [SEG]." in one prefill (default); generate: greedy decoding')
+    p.add_argument("--clip-length", type=int, default=None, metavar="N",
+                   help="cut the video into clips of N frames, each with its own encoder frames, LLM answer and "
+                        "SAM2 state (VideoGLaMM's Ref-DAVIS protocol: 64); default: the whole video is one clip")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -239,7 +242,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         expressions=args.expression, model=args.model, checkpoint=args.checkpoint, method=args.method,
         variant=args.variant, budget=args.budget, placement=args.placement, frames=args.frames,
         device=args.device, decoder=args.decoder, stride=args.stride, max_frames=args.max_frames,
-        clip_text=args.clip_text, answer=args.answer,
+        clip_text=args.clip_text, answer=args.answer, clip_length=args.clip_length,
     )
     options.validate()
     from video_pipeline.decode import open_video

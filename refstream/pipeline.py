@@ -8,6 +8,9 @@ Stages (each timed, in seconds, in ``summary.json``):
 ``llm``     projectors, InternVideo2, Phi-3 prefill (or greedy decoding) -> one [SEG] per expression
 ``sam2``    SAM2 resize/normalise, anchor-frame prompt and memory propagation over every frame
 ``write``   RLE, overlay video, token picture, JSON
+
+With ``clip_length`` (VideoGLaMM's Ref-DAVIS protocol: 64) the SAM2 frames are cut into consecutive clips and
+each clip is a job of its own (encoder frames, features, LLM answer, fresh SAM2 stream); see :func:`clip_plans`.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ class RunOptions:
     max_frames: int | None = None
     clip_text: str = "question"
     answer: str = "forced"
+    #: cut the SAM2 frames into consecutive clips of this many frames, each with its own encoder frames, LLM
+    #: answer and fresh SAM2 stream (VideoGLaMM's Ref-DAVIS protocol uses 64); None = the whole video, one clip
+    clip_length: int | None = None
 
     def validate(self) -> None:
         """Raise :class:`ExpressionError` / :class:`ConfigError` for bad options, naming the fix."""
@@ -67,6 +73,7 @@ class RunOptions:
             raise ConfigError(f"--answer must be 'forced' or 'generate', got {self.answer!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be cpu, cuda or auto, got {self.device!r}")
+        check_clip_length(self.clip_length)
 
 
 @dataclass
@@ -89,6 +96,9 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
     tokens_view: np.ndarray | None = None  # uint8 [S, S, 3] CLIP view of one encoder frame
     tokens_selection: tuple | None = None  # (indices [K], similarity_aware [K], grid)
+    #: per clip (one entry without ``clip_length``): start position, frames, first/last source frame index,
+    #: encoder source indices and the LLM answers (per expression)
+    clips: list[dict] = field(default_factory=list)
 
 
 class StageTimer:
@@ -282,6 +292,11 @@ class Pipeline:
         ``on_frames(frame_index, source_frame uint8 [H,W,3], masks bool [N,H,W])`` is called
         for every SAM2 frame as it finishes (used to stream the overlay video).
 
+        With ``options.clip_length`` the SAM2 frames are cut into consecutive clips (:func:`clip_plans`), each
+        run as its own job (encoder frames by VideoGLaMM's rule over the clip, CLIP features, pruning, LLM
+        answer, fresh SAM2 stream anchored on the clip's first frame); the masks are concatenated in order and
+        ``JobResult.clips`` describes each clip. Only one clip's features are held at a time.
+
         Raises:
             RefStreamError subclasses for bad input (exit code 2 in the CLI).
         """
@@ -298,13 +313,12 @@ class Pipeline:
             if on_open is not None:
                 on_open(source)
             plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
-            video = self.encode_video(source, plan, with_scores=method.needs_scores,
-                                      with_penultimate=method.needs_penultimate, timer=timer)
-            answers, selection, visual_tokens, seq_len, llm_info = self.answer(
-                video, method, options.budget, options.placement, expressions, options.answer, options.clip_text, timer)
-
             masks: list[list[dict]] = [[] for _ in expressions]
             empty = np.zeros((source.height, source.width), dtype=bool)
+            frame_names: list[str] = []
+            clips: list[dict] = []
+            first = None  # (answers, selection, clip_pixels) of the first clip: what the job reports
+            visual_tokens = seq_len = 0
 
             def on_frame(position, frame, logits):
                 with timer("sam2"):
@@ -315,30 +329,48 @@ class Pipeline:
                     if on_frames is not None:
                         on_frames(len(masks[0]) - 1, frame, np.stack(per_object))
 
-            self.segment_logits(source, plan, answers, on_frame, timer, progress)
+            for clip_index, clip in enumerate(clip_plans(plan, options.clip_length, options.frames)):
+                video = self.encode_video(source, clip, with_scores=method.needs_scores,
+                                          with_penultimate=method.needs_penultimate, timer=timer)
+                answers, selection, tokens, length, llm_info = self.answer(
+                    video, method, options.budget, options.placement, expressions, options.answer,
+                    options.clip_text, timer)
+                visual_tokens, seq_len = max(visual_tokens, tokens), max(seq_len, length)
+                if first is None:
+                    first = (answers, selection, llm_info, video.clip_pixels)
+                clips.append({"start": len(frame_names), "frames": len(clip.sam2_indices),
+                              "source_frames": [clip.sam2_indices[0], clip.sam2_indices[-1]],
+                              "encoder_indices": list(clip.encoder_indices), "answers": [a.text for a in answers]})
+                frame_names += video.frame_names
+                del video  # bounded memory: one clip's features at a time
+                desc = "segmenting" if options.clip_length is None else f"segmenting clip {clip_index + 1}"
+                self.segment_logits(source, clip, answers, on_frame, timer, progress, desc=desc)
 
-        clip_pixels = video.clip_pixels
+        answers, selection, llm_info, clip_pixels = first
         view = (clip_pixels[0] * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1))
         view = (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        pruning = {
+            "method": options.method,
+            "variant": options.variant if options.method == "litelvlm" else None,
+            "budget": options.budget,
+            "placement": options.placement,
+            "kept_per_frame": selection.kept_per_frame,
+            "unit": selection.unit,
+            "clip_text": options.clip_text,
+            **llm_info,
+        }
+        if options.clip_length is not None:
+            pruning["clip_length"] = options.clip_length
         return JobResult(
             video=str(input_path),
             height=source.height,
             width=source.width,
             fps=source.fps,
-            frames=video.frame_names,
+            frames=frame_names,
             expressions=expressions,
             answers=[a.text for a in answers],
             masks=masks,
-            pruning={
-                "method": options.method,
-                "variant": options.variant if options.method == "litelvlm" else None,
-                "budget": options.budget,
-                "placement": options.placement,
-                "kept_per_frame": selection.kept_per_frame,
-                "unit": selection.unit,
-                "clip_text": options.clip_text,
-                **llm_info,
-            },
+            pruning=pruning,
             model=self.config.name,
             random_weights=self.config.random_weights,
             visual_tokens=visual_tokens,
@@ -348,6 +380,7 @@ class Pipeline:
             tokens_selection=(
                 selection.indices[0].cpu().numpy(), selection.similarity_aware[0].cpu().numpy(), selection.grid
             ),
+            clips=clips,
         )
 
     # ------------------------------------------------------------------------------ sweep (bench run)
@@ -372,8 +405,14 @@ class Pipeline:
             on_run_frame: ``on_run_frame(run_index, position, frame_name, logits)`` with ``logits`` a list
                 (per expression) of float32 [H, W] logits or None (no [SEG]).
             on_run_start: ``on_run_start(run_index, info)`` once the run's answers are known (before SAM2),
-                ``info`` = dict(visual_tokens=[per expression], answers=[...], kept_per_frame=int).
-            on_run_done: ``on_run_done(run_index, stage_seconds)`` after its SAM2 pass.
+                ``info`` = dict(visual_tokens=[per expression], answers=[...], kept_per_frame=int); with
+                ``options.clip_length``, once per run, for its first clip.
+            on_run_done: ``on_run_done(run_index, stage_seconds)`` after its SAM2 pass (of the last clip).
+
+        With ``options.clip_length`` the SAM2 frames are cut into consecutive clips (:func:`clip_plans`) and
+        everything above is done per clip (encoder frames by VideoGLaMM's rule over the clip, features,
+        answers, fresh SAM2 streams anchored on the clip's first frame); ``on_run_frame`` positions run over
+        the whole video.
 
         Returns:
             :class:`SweepResult` (frames, size, shared and per-run stage seconds).
@@ -381,6 +420,7 @@ class Pipeline:
         from video_pipeline.plan import plan_frames
 
         options = options or SweepOptions()
+        check_clip_length(options.clip_length)
         expressions = [e.strip() for e in expressions]
         runs = [(r[0], r[1], [e.strip() for e in r[2]] if len(r) > 2 else expressions) for r in runs]
         for _, _, subset in runs:
@@ -389,62 +429,79 @@ class Pipeline:
         methods = [make_method(spec, options.variant) for spec, _, _ in runs]
         shared = StageTimer()
         per_run = [StageTimer() for _ in runs]
+        names: list[str] = []
         source = self.open_source(input_path, options.decoder, shared)
         with source:
             plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
-            video = self.encode_video(
-                source, plan, with_scores=any(m.needs_scores for m in methods),
-                with_penultimate=any(m.needs_penultimate for m in methods), timer=shared)
-            if any(m.needs_text for m in methods):
-                every = list(dict.fromkeys(e for _, _, subset in runs for e in subset))
-                self.text_embeds(video, self.clip_texts(every, options.clip_text), shared)
-            self.internvideo2_tokens(video, shared)
-            all_answers = []
-            for r, ((spec, budget, expressions), method) in enumerate(zip(runs, methods)):
-                timer = per_run[r]
-                if method.needs_text:
-                    parts = [self.answer(video, method, budget, options.placement, [e], options.answer,
-                                         options.clip_text, timer) for e in expressions]
-                    answers = [p[0][0] for p in parts]
-                    tokens = [p[2] for p in parts]
-                    kept = parts[0][1].kept_per_frame
-                else:
-                    answers, selection, visual, _, _ = self.answer(
-                        video, method, budget, options.placement, expressions, options.answer, options.clip_text, timer)
-                    tokens, kept = [visual] * len(expressions), selection.kept_per_frame
-                all_answers.append(answers)
-                if on_run_start is not None:
-                    on_run_start(r, {"visual_tokens": tokens, "answers": [a.text for a in answers],
-                                     "kept_per_frame": kept})
-            names = video.frame_names
-
-            if options.sam2_pass == "video":
-                flat = [a for answers in all_answers for a in answers]
-                offsets = np.cumsum([0] + [len(a) for a in all_answers]).tolist()
-                combined = StageTimer()
-
-                def on_frame(position, frame, logits):
-                    for r in range(len(runs)):
-                        on_run_frame(r, position, names[position], logits[offsets[r]:offsets[r + 1]])
-
-                self.segment_logits(source, plan, flat, on_frame, combined, progress)
-                for r, timer in enumerate(per_run):  # one pass for all runs: its time split evenly
-                    for stage, seconds in combined.seconds.items():
-                        timer.seconds[stage] += seconds / len(runs)
-                    if on_run_done is not None:
-                        on_run_done(r, dict(timer.seconds))
-            else:
-                for r, answers in enumerate(all_answers):
-                    self.segment_logits(
-                        source, plan, answers,
-                        lambda position, frame, logits, r=r: on_run_frame(r, position, names[position], logits),
-                        per_run[r], progress)
-                    if on_run_done is not None:
-                        on_run_done(r, dict(per_run[r].seconds))
+            clips = clip_plans(plan, options.clip_length, options.frames)
+            for clip_index, clip in enumerate(clips):
+                self._sweep_clip(source, clip, runs, methods, options, shared, per_run, names, on_run_frame,
+                                 on_run_start if clip_index == 0 else None,
+                                 on_run_done if clip_index == len(clips) - 1 else None, progress)
         return SweepResult(
-            frames=names, height=video.height, width=video.width, shared_seconds=dict(shared.seconds),
+            frames=names, height=source.height, width=source.width, shared_seconds=dict(shared.seconds),
             run_seconds=[dict(t.seconds) for t in per_run],
         )
+
+    def _sweep_clip(self, source, plan, runs, methods, options: "SweepOptions", shared: StageTimer,
+                    per_run: list[StageTimer], names: list[str], on_run_frame, on_run_start, on_run_done,
+                    progress: bool) -> None:
+        """:meth:`run_sweep` over one clip (the whole video without ``clip_length``): its own encoder frames,
+        features, answers per run and SAM2 pass(es); frame positions continue from ``len(names)``."""
+        video = self.encode_video(
+            source, plan, with_scores=any(m.needs_scores for m in methods),
+            with_penultimate=any(m.needs_penultimate for m in methods), timer=shared)
+        if any(m.needs_text for m in methods):
+            every = list(dict.fromkeys(e for _, _, subset in runs for e in subset))
+            self.text_embeds(video, self.clip_texts(every, options.clip_text), shared)
+        self.internvideo2_tokens(video, shared)
+        all_answers = []
+        for r, ((spec, budget, expressions), method) in enumerate(zip(runs, methods)):
+            timer = per_run[r]
+            if method.needs_text:
+                parts = [self.answer(video, method, budget, options.placement, [e], options.answer,
+                                     options.clip_text, timer) for e in expressions]
+                answers = [p[0][0] for p in parts]
+                tokens = [p[2] for p in parts]
+                kept = parts[0][1].kept_per_frame
+            else:
+                answers, selection, visual, _, _ = self.answer(
+                    video, method, budget, options.placement, expressions, options.answer, options.clip_text, timer)
+                tokens, kept = [visual] * len(expressions), selection.kept_per_frame
+            all_answers.append(answers)
+            if on_run_start is not None:
+                on_run_start(r, {"visual_tokens": tokens, "answers": [a.text for a in answers],
+                                 "kept_per_frame": kept})
+        offset = len(names)
+        clip_names = video.frame_names
+        names += clip_names
+        del video  # bounded memory: one clip's features at a time
+
+        if options.sam2_pass == "video":
+            flat = [a for answers in all_answers for a in answers]
+            offsets = np.cumsum([0] + [len(a) for a in all_answers]).tolist()
+            combined = StageTimer()
+
+            def on_frame(position, frame, logits):
+                for r in range(len(runs)):
+                    on_run_frame(r, offset + position, clip_names[position], logits[offsets[r]:offsets[r + 1]])
+
+            self.segment_logits(source, plan, flat, on_frame, combined, progress)
+            for r, timer in enumerate(per_run):  # one pass for all runs: its time split evenly
+                for stage, seconds in combined.seconds.items():
+                    timer.seconds[stage] += seconds / len(runs)
+                if on_run_done is not None:
+                    on_run_done(r, dict(timer.seconds))
+        else:
+            for r, answers in enumerate(all_answers):
+                self.segment_logits(
+                    source, plan, answers,
+                    lambda position, frame, logits, r=r: on_run_frame(
+                        r, offset + position, clip_names[position], logits),
+                    per_run[r], progress)
+                if on_run_done is not None:
+                    on_run_done(r, dict(per_run[r].seconds))
+
 
 
 @dataclass
@@ -460,6 +517,7 @@ class SweepOptions:
     clip_text: str = "question"
     answer: str = "forced"
     sam2_pass: str = "run"  # "run": one SAM2 pass per (method, budget); "video": one pass for all runs
+    clip_length: int | None = None  # see RunOptions.clip_length (VideoGLaMM's Ref-DAVIS protocol: 64)
 
 
 @dataclass
@@ -486,6 +544,50 @@ class VideoFeatures:
     extractor: object  # the ClipFeatureExtractor (for the text tower)
     iv2_tokens: torch.Tensor | None = None
     text_cache: dict = field(default_factory=dict)  # CLIP text -> text_embeds row [P]
+
+
+def check_clip_length(clip_length: int | None) -> None:
+    """Raise :class:`ConfigError` unless ``clip_length`` is None or an integer >= 1."""
+    if clip_length is None:
+        return
+    if isinstance(clip_length, bool) or not isinstance(clip_length, (int, np.integer)) or clip_length < 1:
+        raise ConfigError(f"--clip-length must be an integer >= 1 (VideoGLaMM's Ref-DAVIS protocol: 64), got {clip_length!r}")
+
+
+def clip_plans(plan, clip_length: int | None, num_encoder_frames: int = 16) -> list:
+    """Cut a :class:`video_pipeline.plan.FramePlan` into consecutive clips of ``clip_length`` SAM2 frames.
+
+    VideoGLaMM's Ref-DAVIS evaluation (github mbzuai-oryx/VideoGLaMM @ 6b15b1e7f75009d0e1a858ac08e28021c4faaf11,
+    ``VideoGLaMM/eval_referdavis_infer.py``: ``for clip_id in range(0, video_len, 64):
+    clip_frames_ids = range(clip_id, min(clip_id + 64, video_len))``, then ``preprocess_vision`` and
+    ``model.inference`` per clip) runs every clip as its own video: its encoder frames follow the usual rule
+    over the clip (:func:`video_pipeline.plan.encoder_positions`: linspace when the clip has more than 16
+    frames, else every frame with the last one repeated), it gets its own LLM answer and a fresh SAM2 state,
+    and the clips' masks are concatenated. Clips are cut from ``plan.sam2_indices`` (after ``stride`` /
+    ``max_frames``; the protocol itself uses stride 1).
+
+    Args:
+        plan: the whole video's plan.
+        clip_length: SAM2 frames per clip (the last clip may be shorter), or None for one clip = ``plan``.
+        num_encoder_frames: encoder frames per clip (VideoGLaMM: 16).
+
+    Returns:
+        a list of FramePlan, one per clip, whose ``sam2_indices`` concatenate to ``plan.sam2_indices``
+        (``encoder_positions`` are relative to the clip).
+    """
+    from video_pipeline.plan import FramePlan, encoder_positions
+
+    check_clip_length(clip_length)
+    if clip_length is None:
+        return [plan]
+    sam2 = list(plan.sam2_indices)
+    clips = []
+    for start in range(0, len(sam2), clip_length):
+        frames = sam2[start:start + clip_length]
+        positions = encoder_positions(len(frames), num_encoder_frames)
+        clips.append(FramePlan(num_frames=plan.num_frames, stride=plan.stride, sam2_indices=frames,
+                               encoder_indices=[frames[p] for p in positions], encoder_positions=positions))
+    return clips
 
 
 def make_method(spec: str, variant: str = "paper"):
@@ -564,6 +666,8 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
         "model": result.model,
         "random_weights": result.random_weights,
     }
+    if options.clip_length is not None:
+        masks_json["clips"] = result.clips
     if note:
         masks_json["note"] = note
     write_json_atomic(out / "masks.json", masks_json)
@@ -587,6 +691,9 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
         "device": str(pipeline.device),
         "outputs": ["masks.json", "overlay.mp4", "tokens.png", "summary.json"],
     }
+    if options.clip_length is not None:
+        summary["clip_length"] = options.clip_length
+        summary["clips"] = len(result.clips)
     if note:
         summary["note"] = note
     write_json_atomic(out / "summary.json", summary)

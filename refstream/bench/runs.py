@@ -39,7 +39,7 @@ import numpy as np
 from refstream.errors import ConfigError, RefStreamError
 
 SETTINGS = ("dataset", "root", "split", "model", "checkpoint", "placement", "variant", "frames", "stride",
-            "max_frames", "clip_text", "answer", "videos")
+            "max_frames", "clip_text", "answer", "videos", "clip_length")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -124,6 +124,10 @@ class BenchRun:
             raise ConfigError("bench run: pass --budget B (>= 1) at least once")
         if settings["frames"] < 4 or settings["frames"] % 4:
             raise ConfigError(f"--frames must be a positive multiple of 4, got {settings['frames']}")
+        if settings.get("clip_length") is not None:
+            from refstream.pipeline import check_clip_length
+
+            check_clip_length(settings["clip_length"])
         if sam2_pass not in ("run", "video"):
             raise ConfigError(f"--sam2-pass must be run or video, got {sam2_pass!r}")
         from refstream.pipeline import make_method
@@ -146,7 +150,7 @@ class BenchRun:
             "dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
             "model": args.model, "checkpoint": args.checkpoint, "placement": args.placement, "variant": args.variant,
             "frames": args.frames, "stride": args.stride, "max_frames": args.max_frames, "clip_text": args.clip_text,
-            "answer": args.answer, "videos": args.video,
+            "answer": args.answer, "videos": args.video, "clip_length": args.clip_length,
         }
         return cls(settings, args.method or [], args.budget or [], args.out, address=args.address,
                    workers=args.workers, retries=args.retries, device=args.device, num_gpus=args.gpus_per_worker,
@@ -184,7 +188,7 @@ class BenchRun:
         s = self.settings
         return {"variant": s["variant"], "placement": s["placement"], "frames": s["frames"], "stride": s["stride"],
                 "max_frames": s["max_frames"], "decoder": self.decoder, "clip_text": s["clip_text"],
-                "answer": s["answer"], "sam2_pass": self.sam2_pass}
+                "answer": s["answer"], "sam2_pass": self.sam2_pass, "clip_length": s.get("clip_length")}
 
     def _task(self, video: str, units: list[tuple]) -> dict:
         """units: [(Unit, [combo, ...])]"""
@@ -586,6 +590,9 @@ def add_bench_run_parsers(bench_subparsers) -> None:
     p.add_argument("--stride", type=int, default=1)
     p.add_argument("--max-frames", type=int, default=None, help="only the first N frames of each video (scores partial)")
     p.add_argument("--video", action="append", help="repeatable: only these videos")
+    p.add_argument("--clip-length", type=int, default=None, metavar="N",
+                   help="cut each video into clips of N SAM2 frames, each with its own encoder frames, LLM answer "
+                        "and SAM2 state (VideoGLaMM's Ref-DAVIS protocol: 64; default: the whole video as one clip)")
     p.add_argument("--clip-text", default="question", choices=["question", "expression"])
     p.add_argument("--answer", default="forced", choices=["forced", "generate"])
     p.add_argument("--decoder", default="decord", choices=["decord", "pyav"])

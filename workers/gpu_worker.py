@@ -1,0 +1,118 @@
+"""The VideoGLaMM GPU worker as a Ray actor: pruned visual tokens and a frame stream in, masks per frame out.
+
+:class:`VideoGLaMMWorker` loads the model once (``num_gpus`` from the caller's resources: 1 with a GPU,
+0 on CPU) and exposes:
+
+- :meth:`segment_stream` (a Ray streaming generator): the visual tokens of a clip (CLIP tokens after
+  pruning + InternVideo2 tokens, [V, H]) and the expressions go through the LLM once (one [SEG] per
+  expression); then the SAM2 frames arrive as a list of object references to preprocessed chunks, fetched
+  one at a time (never the whole video in memory), and one mask per frame and expression is yielded as
+  soon as it is decoded;
+- :meth:`health`: process id, device, whether CUDA works, frames processed.
+
+On a CUDA error (device lost, out of memory, illegal access) the actor exits its process so that Ray
+restarts it (``max_restarts``; the constructor reloads the model); the caller retries the clip.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+class VideoGLaMMWorker:
+    """VideoGLaMM's LLM and SAM2 stages for one clip at a time (plain class; wrap it with :func:`gpu_worker_class`).
+
+    Args:
+        model: ``tiny``, ``videoglamm`` or a config YAML; checkpoint: the weights folder; device: cpu/cuda/auto.
+    """
+
+    def __init__(self, model: str = "videoglamm", checkpoint: str | None = None, device: str = "auto"):
+        from refstream.config import load_model_config
+        from refstream.pipeline import Pipeline
+
+        self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
+        self.frames_done = 0
+        self.started = time.time()
+
+    def health(self) -> dict:
+        """Liveness and device state."""
+        cuda_ok = None
+        if self.pipeline.device.type == "cuda":
+            try:
+                torch.cuda.synchronize()
+                cuda_ok = True
+            except RuntimeError:
+                cuda_ok = False
+        return {"pid": os.getpid(), "device": str(self.pipeline.device), "cuda_ok": cuda_ok,
+                "model": self.pipeline.config.name, "frames_done": self.frames_done,
+                "uptime_s": time.time() - self.started}
+
+    def segment_stream(self, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
+                       frame_chunks: Sequence, answer_mode: str = "forced") -> Iterator[tuple[int, np.ndarray]]:
+        """Answer once, then stream masks.
+
+        Args:
+            visual_tokens: float [V, H], the LLM-ready visual tokens of the clip (pruned CLIP tokens,
+                frame-major, then InternVideo2 tokens), e.g. from ``VideoGLaMM.clip_tokens`` /
+                ``internvideo2_tokens`` on a CLIP + pruning actor.
+            expressions: the N referring expressions.
+            video_size: (H, W) of the original frames (masks come back at this size).
+            frame_chunks: object references (or tensors) of SAM2-preprocessed frames, each float32
+                [t, 3, S, S]; the first frame of the first chunk is the anchor frame.
+            answer_mode: ``forced`` or ``generate``.
+
+        Yields:
+            ``(frame_index, masks)`` with masks bool [N, H, W] (an expression whose answer has no [SEG] gets
+            empty masks), one per frame, in order.
+        """
+        try:
+            yield from self._segment(visual_tokens, expressions, video_size, frame_chunks, answer_mode)
+        except Exception as exc:  # noqa: BLE001
+            from workers.actor import is_cuda_error
+
+            if is_cuda_error(exc):
+                os._exit(1)  # let Ray restart the actor with a fresh CUDA context
+            raise
+
+    def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode):
+        import ray
+
+        from workers.sam2_decoder import Sam2VideoDecoder
+
+        model = self.pipeline.model
+        answers = model.seg_answers(visual_tokens.to(model.device, model.dtype), list(expressions), answer_mode)
+        prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
+        height, width = video_size
+        stream = None
+        if prompted:
+            stream = Sam2VideoDecoder(model.sam2).open_stream(torch.stack([answers[i].embedding for i in prompted]),
+                                                              (height, width))
+        index = 0
+        try:
+            for ref in frame_chunks:
+                chunk = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
+                for frame in chunk:
+                    masks = np.zeros((len(answers), height, width), dtype=bool)
+                    if stream is not None:
+                        logits = stream.step(frame.to(model.device, model.dtype))
+                        for k, i in enumerate(prompted):
+                            masks[i] = (logits[k] > 0).cpu().numpy()
+                    self.frames_done += 1
+                    yield index, masks
+                    index += 1
+        finally:
+            if stream is not None:
+                stream.close()
+
+
+def gpu_worker_class(num_gpus: float = 0.0, num_cpus: float = 1.0, max_restarts: int = -1):
+    """:class:`VideoGLaMMWorker` as a Ray actor class with its resources and restart policy."""
+    import ray
+
+    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts,
+                      max_task_retries=0)(VideoGLaMMWorker)
