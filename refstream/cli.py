@@ -153,8 +153,10 @@ def _add_bench_parser(sub) -> None:
 
     add_bench_metrics_parser(bsub)
     from refstream.bench.runs import add_bench_run_parsers
+    from refstream.bench.service import add_bench_service_parser
 
     add_bench_run_parsers(bsub)
+    add_bench_service_parser(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -162,6 +164,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from refstream.bench.pruning import main_bench_pruning
 
+    if args.bench == "service":
+        from refstream.bench.service import main_bench_service
+
+        return main_bench_service(args)
     if args.bench in ("run", "report"):
         from refstream.bench.runs import run_bench_command
 

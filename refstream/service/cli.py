@@ -56,12 +56,22 @@ def add_service_parsers(sub) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per worker (default 1 with --device cuda, else 0)")
+    p.add_argument("--num-cpus", type=float, default=1.0,
+                   help="CPUs per worker (default 1); Ray also sets the worker's OpenMP/torch threads to it")
     p.add_argument("--allowed-root", action="append", default=_roots(os.environ.get("REFSTREAM_ALLOWED_ROOTS")),
                    help="folder jobs may read from (repeatable; default $REFSTREAM_ALLOWED_ROOTS)")
     p.add_argument("--upload-root", default=os.environ.get("REFSTREAM_UPLOAD_ROOT"))
     p.add_argument("--max-upload-mb", type=int, default=512)
     p.add_argument("--lease-ms", type=int, default=60_000)
     p.add_argument("--max-deliveries", type=int, default=3)
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("REFSTREAM_METRICS_PORT", 9464)),
+                   help="serve Prometheus /metrics on this port (default 9464; 0 = off)")
+    p.add_argument("--metrics-host", default=os.environ.get("REFSTREAM_METRICS_HOST", "0.0.0.0"),
+                   help="address the metrics server binds (default 0.0.0.0)")
+    p.add_argument("--log-format", default=os.environ.get("REFSTREAM_LOG_FORMAT", "text"), choices=["json", "text"],
+                   help="json: one JSON object per line (ts, level, event, job_id, consumer, state, seconds, error)")
+    p.add_argument("--log-level", default=os.environ.get("REFSTREAM_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 SERVICE_COMMANDS = ("submit", "status", "result", "cancel", "serve")
@@ -72,13 +82,19 @@ def run_service_command(args: argparse.Namespace) -> int:
     from refstream.service.client import RefStreamClient
 
     if args.command == "serve":
+        from refstream.service.logs import configure_logging, quiet_ray_log_prefix
         from refstream.service.serve import serve
 
+        configure_logging(args.log_format, args.log_level)
+        if args.log_format == "json":
+            quiet_ray_log_prefix()  # before Ray starts: forwarded worker lines stay pure JSON
         num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if args.device == "cuda" else 0.0)
         serve(args.redis_url, address=args.address, workers=args.workers, model=args.model,
               checkpoint=args.checkpoint, device=args.device, allowed_roots=args.allowed_root,
               upload_root=args.upload_root, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
-              lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus)
+              lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus, num_cpus=args.num_cpus,
+              metrics_port=args.metrics_port or None, metrics_host=args.metrics_host,
+              log_format=args.log_format, log_level=args.log_level)
         return 0
     client = RefStreamClient(args.redis_url, upload_root=getattr(args, "upload_root", None),
                              max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)

@@ -7,6 +7,7 @@ Keys (``prefix`` defaults to ``refstream``):
                           (JSON seconds per stage), ``error``, ``deliveries``, ``consumer``, timestamps
 ``{prefix}:result:{id}``  the result JSON, written once (``SET NX``) with a TTL
 ``{prefix}:dead``         dead-letter stream: jobs that failed ``max_deliveries`` times, with their last error
+``{prefix}:metrics``      hash of counters and histograms for Prometheus (see :mod:`refstream.service.metrics`)
 
 Delivery (REFERENCE.md section 5): a worker takes an entry with ``XREADGROUP``; it stays pending until
 the worker ``XACK``s it, which happens only after the result is durably written (or the job is marked
@@ -21,12 +22,17 @@ result and never yields two different ones.
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from refstream.errors import RefStreamError
 from refstream.service.jobs import FINAL_STATES, JobRequest, new_job_id
+from refstream.service.logs import log_event
+from refstream.service.metrics import record_frames, record_job
+
+log = logging.getLogger("refstream.queue")
 
 
 class JobNotFound(RefStreamError):
@@ -64,6 +70,13 @@ class Delivery:
     request: JobRequest
     entry_id: str
     deliveries: int
+    consumer: str = ""
+    taken_at: float = field(default_factory=time.monotonic)
+    frames_reported: int = 0  # frames already added to the frames_processed counter
+    stages: dict | None = None  # the last stage seconds reported (for the stage histograms)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.taken_at
 
 
 class JobQueue:
@@ -117,6 +130,7 @@ class JobQueue:
             "deliveries": 0, "created": now, "updated": now,
         })
         self.r.xadd(self.stream, {"id": job_id})
+        log_event(log, "job.submitted", "job queued", job_id=job_id, state="queued")
         return job_id
 
     def status(self, job_id: str) -> dict[str, Any]:
@@ -146,6 +160,7 @@ class JobQueue:
         if state in FINAL_STATES:
             return False
         self.r.hset(self._job(job_id), mapping={"state": "cancelled", "updated": time.time()})
+        log_event(log, "job.cancel_requested", "job cancelled by a client", job_id=job_id, state="cancelled")
         return True
 
     def wait(self, job_id: str, timeout_s: float = 600, poll_s: float = 0.2) -> dict[str, Any]:
@@ -163,6 +178,30 @@ class JobQueue:
         """Queue depth: entries never delivered (``lag``) and delivered but not yet acknowledged."""
         info = {g["name"]: g for g in self.r.xinfo_groups(self.stream)}.get(self.group, {})
         return {"pending": int(info.get("pending", 0)), "lag": int(info.get("lag") or 0)}
+
+    def count_states(self, batch: int = 1000) -> dict[str, int]:
+        """Job records by state (``SCAN`` of ``{prefix}:job:*``; expired records are not counted)."""
+        from refstream.service.jobs import STATES
+
+        counts = {state: 0 for state in STATES}
+        keys: list[str] = []
+
+        def flush() -> None:
+            pipe = self.r.pipeline(transaction=False)
+            for key in keys:
+                pipe.hget(key, "state")
+            for state in pipe.execute():
+                if state is not None:
+                    counts[state] = counts.get(state, 0) + 1
+            keys.clear()
+
+        for key in self.r.scan_iter(match=f"{self.prefix}:job:*", count=batch):
+            keys.append(key)
+            if len(keys) >= batch:
+                flush()
+        if keys:
+            flush()
+        return counts
 
     # ------------------------------------------------------------------ worker side
     def take(self, consumer: str, block_ms: int = 1000) -> Delivery | None:
@@ -202,14 +241,18 @@ class JobQueue:
         if deliveries > self.max_deliveries:
             error = record.get("error") or "the worker died or timed out on every delivery"
             self._dead_letter(job_id, entry_id, error, deliveries - 1)
+            log_event(log, "job.dead_letter", "job sent to the dead letters", logging.ERROR, job_id=job_id,
+                      consumer=consumer, state="failed", error=error, deliveries=deliveries - 1)
             return None
         self.r.hset(self._job(job_id), mapping={"state": "running", "consumer": consumer, "updated": time.time()})
         try:
             request = JobRequest.from_json(record["request"])
         except RefStreamError as exc:
-            self.fail(Delivery(job_id, None, entry_id, deliveries), str(exc))  # type: ignore[arg-type]
+            self.fail(Delivery(job_id, None, entry_id, deliveries, consumer), str(exc))  # type: ignore[arg-type]
             return None
-        return Delivery(job_id, request, entry_id, deliveries)
+        log_event(log, "job.taken", "job taken", job_id=job_id, consumer=consumer, state="running",
+                  deliveries=deliveries)
+        return Delivery(job_id, request, entry_id, deliveries, consumer)
 
     def progress(self, delivery: Delivery, consumer: str, frames_done: int | None = None,
                  frames_total: int | None = None, stages: dict | None = None) -> None:
@@ -221,11 +264,15 @@ class JobQueue:
             mapping["frames_total"] = frames_total
         if stages is not None:
             mapping["stages"] = json.dumps(stages)
+            delivery.stages = dict(stages)
         pipe = self.r.pipeline()
         pipe.hset(self._job(delivery.job_id), mapping=mapping)
         pipe.hget(self._job(delivery.job_id), "state")
         pipe.xclaim(self.stream, self.group, consumer, min_idle_time=0, message_ids=[delivery.entry_id], justid=True)
-        _, state, _ = pipe.execute()
+        if frames_done is not None and frames_done > delivery.frames_reported:
+            record_frames(pipe, self.prefix, frames_done - delivery.frames_reported)
+            delivery.frames_reported = frames_done
+        state = pipe.execute()[1]
         if state == "cancelled":
             raise JobCancelled(delivery.job_id)
 
@@ -236,25 +283,45 @@ class JobQueue:
             True when this call wrote the result, False when an earlier delivery already had.
         """
         written = bool(self.r.set(self._result(delivery.job_id), json.dumps(result), nx=True, ex=self.result_ttl_s))
+        seconds = delivery.elapsed()
         pipe = self.r.pipeline()
         pipe.hset(self._job(delivery.job_id), mapping={"state": "done", "error": "", "updated": time.time()})
         pipe.expire(self._job(delivery.job_id), self.result_ttl_s)
         pipe.xack(self.stream, self.group, delivery.entry_id)
+        record_job(pipe, self.prefix, "done", seconds, delivery.stages)
         pipe.execute()
+        log_event(log, "job.done", "job finished", job_id=delivery.job_id, consumer=delivery.consumer or None,
+                  state="done", seconds=seconds, frames=delivery.frames_reported, deliveries=delivery.deliveries)
         return written
 
     def fail(self, delivery: Delivery, error: str, permanent: bool = True) -> None:
         """Record an error. Permanent (bad input): failed and acknowledged now. Otherwise the entry stays
         pending and is retried after the lease, until ``max_deliveries`` sends it to the dead letters."""
+        seconds = delivery.elapsed()
         self.r.hset(self._job(delivery.job_id), mapping={"error": error, "updated": time.time()})
-        if permanent or delivery.deliveries >= self.max_deliveries:
+        final = permanent or delivery.deliveries >= self.max_deliveries
+        if final:
             self._dead_letter(delivery.job_id, delivery.entry_id, error, delivery.deliveries, dead=not permanent)
         else:
             self.r.hset(self._job(delivery.job_id), "state", "queued")
+        pipe = self.r.pipeline(transaction=False)
+        record_job(pipe, self.prefix, "failed" if final else "retried", seconds)
+        pipe.execute()
+        event = ("job.failed" if permanent else "job.dead_letter") if final else "job.retry"
+        log_event(log, event, "job failed" if final else "job failed; it is retried after the lease",
+                  logging.ERROR if final else logging.WARNING, job_id=delivery.job_id,
+                  consumer=delivery.consumer or None, state="failed" if final else "queued", seconds=seconds,
+                  error=error, deliveries=delivery.deliveries)
 
     def cancelled(self, delivery: Delivery) -> None:
         """Acknowledge a job the worker stopped because it was cancelled."""
-        self.r.xack(self.stream, self.group, delivery.entry_id)
+        seconds = delivery.elapsed()
+        pipe = self.r.pipeline()
+        pipe.xack(self.stream, self.group, delivery.entry_id)
+        record_job(pipe, self.prefix, "cancelled", seconds)
+        pipe.execute()
+        log_event(log, "job.cancelled", "job stopped: it was cancelled", job_id=delivery.job_id,
+                  consumer=delivery.consumer or None, state="cancelled", seconds=seconds)
 
     def _dead_letter(self, job_id: str, entry_id: str, error: str, deliveries: int, dead: bool = True) -> None:
         pipe = self.r.pipeline()

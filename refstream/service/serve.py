@@ -4,25 +4,47 @@ Each worker is a Ray actor (:class:`refstream.service.worker.QueueWorker`) with 
 when its process dies, Ray restarts it (the constructor reloads the model) and this supervisor starts
 its loop again; the job it held stays pending in Redis and is reclaimed after the lease. On SIGTERM the
 supervisor asks every worker to finish its current job and stop (jobs not taken stay queued).
+
+With ``metrics_port`` set, the supervisor also serves Prometheus ``/metrics`` (values read from Redis at
+each scrape, see :mod:`refstream.service.metrics`). Events are logged on the ``refstream.serve`` logger
+(:mod:`refstream.service.logs`); ``log_format`` is passed to the worker actors so they log the same way.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
+
+from refstream.service.logs import log_event
+
+logger = logging.getLogger("refstream.serve")
 
 
 def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model: str = "tiny",
           checkpoint: str | None = None, device: str = "auto", allowed_roots=(), upload_root=None,
           max_upload_bytes: int = 512 * 1024 * 1024, lease_ms: int = 60_000, max_deliveries: int = 3,
           num_gpus: float = 0.0, num_cpus: float = 1.0, stop_event: threading.Event | None = None,
-          on_start=None, log=print) -> int:
-    """Run the worker pool; returns the number of jobs handled when stopped."""
+          on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
+          log_format: str | None = None, log_level: str = "INFO") -> int:
+    """Run the worker pool; returns the number of jobs handled when stopped.
+
+    Args:
+        metrics_port: serve ``/metrics`` on this port (0 = a free port; None = no metrics server).
+        log_format: ``json``/``text`` logging in the worker actors (None: leave their logging alone).
+        log: optional extra callable receiving each supervisor message as plain text.
+    """
     import ray
     from ray.exceptions import RayActorError
 
+    from refstream.service.queue import JobQueue, connect
     from refstream.service.worker import QueueWorker
+
+    def note(event: str, message: str, level: int = logging.INFO, **fields) -> None:
+        log_event(logger, event, message, level, **fields)
+        if log is not None:
+            log(f"refstream serve: {message}")
 
     if not ray.is_initialized():
         if address:
@@ -38,34 +60,62 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
     actors = [
         Actor.remote(redis_url, model=model, checkpoint=checkpoint, device=device, allowed_roots=list(allowed_roots),
                      upload_root=upload_root, max_upload_bytes=max_upload_bytes, lease_ms=lease_ms,
-                     max_deliveries=max_deliveries, name=f"worker-{i}")
+                     max_deliveries=max_deliveries, name=f"worker-{i}", log_format=log_format, log_level=log_level)
         for i in range(workers)
     ]
     if on_start is not None:
         on_start(actors)
     runs = {actor.run.remote(): actor for actor in actors}
-    log(f"refstream serve: {workers} worker(s) on {redis_url}")
+    server = None
+    if metrics_port is not None:
+        from refstream.service.metrics import start_metrics_server
+
+        server, port = start_metrics_server(JobQueue(connect(redis_url)), metrics_port, metrics_host,
+                                            workers=lambda: len(runs))
+        note("metrics.listening", f"metrics on http://{metrics_host}:{port}/metrics", port=port)
+    note("serve.started", f"{workers} worker(s) on {_redact(redis_url)}", workers=workers, redis=_redact(redis_url))
     handled = 0
-    while runs:
-        if stop_event.is_set():
-            for actor in set(runs.values()):
+    stopping = False
+    try:
+        while runs:
+            if stop_event.is_set():
+                if not stopping:
+                    stopping = True
+                    note("serve.stopping", "stop requested: workers finish their current job")
+                for actor in set(runs.values()):
+                    try:
+                        actor.stop.remote()
+                    except RayActorError:
+                        pass
+            ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.5)
+            for ref in ready:
+                actor = runs.pop(ref)
                 try:
-                    actor.stop.remote()
-                except RayActorError:
-                    pass
-        ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.5)
-        for ref in ready:
-            actor = runs.pop(ref)
-            try:
-                handled += ray.get(ref)
-            except RayActorError as exc:
-                if stop_event.is_set():
+                    handled += ray.get(ref)
+                except RayActorError as exc:
+                    if stop_event.is_set():
+                        continue
+                    note("serve.worker_died", f"a worker died ({exc.__class__.__name__}); restarting its loop",
+                         logging.WARNING, error=str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+                    time.sleep(0.5)
+                    runs[actor.run.remote()] = actor
                     continue
-                log(f"refstream serve: a worker died ({exc.__class__.__name__}); restarting its loop")
-                time.sleep(0.5)
-                runs[actor.run.remote()] = actor
-                continue
-            if not stop_event.is_set():  # run() returned without a stop request: start it again
-                runs[actor.run.remote()] = actor
-    log(f"refstream serve: stopped after {handled} job(s)")
+                if not stop_event.is_set():  # run() returned without a stop request: start it again
+                    runs[actor.run.remote()] = actor
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)
     return handled
+
+
+def _redact(url: str) -> str:
+    """The Redis URL without its password (for logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

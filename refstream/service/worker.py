@@ -76,16 +76,24 @@ class QueueWorker:
         model: model preset or YAML; checkpoint: weights folder; device: cpu/cuda/auto.
         allowed_roots, upload_root, max_upload_bytes: the input policy.
         lease_ms, max_deliveries, result_ttl_s: queue settings (see :class:`JobQueue`).
+        log_format: ``json`` or ``text`` to configure the ``refstream`` loggers in this (actor) process;
+            None leaves logging as it is (in-process use).
     """
 
     def __init__(self, redis_url: str, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
                  allowed_roots=(), upload_root=None, max_upload_bytes: int = 512 * 1024 * 1024,
                  lease_ms: int = 60_000, max_deliveries: int = 3, result_ttl_s: int = 7 * 24 * 3600,
-                 name: str = "worker"):
+                 name: str = "worker", log_format: str | None = None, log_level: str = "INFO"):
+        import logging
+
         from refstream.config import load_model_config
         from refstream.pipeline import Pipeline
+        from refstream.service.logs import configure_logging, log_event
         from refstream.service.queue import JobQueue, connect
 
+        if log_format is not None:
+            configure_logging(log_format, log_level)
+        started = time.perf_counter()
         self.name = name
         self.queue = JobQueue(connect(redis_url), lease_ms=lease_ms, max_deliveries=max_deliveries,
                               result_ttl_s=result_ttl_s)
@@ -93,6 +101,8 @@ class QueueWorker:
         self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
         self._stop = False
         self.handled = 0
+        log_event(logging.getLogger("refstream.worker"), "worker.ready", f"model {model} loaded on {self.pipeline.device}",
+                  consumer=name, seconds=time.perf_counter() - started)
 
     def health(self) -> dict:
         """Liveness: the worker's name, jobs handled, and whether Redis answers."""
