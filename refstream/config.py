@@ -16,7 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from refstream.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+def _config_dir() -> Path:
+    """``configs/`` of the source checkout, else the copy a regular install puts in ``<prefix>/share/refstream``."""
+    import sys
+
+    checkout = Path(__file__).resolve().parents[1] / "configs"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "refstream" / "configs"
+
+
+CONFIG_DIR = _config_dir()
 PRESETS = ("tiny", "videoglamm")
 
 
