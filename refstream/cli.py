@@ -39,6 +39,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--stride", type=int, default=1, help="segment every k-th frame (default 1: all)")
     p.add_argument("--max-frames", type=int, default=None, help="segment at most this many frames")
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model precision: auto = float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
     p.add_argument("--clip-text", default="question", choices=["question", "expression"],
                    help="text given to CLIP for LiteLVLM: the full LLM question (default) or the bare expression")
@@ -258,7 +260,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if config.random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     started = time.perf_counter()
-    pipeline = Pipeline(config, options.device)
+    pipeline = Pipeline(config, options.device, args.dtype)
     load_seconds = time.perf_counter() - started
     summary = run_to_folder(args.input, options, args.out, progress=not args.quiet, pipeline=pipeline,
                             load_seconds=load_seconds)

@@ -125,21 +125,43 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Model precision: fp32 on CPU; bf16 (default) or fp16 on CUDA.
+
+    Raises:
+        ConfigError: an unknown name, or bf16/fp16 asked for on the CPU (slow or unsupported kernels there).
+    """
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+    if device.type == "cpu" and dtype != "float32":
+        raise ConfigError(f"--dtype {dtype} needs a CUDA GPU; on the CPU use --dtype float32 (or auto)")
+    return DTYPES[dtype]
+
+
 class Pipeline:
     """A loaded model ready to run jobs (the model is built once and reused across jobs).
 
     Args:
         config: the model configuration (``load_model_config``).
         device: ``cpu``, ``cuda`` or ``auto``.
+        dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
+
+    Raises:
+        ConfigError: an unknown dtype, or a half-precision dtype on the CPU.
     """
 
-    def __init__(self, config: ModelConfig, device: str = "auto"):
+    def __init__(self, config: ModelConfig, device: str = "auto", dtype: str = "auto"):
         from workers.build import build_model
 
         self.config = config
         self.device = resolve_device(device)
-        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.model = build_model(config, self.device, dtype)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.model = build_model(config, self.device, self.dtype)
         #: SAM2 input resize: VideoGLaMM's own (longest side, then stretch; utils/sam_transforms.py), which the
         #: checkpoint was trained and evaluated with.
         self.sam2_style = "videoglamm"

@@ -207,3 +207,16 @@ def test_missing_weights_exit_2_say_where_and_mention_tiny(bedroom_mp4, tmp_path
     err = capsys.readouterr().err
     assert str(tmp_path / "VideoGLaMM") in err
     assert "mbzuai-oryx/VideoGLaMM" in err and "--model tiny" in err and "--checkpoint" in err
+
+
+def test_dtype_choice(tmp_path, bedroom_mp4, capsys):
+    import torch
+
+    from refstream.pipeline import resolve_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_dtype("auto", cpu) is torch.float32 and resolve_dtype("auto", cuda) is torch.bfloat16
+    assert resolve_dtype("float16", cuda) is torch.float16
+    assert run_cli("run", str(bedroom_mp4), "-e", "x", "--model", "tiny", "--device", "cpu", "--dtype", "bfloat16",
+                   "--out", str(tmp_path)) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
