@@ -14,7 +14,7 @@ from refstream.cli import main
 from refstream.errors import ExpressionError
 from refstream.service.client import JobNotDone, RefStreamClient
 from refstream.service.queue import JobQueue, connect
-from refstream.service.worker import QueueWorker
+from refstream.service.worker import QueueWorker, heartbeats
 
 
 @pytest.fixture
@@ -52,6 +52,24 @@ def test_jobs_run_like_refstream_run_and_bad_jobs_fail_cleanly(redis_server, dat
     direct = json.loads((tmp_path / "direct" / "masks.json").read_text())
     assert served["objects"] == direct["objects"] and served["pruning"] == direct["pruning"]
     assert worker.health()["redis"] is True
+    beat = heartbeats(client.queue.r)["worker"]
+    assert beat["pid"] == os.getpid() and beat["handled"] == 3 and beat["state"] == "idle"
+
+
+def test_worker_stops_on_the_serve_stop_key(redis_server, data_root, blackswan_dir):
+    """The supervisor stops single-threaded actors through Redis: the loop checks the key between jobs."""
+    from refstream.service.worker import stop_key
+
+    client = RefStreamClient(redis_server.url)
+    jobs = [client.submit(str(blackswan_dir), ["the black swan"], max_frames=2, budget=81) for _ in range(2)]
+    worker = QueueWorker(redis_server.url, model="tiny", device="cpu", allowed_roots=[data_root], serve_id="s1",
+                         threads=1)
+    assert worker.health()["threads"] == 1
+    assert worker.run(max_jobs=1, block_ms=50) == 1
+    client.queue.r.set(stop_key("refstream", "s1"), "1")
+    assert worker.run(block_ms=50) == 0  # returns at once, the second job stays queued
+    assert [client.status(j)["state"] for j in jobs] == ["done", "queued"]
+    assert heartbeats(client.queue.r)["worker"]["state"] == "stopped"
 
 
 def test_cli_verbs(redis_server, data_root, blackswan_dir, tmp_path, capsys):
@@ -89,7 +107,9 @@ def test_ray_worker_killed_mid_job_is_restarted_and_the_job_finishes(redis_serve
         while client.status(job)["frames_done"] < 10:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        pid = ray.get(actors[0].health.remote())["pid"]
+        beat = heartbeats(client.queue.r)["worker-0"]  # the actor is busy: its heartbeat, not a method call
+        assert beat["state"] == "running" and beat["threads"] >= 1
+        pid = beat["pid"]
         os.kill(pid, signal.SIGKILL)
         status = client.wait(job, timeout_s=300)
         assert status["state"] == "done" and status["deliveries"] == 2

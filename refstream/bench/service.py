@@ -169,6 +169,20 @@ def _inprocess_subprocess(spec: dict, timeout: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- service
+def _wait_heartbeats(url: str, workers: int, timeout: float) -> list[dict]:
+    """The workers' Redis heartbeats, once all ``workers`` have loaded their model."""
+    from refstream.service.queue import connect
+    from refstream.service.worker import heartbeats
+
+    client = connect(url)
+    deadline = time.monotonic() + timeout
+    while len(beats := heartbeats(client)) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(beats)} of {workers} worker(s) ready after {timeout} s")
+        time.sleep(0.1)
+    return list(beats.values())
+
+
 def run_service(spec: dict, workers: int = 1) -> dict:
     """The service side, driven from this process: redis-server, ``serve`` (Ray), the client."""
     import ray
@@ -193,7 +207,7 @@ def run_service(spec: dict, workers: int = 1) -> dict:
         thread.start()
         while len(actors) < workers:
             time.sleep(0.01)
-        health = ray.get([a.health.remote() for a in actors], timeout=600)  # returns once the model is loaded
+        health = _wait_heartbeats(redis_server.url, workers, 600)  # written once the model is loaded
         startup_s = time.perf_counter() - started
         client = RefStreamClient(redis_server.url)
 
@@ -244,7 +258,8 @@ def run_service(spec: dict, workers: int = 1) -> dict:
             peak["workers"] += _proc_status(pid, "VmHWM")
         return {"load_s": startup_s, "first_mask_s": first_mask_s, "wall_s": min(walls), "walls_s": walls,
                 "frames": frames,
-                "peak_rss": peak, "stage_seconds_job0": seconds[0] if seconds else {}}
+                "peak_rss": peak, "stage_seconds_job0": seconds[0] if seconds else {},
+                "worker_threads": sorted(h.get("threads", 0) for h in health)}
     finally:
         stop.set()
         if thread is not None:
@@ -304,7 +319,8 @@ def format_table(report: dict) -> str:
         f"{Path(report['video']).name}, model {report['model']}, budget {report['budget']}, {env['device']}",
         f"hardware: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; {env['platform']}",
         f"versions: python {env['python']}, torch {env['torch']} ({env['torch_threads']} threads), ray {env['ray']}, "
-        f"redis-py {env['redis-py']}, redis-server {env['redis-server']}",
+        f"redis-py {env['redis-py']}, redis-server {env['redis-server']}; "
+        f"torch threads per worker actor: {b.get('worker_threads')}",
         "",
         "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(head, widths))),
     ]

@@ -56,8 +56,9 @@ def add_service_parsers(sub) -> None:
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
     p.add_argument("--num-gpus", type=float, default=None, help="GPUs per worker (default 1 with --device cuda, else 0)")
-    p.add_argument("--num-cpus", type=float, default=1.0,
-                   help="CPUs per worker (default 1); Ray also sets the worker's OpenMP/torch threads to it")
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs per worker, also its torch threads (default: this machine's cores / --workers "
+                        "for a local Ray, 1 with --address)")
     p.add_argument("--allowed-root", action="append", default=_roots(os.environ.get("REFSTREAM_ALLOWED_ROOTS")),
                    help="folder jobs may read from (repeatable; default $REFSTREAM_ALLOWED_ROOTS)")
     p.add_argument("--upload-root", default=os.environ.get("REFSTREAM_UPLOAD_ROOT"))
@@ -89,10 +90,11 @@ def run_service_command(args: argparse.Namespace) -> int:
         if args.log_format == "json":
             quiet_ray_log_prefix()  # before Ray starts: forwarded worker lines stay pure JSON
         num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+        num_cpus = args.num_cpus if args.num_cpus is not None else (1.0 if args.address else None)
         serve(args.redis_url, address=args.address, workers=args.workers, model=args.model,
               checkpoint=args.checkpoint, device=args.device, allowed_roots=args.allowed_root,
               upload_root=args.upload_root, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
-              lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus, num_cpus=args.num_cpus,
+              lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus, num_cpus=num_cpus,
               metrics_port=args.metrics_port or None, metrics_host=args.metrics_host,
               log_format=args.log_format, log_level=args.log_level)
         return 0

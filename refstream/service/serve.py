@@ -3,7 +3,14 @@
 Each worker is a Ray actor (:class:`refstream.service.worker.QueueWorker`) with ``max_restarts=-1``:
 when its process dies, Ray restarts it (the constructor reloads the model) and this supervisor starts
 its loop again; the job it held stays pending in Redis and is reclaimed after the lease. On SIGTERM the
-supervisor asks every worker to finish its current job and stop (jobs not taken stay queued).
+supervisor asks every worker to finish its current job and stop (jobs not taken stay queued), then exits.
+
+The actors are single-threaded (``max_concurrency=1``: a second thread in the actor cost ~10% of the
+throughput on a small CPU machine), so the supervisor never calls into a running actor: it asks them to stop
+through a Redis key (:func:`refstream.service.worker.stop_key`, checked by the work loop between jobs) and
+workers report liveness in a Redis heartbeat hash (:func:`refstream.service.worker.heartbeats`). Each actor
+sets its torch threads to its CPUs (``num_cpus``). Without ``address`` a fresh local Ray is started
+(``address="local"``), never one left over from an earlier ``serve`` that was killed.
 
 With ``metrics_port`` set, the supervisor also serves Prometheus ``/metrics`` (values read from Redis at
 each scrape, see :mod:`refstream.service.metrics`). Events are logged on the ``refstream.serve`` logger
@@ -13,9 +20,11 @@ each scrape, see :mod:`refstream.service.metrics`). Events are logged on the ``r
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
+import uuid
 
 from refstream.service.logs import log_event
 
@@ -25,7 +34,7 @@ logger = logging.getLogger("refstream.serve")
 def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model: str = "tiny",
           checkpoint: str | None = None, device: str = "auto", allowed_roots=(), upload_root=None,
           max_upload_bytes: int = 512 * 1024 * 1024, lease_ms: int = 60_000, max_deliveries: int = 3,
-          num_gpus: float = 0.0, num_cpus: float = 1.0, stop_event: threading.Event | None = None,
+          num_gpus: float = 0.0, num_cpus: float | None = 1.0, stop_event: threading.Event | None = None,
           on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
           log_format: str | None = None, log_level: str = "INFO") -> int:
     """Run the worker pool; returns the number of jobs handled when stopped.
@@ -34,12 +43,15 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         metrics_port: serve ``/metrics`` on this port (0 = a free port; None = no metrics server).
         log_format: ``json``/``text`` logging in the worker actors (None: leave their logging alone).
         log: optional extra callable receiving each supervisor message as plain text.
+        num_cpus: CPUs per worker actor, also its torch threads (None: this machine's cores / ``workers``).
+        on_start: called with the list of actor handles once they are created (their heartbeats appear in
+            Redis once the model is loaded; do not call their methods: they are busy running the loop).
     """
     import ray
     from ray.exceptions import RayActorError
 
     from refstream.service.queue import JobQueue, connect
-    from refstream.service.worker import QueueWorker
+    from refstream.service.worker import QueueWorker, stop_key
 
     def note(event: str, message: str, level: int = logging.INFO, **fields) -> None:
         log_event(logger, event, message, level, **fields)
@@ -50,17 +62,24 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         if address:
             ray.init(address=address)
         else:
-            ray.init(include_dashboard=False, object_store_memory=200 * 1024 * 1024)
+            # "local": always a fresh Ray of our own, never one left behind by a serve that was killed
+            ray.init(address="local", include_dashboard=False, object_store_memory=200 * 1024 * 1024)
+    if num_cpus is None:
+        num_cpus = max(1.0, float((os.cpu_count() or 1) // max(1, workers)))
+    threads = max(1, int(num_cpus))
     stop_event = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop_event.set())
-    Actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=2, num_gpus=num_gpus,
+    serve_id = uuid.uuid4().hex[:12]
+    control = JobQueue(connect(redis_url))
+    Actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=1, num_gpus=num_gpus,
                        num_cpus=num_cpus)(QueueWorker)
     actors = [
         Actor.remote(redis_url, model=model, checkpoint=checkpoint, device=device, allowed_roots=list(allowed_roots),
                      upload_root=upload_root, max_upload_bytes=max_upload_bytes, lease_ms=lease_ms,
-                     max_deliveries=max_deliveries, name=f"worker-{i}", log_format=log_format, log_level=log_level)
+                     max_deliveries=max_deliveries, name=f"worker-{i}", log_format=log_format, log_level=log_level,
+                     prefix=control.prefix, serve_id=serve_id, threads=threads)
         for i in range(workers)
     ]
     if on_start is not None:
@@ -70,33 +89,39 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
     if metrics_port is not None:
         from refstream.service.metrics import start_metrics_server
 
-        server, port = start_metrics_server(JobQueue(connect(redis_url)), metrics_port, metrics_host,
+        server, port = start_metrics_server(control, metrics_port, metrics_host,
                                             workers=lambda: len(runs))
         note("metrics.listening", f"metrics on http://{metrics_host}:{port}/metrics", port=port)
     note("serve.started", f"{workers} worker(s) on {_redact(redis_url)}", workers=workers, redis=_redact(redis_url))
     handled = 0
-    stopping = False
+    stopping = stop_sent = False
+    key = stop_key(control.prefix, serve_id)
     try:
         while runs:
             if stop_event.is_set():
                 if not stopping:
                     stopping = True
                     note("serve.stopping", "stop requested: workers finish their current job")
-                for actor in set(runs.values()):
-                    try:
-                        actor.stop.remote()
-                    except RayActorError:
-                        pass
+                if not stop_sent:
+                    try:  # the work loops check this key between jobs
+                        control.r.set(key, "1", ex=24 * 3600)
+                        stop_sent = True
+                    except Exception as exc:  # noqa: BLE001 - Redis away: try again on the next turn
+                        note("serve.stop_retry", f"could not send the stop request ({exc}); retrying",
+                             logging.WARNING, error=str(exc))
             ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.5)
             for ref in ready:
                 actor = runs.pop(ref)
                 try:
                     handled += ray.get(ref)
-                except RayActorError as exc:
+                except Exception as exc:  # noqa: BLE001 - RayActorError (died) or RayTaskError (e.g. Redis away)
                     if stop_event.is_set():
                         continue
-                    note("serve.worker_died", f"a worker died ({exc.__class__.__name__}); restarting its loop",
-                         logging.WARNING, error=str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__)
+                    died = isinstance(exc, RayActorError)
+                    first = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+                    note("serve.worker_died" if died else "serve.worker_error",
+                         f"a worker {'died' if died else 'loop failed'} ({exc.__class__.__name__}); restarting its loop",
+                         logging.WARNING, error=first)
                     time.sleep(0.5)
                     runs[actor.run.remote()] = actor
                     continue
@@ -106,6 +131,10 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         if server is not None:
             server.shutdown()
             server.server_close()
+        try:
+            control.r.delete(key)
+        except Exception:  # noqa: BLE001
+            pass
     note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)
     return handled
 

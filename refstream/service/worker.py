@@ -5,11 +5,24 @@ abandoned past its lease by a dead worker), check its input against the allow-li
 ``refstream run`` does, and store the four output files in the result. Ray restarts a crashed actor
 (``max_restarts``); the job it held stays pending in Redis and is taken over after the lease, so a job
 survives the death of its worker, of ``refstream serve`` itself, or a Redis restart (AOF on).
+
+The actors are single-threaded (``max_concurrency=1``): nothing calls into an actor while it runs a job.
+The supervisor talks to its workers through Redis instead:
+
+* **stop**: ``serve`` sets ``{prefix}:serve:{serve_id}:stop`` (:func:`stop_key`); the work loop checks it
+  between jobs (one ``EXISTS`` per loop turn, at most every ``block_ms``), finishes the job it holds and returns.
+* **heartbeat**: each worker keeps a hash ``{prefix}:worker:{name}`` (:func:`heartbeat_key`) with its ``pid``,
+  ``host``, ``device``, torch ``threads``, ``handled`` (jobs taken), ``state`` (idle/running/stopped), ``input`` (of the running job)
+  and ``beat`` (Unix time of the last beat: every loop turn and on job progress, at most once a second). The
+  hash expires :data:`HEARTBEAT_TTL_S` after the last beat, so a dead worker's record goes away;
+  :func:`heartbeats` reads them all.
 """
 
 from __future__ import annotations
 
 import base64
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +30,35 @@ from pathlib import Path
 from refstream.service.jobs import InputPolicy, JobRequest
 
 OUTPUT_FILES = ("masks.json", "summary.json", "tokens.png", "overlay.mp4")
+HEARTBEAT_TTL_S = 60  # a worker's heartbeat hash expires this long after its last beat
+HEARTBEAT_EVERY_S = 1.0  # beats at most this often
+
+
+def heartbeat_key(prefix: str, name: str) -> str:
+    """The Redis hash a worker named ``name`` keeps its heartbeat in."""
+    return f"{prefix}:worker:{name}"
+
+
+def stop_key(prefix: str, serve_id: str) -> str:
+    """The Redis key that asks the workers of one ``serve`` process to stop between jobs."""
+    return f"{prefix}:serve:{serve_id}:stop"
+
+
+def heartbeats(client, prefix: str = "refstream") -> dict[str, dict]:
+    """Every live worker's heartbeat (name -> fields; ``pid``, ``handled``, ``threads`` as int, ``beat`` float)."""
+    out = {}
+    for key in client.scan_iter(match=heartbeat_key(prefix, "*"), count=100):
+        record = client.hgetall(key)
+        if not record:
+            continue
+        for field in ("pid", "handled", "threads"):
+            if field in record:
+                record[field] = int(record[field])
+        for field in ("beat", "started"):
+            if field in record:
+                record[field] = float(record[field])
+        out[record.get("name") or key.rsplit(":", 1)[-1]] = record
+    return out
 
 
 def run_job(pipeline, policy: InputPolicy, request: JobRequest, progress) -> dict:
@@ -78,12 +120,18 @@ class QueueWorker:
         lease_ms, max_deliveries, result_ttl_s: queue settings (see :class:`JobQueue`).
         log_format: ``json`` or ``text`` to configure the ``refstream`` loggers in this (actor) process;
             None leaves logging as it is (in-process use).
+        prefix: the queue's key prefix.
+        serve_id: the ``serve`` process this worker belongs to; the loop stops when that process sets
+            :func:`stop_key` (None: only :meth:`stop` stops it).
+        threads: torch intra-op threads in this process (None: leave torch's setting; ``serve`` passes the
+            actor's CPUs).
     """
 
     def __init__(self, redis_url: str, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
                  allowed_roots=(), upload_root=None, max_upload_bytes: int = 512 * 1024 * 1024,
                  lease_ms: int = 60_000, max_deliveries: int = 3, result_ttl_s: int = 7 * 24 * 3600,
-                 name: str = "worker", log_format: str | None = None, log_level: str = "INFO"):
+                 name: str = "worker", log_format: str | None = None, log_level: str = "INFO",
+                 prefix: str = "refstream", serve_id: str | None = None, threads: int | None = None):
         import logging
 
         from refstream.config import load_model_config
@@ -93,31 +141,99 @@ class QueueWorker:
 
         if log_format is not None:
             configure_logging(log_format, log_level)
+        import torch
+
+        if threads:
+            torch.set_num_threads(int(threads))
         started = time.perf_counter()
         self.name = name
-        self.queue = JobQueue(connect(redis_url), lease_ms=lease_ms, max_deliveries=max_deliveries,
+        self.queue = JobQueue(connect(redis_url), prefix=prefix, lease_ms=lease_ms, max_deliveries=max_deliveries,
                               result_ttl_s=result_ttl_s)
+        self.stop_key = stop_key(prefix, serve_id) if serve_id else None
+        self.heartbeat_key = heartbeat_key(prefix, name)
+        self._beat_at = 0.0
+        self._state, self._job = "idle", ""
         self.policy = InputPolicy(allowed_roots, upload_root, max_upload_bytes)
         self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
         self._stop = False
         self.handled = 0
+        self._started = time.time()
+        self.beat(force=True)
         log_event(logging.getLogger("refstream.worker"), "worker.ready", f"model {model} loaded on {self.pipeline.device}",
                   consumer=name, seconds=time.perf_counter() - started)
 
     def health(self) -> dict:
-        """Liveness: the worker's name, jobs handled, and whether Redis answers."""
-        import os
+        """Liveness: the worker's name, pid, jobs handled, torch threads, and whether Redis answers.
 
-        return {"name": self.name, "pid": os.getpid(), "handled": self.handled, "redis": bool(self.queue.r.ping())}
+        A method call: on a Ray actor it waits for the running job (actors run one call at a time); read the
+        heartbeat (:func:`heartbeats`) for the state of a busy worker.
+        """
+        import torch
+
+        return {"name": self.name, "pid": os.getpid(), "handled": self.handled, "threads": torch.get_num_threads(),
+                "device": str(self.pipeline.device), "redis": bool(self.queue.r.ping())}
+
+    def beat(self, force: bool = False, pipe=None) -> None:
+        """Write the heartbeat hash (at most every :data:`HEARTBEAT_EVERY_S` unless ``force``)."""
+        now = time.time()
+        if not force and now - self._beat_at < HEARTBEAT_EVERY_S:
+            return
+        import torch
+
+        self._beat_at = now
+        own = pipe is None
+        pipe = self.queue.r.pipeline(transaction=False) if own else pipe
+        pipe.hset(self.heartbeat_key, mapping={
+            "name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.pipeline.device),
+            "threads": torch.get_num_threads(), "handled": self.handled, "state": self._state, "input": self._job,
+            "beat": now, "started": self._started})
+        pipe.expire(self.heartbeat_key, HEARTBEAT_TTL_S)
+        if own:
+            pipe.execute()
+
+    def _should_stop(self) -> bool:
+        """The work loop's ``stop``: beat, and check the supervisor's stop key (one round trip)."""
+        from redis.exceptions import RedisError
+
+        if self._stop:
+            return True
+        try:
+            pipe = self.queue.r.pipeline(transaction=False)
+            self.beat(pipe=pipe)
+            if self.stop_key:
+                pipe.exists(self.stop_key)
+            replies = pipe.execute()
+            if self.stop_key and replies and replies[-1]:
+                self._stop = True
+        except RedisError:  # Redis away: keep going, take() waits for it (with its retries)
+            pass
+        return self._stop
 
     def run(self, max_jobs: int | None = None, block_ms: int = 500) -> int:
-        """Work until :meth:`stop` (or ``max_jobs``); returns the jobs handled by this call."""
+        """Work until :meth:`stop`, the stop key (or ``max_jobs``); returns the jobs handled by this call."""
         def handler(request, progress):
-            return run_job(self.pipeline, self.policy, request, progress)
+            def beating_progress(**kwargs):
+                progress(**kwargs)
+                try:
+                    self.beat()
+                except Exception:  # noqa: BLE001 - a heartbeat never fails a job
+                    pass
 
-        handled = self.queue.work(self.name, handler, stop=lambda: self._stop, block_ms=block_ms, max_jobs=max_jobs)
-        self.handled += handled
-        return handled
+            self.handled += 1
+            self._state, self._job = "running", getattr(request, "input", "")
+            try:
+                return run_job(self.pipeline, self.policy, request, beating_progress)
+            finally:
+                self._state, self._job = "idle", ""
+
+        try:
+            return self.queue.work(self.name, handler, stop=self._should_stop, block_ms=block_ms, max_jobs=max_jobs)
+        finally:  # a last beat: the loop is over (stopped) or waits for the next run() call (idle)
+            self._state = "stopped" if self._stop else "idle"
+            try:
+                self.beat(force=True)
+            except Exception:  # noqa: BLE001 - Redis away: the heartbeat expires on its own
+                pass
 
     def stop(self) -> None:
         """Finish the current job, then leave the loop (jobs not taken stay queued for others)."""
