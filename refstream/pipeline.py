@@ -672,6 +672,20 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
     finally:
         if "w" in writer:
             writer["w"].close()
+    return write_job_outputs(result, options, out, str(pipeline.device), started, load_seconds)
+
+
+def write_job_outputs(result: JobResult, options: RunOptions, out: str | Path, device: str, started: float,
+                      load_seconds: float = 0.0) -> dict:
+    """Write ``masks.json``, ``tokens.png`` and ``summary.json`` of a finished job into ``out`` (the overlay
+    video is written while the frames stream); ``started`` is the job's ``time.perf_counter()`` start.
+
+    Returns:
+        The summary dictionary (also written to ``summary.json``).
+    """
+    from refstream.outputs import draw_tokens, write_json_atomic
+
+    out = Path(out)
     t = time.perf_counter()
     note = RANDOM_WEIGHTS_NOTE if result.random_weights else None
     masks_json = {
@@ -710,7 +724,7 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
         "model_load_seconds": round(load_seconds, 3),
         "total_seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": str(pipeline.device),
+        "device": device,
         "outputs": ["masks.json", "overlay.mp4", "tokens.png", "summary.json"],
     }
     if options.clip_length is not None:

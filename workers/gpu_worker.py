@@ -31,10 +31,13 @@ class VideoGLaMMWorker:
         model: ``tiny``, ``videoglamm`` or a config YAML; checkpoint: the weights folder; device: cpu/cuda/auto.
     """
 
-    def __init__(self, model: str = "videoglamm", checkpoint: str | None = None, device: str = "auto"):
+    def __init__(self, model: str = "videoglamm", checkpoint: str | None = None, device: str = "auto",
+                 threads: int | None = None):
         from refstream.config import load_model_config
         from refstream.pipeline import Pipeline
 
+        if threads:  # torch intra-op threads in this process (None: leave torch's setting)
+            torch.set_num_threads(int(threads))
         self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
         self.frames_done = 0
         self.started = time.time()
@@ -53,7 +56,8 @@ class VideoGLaMMWorker:
                 "uptime_s": time.time() - self.started}
 
     def segment_stream(self, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
-                       frame_chunks: Sequence, answer_mode: str = "forced") -> Iterator[tuple[int, np.ndarray]]:
+                       frame_chunks: Sequence, answer_mode: str = "forced",
+                       report_answers: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Answer once, then stream masks.
 
         Args:
@@ -63,15 +67,17 @@ class VideoGLaMMWorker:
             expressions: the N referring expressions.
             video_size: (H, W) of the original frames (masks come back at this size).
             frame_chunks: object references (or tensors) of SAM2-preprocessed frames, each float32
-                [t, 3, S, S]; the first frame of the first chunk is the anchor frame.
+                [t, 3, S, S]; the first frame of the first chunk is the anchor frame. Any iterable works, e.g.
+                a :class:`ChunkFeed` that pulls the chunks one at a time from a decode actor (bounded memory).
             answer_mode: ``forced`` or ``generate``.
+            report_answers: first yield ``(-1, [answer text per expression])`` (for ``masks.json``).
 
         Yields:
             ``(frame_index, masks)`` with masks bool [N, H, W] (an expression whose answer has no [SEG] gets
             empty masks), one per frame, in order.
         """
         try:
-            yield from self._segment(visual_tokens, expressions, video_size, frame_chunks, answer_mode)
+            yield from self._segment(visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers)
         except Exception as exc:  # noqa: BLE001
             from workers.actor import is_cuda_error
 
@@ -79,13 +85,15 @@ class VideoGLaMMWorker:
                 os._exit(1)  # let Ray restart the actor with a fresh CUDA context
             raise
 
-    def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode):
+    def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers=False):
         import ray
 
         from workers.sam2_decoder import Sam2VideoDecoder
 
         model = self.pipeline.model
         answers = model.seg_answers(visual_tokens.to(model.device, model.dtype), list(expressions), answer_mode)
+        if report_answers:
+            yield -1, [a.text for a in answers]
         prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
         height, width = video_size
         stream = None
@@ -108,6 +116,23 @@ class VideoGLaMMWorker:
         finally:
             if stream is not None:
                 stream.close()
+
+
+class ChunkFeed:
+    """An iterable of SAM2 chunks pulled one at a time from a decode actor's ``next_chunk(job_id)`` (which
+    returns a chunk, or None at the end): pass it as ``frame_chunks`` so the worker fetches frames as it goes."""
+
+    def __init__(self, decoder, job_id: str):
+        self.decoder, self.job_id = decoder, job_id
+
+    def __iter__(self):
+        import ray
+
+        while True:
+            chunk = ray.get(self.decoder.next_chunk.remote(self.job_id))
+            if chunk is None:
+                return
+            yield chunk
 
 
 def gpu_worker_class(num_gpus: float = 0.0, num_cpus: float = 1.0, max_restarts: int = -1):

@@ -51,7 +51,13 @@ def add_service_parsers(sub) -> None:
     p = sub.add_parser("serve", help="run queue workers (Ray actors) until SIGTERM")
     common(p)
     p.add_argument("--address", default=None, help="join a Ray cluster (auto or ray://host:port)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker actors (whole) / VideoGLaMM actors and jobs in flight (pools)")
+    p.add_argument("--pipeline", default="whole", choices=["whole", "pools"],
+                   help="whole: each worker runs whole jobs (default); pools: decode, CLIP+pruning and VideoGLaMM "
+                        "actor pools with frames streamed in chunks")
+    p.add_argument("--decoders", type=int, default=1, help="decode actors (--pipeline pools)")
+    p.add_argument("--encoders", type=int, default=1, help="CLIP + pruning actors (--pipeline pools)")
     p.add_argument("--model", default="videoglamm")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
@@ -96,7 +102,8 @@ def run_service_command(args: argparse.Namespace) -> int:
               upload_root=args.upload_root, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
               lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus, num_cpus=num_cpus,
               metrics_port=args.metrics_port or None, metrics_host=args.metrics_host,
-              log_format=args.log_format, log_level=args.log_level)
+              log_format=args.log_format, log_level=args.log_level, pipeline=args.pipeline,
+              decoders=args.decoders, encoders=args.encoders)
         return 0
     client = RefStreamClient(args.redis_url, upload_root=getattr(args, "upload_root", None),
                              max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)

@@ -36,7 +36,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
           max_upload_bytes: int = 512 * 1024 * 1024, lease_ms: int = 60_000, max_deliveries: int = 3,
           num_gpus: float = 0.0, num_cpus: float | None = 1.0, stop_event: threading.Event | None = None,
           on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
-          log_format: str | None = None, log_level: str = "INFO") -> int:
+          log_format: str | None = None, log_level: str = "INFO", pipeline: str = "whole", decoders: int = 1,
+          encoders: int = 1) -> int:
     """Run the worker pool; returns the number of jobs handled when stopped.
 
     Args:
@@ -44,6 +45,9 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         log_format: ``json``/``text`` logging in the worker actors (None: leave their logging alone).
         log: optional extra callable receiving each supervisor message as plain text.
         num_cpus: CPUs per worker actor, also its torch threads (None: this machine's cores / ``workers``).
+        pipeline: ``whole`` (each worker actor runs whole jobs) or ``pools`` (decode / encoder / VideoGLaMM
+            actor pools of ``decoders`` / ``encoders`` / ``workers``, frames streamed in chunks; see
+            :mod:`refstream.service.streaming`; ``on_start`` then gets the :class:`Pools`).
         on_start: called with the list of actor handles once they are created (their heartbeats appear in
             Redis once the model is loaded; do not call their methods: they are busy running the loop).
     """
@@ -73,6 +77,30 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
             signal.signal(sig, lambda *_: stop_event.set())
     serve_id = uuid.uuid4().hex[:12]
     control = JobQueue(connect(redis_url))
+    if pipeline == "pools":
+        from refstream.service.jobs import InputPolicy
+        from refstream.service.streaming import serve_pools
+
+        server = None
+        if metrics_port is not None:
+            from refstream.service.metrics import start_metrics_server
+
+            server, port = start_metrics_server(control, metrics_port, metrics_host, workers=lambda: workers)
+            note("metrics.listening", f"metrics on http://{metrics_host}:{port}/metrics", port=port)
+        try:
+            handled = serve_pools(
+                redis_url, decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
+                device=device, policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes), lease_ms=lease_ms,
+                max_deliveries=max_deliveries, num_gpus=num_gpus, num_cpus=min(num_cpus, 0.5), threads=threads,
+                stop_event=stop_event, on_start=on_start, note=note, serve_id=serve_id)
+        finally:
+            if server is not None:
+                server.shutdown()
+                server.server_close()
+        note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)
+        return handled
+    if pipeline != "whole":
+        raise ValueError(f"pipeline must be 'whole' or 'pools', got {pipeline!r}")
     Actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=1, num_gpus=num_gpus,
                        num_cpus=num_cpus)(QueueWorker)
     actors = [

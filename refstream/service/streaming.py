@@ -1,0 +1,397 @@
+"""``refstream serve --pipeline pools``: one job split over pools of Ray actors, frames streamed in chunks.
+
+Three pools, each actor with ``max_restarts=-1`` (Ray restarts a crashed actor; its constructor reloads):
+
+* :class:`DecodeActor` (``--decoders``, CPU): opens the video, plans the frames, returns the metadata and
+  the 16 encoder frames, then decodes + SAM2-preprocesses the SAM2 frames in a background thread into a
+  queue of at most ``ahead`` chunks (bounded in-flight work: a long video never sits in memory whole).
+  ``next_chunk(job_id)`` hands out the next chunk (None at the end) and keeps its source frames for the
+  overlay (``frames_chunk``); ``stats()`` reports ``max_ahead``, the most chunks it ever held queued.
+* :class:`EncoderActor` (``--encoders``): CLIP (+ text), pruning, InternVideo2 and the projectors: the
+  LLM-ready visual tokens [V, H] of the clip, the token selection (for ``tokens.png``) and timings.
+* :class:`workers.gpu_worker.VideoGLaMMWorker` (``--workers``, ``num_gpus=1`` on CUDA): the LLM once, then
+  the SAM2 stream; it PULLS the chunks from the decode actor (:class:`workers.gpu_worker.ChunkFeed`) and
+  streams ``(index, masks)`` back.
+
+The queue consumer is a light coordinator in the ``serve`` process: one thread per in-flight job (up to
+``--workers``) runs :meth:`JobQueue.work` with :func:`run_pooled_job`, which RLE-encodes the masks as they
+arrive, writes the overlay, reports ``frames_done`` to Redis (renewing the lease) and stores the same four
+files as ``refstream run``. An actor dying mid-job (``RayActorError``) makes the job run again at once (once,
+on the next actors of the pools); a second death fails it as transient, so it is retried after the lease.
+
+Pruning methods that prune inside the LLM (FastV: ``selection.stage == "llm"``) are not supported here (the
+job fails with a ConfigError); use ``--pipeline whole`` for them.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import logging
+import os
+import queue as queue_mod
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from refstream.errors import ConfigError, RefStreamError
+from refstream.service.logs import log_event
+
+logger = logging.getLogger("refstream.serve")
+
+
+class _DecodeJob:
+    def __init__(self, source, plan, ahead: int):
+        self.source, self.plan = source, plan
+        self.chunks: queue_mod.Queue = queue_mod.Queue(maxsize=ahead)
+        self.frames: deque = deque()  # source frames of chunks handed out, until the coordinator takes them
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+
+class DecodeActor:
+    """Decode + SAM2 preprocessing, a bounded queue of chunks per job (plain class; a threaded Ray actor).
+
+    Args:
+        ahead: chunks decoded ahead of the consumer at most (the queue's size).
+        chunk_size: frames per chunk.
+    """
+
+    def __init__(self, ahead: int = 2, chunk_size: int = 8, threads: int | None = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        self.ahead, self.chunk_size = max(1, int(ahead)), max(1, int(chunk_size))
+        self.jobs: dict[str, _DecodeJob] = {}
+        self.max_ahead = 0
+        self.chunks_out = 0
+
+    def open(self, job_id: str, path: str, decoder: str, frames: int, stride: int, max_frames: int | None,
+             sam2_size: int, sam2_style: str) -> dict:
+        """Open the video, plan it, start decoding its SAM2 chunks; returns metadata + encoder frames."""
+        from video_pipeline.decode import open_video
+        from video_pipeline.plan import plan_frames
+
+        started = time.perf_counter()
+        source = open_video(path, decoder)
+        try:
+            plan = plan_frames(source.num_frames, frames, stride, max_frames)
+            encoder_frames = source.read(plan.encoder_indices)
+        except BaseException:
+            source.close()
+            raise
+        job = _DecodeJob(source, plan, self.ahead)
+        self.jobs[job_id] = job
+        threading.Thread(target=self._produce, args=(job, sam2_size, sam2_style), daemon=True).start()
+        return {"height": source.height, "width": source.width, "fps": source.fps,
+                "frame_names": [source.frame_names[i] for i in plan.sam2_indices],
+                "encoder_frames": encoder_frames, "seconds": time.perf_counter() - started}
+
+    def _produce(self, job: _DecodeJob, size: int, style: str) -> None:
+        from video_pipeline.preprocess import sam2_preprocess
+
+        try:
+            for _, frames in job.source.iter_chunks(job.plan.sam2_indices, chunk_size=self.chunk_size):
+                item = (sam2_preprocess(frames, style=style, size=size), frames)
+                if not self._put(job, item):
+                    return
+            self._put(job, None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer by next_chunk
+            job.error = exc
+            self._put(job, None)
+        finally:
+            job.source.close()
+
+    def _put(self, job: _DecodeJob, item) -> bool:
+        while not job.stop.is_set():
+            try:
+                job.chunks.put(item, timeout=0.2)
+            except queue_mod.Full:
+                continue
+            self.max_ahead = max(self.max_ahead, job.chunks.qsize())
+            return True
+        return False
+
+    def next_chunk(self, job_id: str):
+        """The next SAM2-preprocessed chunk float32 [t, 3, S, S] of a job, or None after the last one."""
+        job = self.jobs[job_id]
+        item = job.chunks.get()
+        if item is None:
+            if job.error is not None:
+                raise job.error
+            return None
+        pixels, frames = item
+        job.frames.append(frames)
+        self.chunks_out += 1
+        return pixels
+
+    def frames_chunk(self, job_id: str) -> np.ndarray:
+        """Source frames uint8 [t, H, W, 3] of the oldest chunk handed out by :meth:`next_chunk` not taken yet."""
+        return self.jobs[job_id].frames.popleft()
+
+    def close(self, job_id: str) -> None:
+        """Forget a job (stops its decoding thread)."""
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            job.stop.set()
+
+    def stats(self) -> dict:
+        return {"pid": os.getpid(), "jobs": len(self.jobs), "max_ahead": self.max_ahead, "ahead": self.ahead,
+                "chunks_out": self.chunks_out}
+
+
+class EncoderActor:
+    """CLIP + pruning + InternVideo2 + projectors: encoder frames in, LLM-ready visual tokens out."""
+
+    def __init__(self, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
+                 threads: int | None = None):
+        import torch
+
+        from refstream.config import load_model_config
+        from refstream.pipeline import Pipeline
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
+
+    def sam2_input(self) -> dict:
+        """What the decode actors preprocess SAM2 frames to: ``size`` and ``style``."""
+        from workers.sam2_decoder import Sam2VideoDecoder
+
+        return {"size": int(Sam2VideoDecoder(self.pipeline.model.sam2).image_size),
+                "style": self.pipeline.sam2_style, "name": self.pipeline.config.name,
+                "random_weights": self.pipeline.config.random_weights, "device": str(self.pipeline.device)}
+
+    def encode(self, encoder_frames: np.ndarray, expressions: list[str], method_spec: str, variant: str,
+               budget: int, placement: str, clip_text: str) -> dict:
+        import torch
+
+        from pruning.clip_features import ClipFeatureExtractor
+        from refstream.pipeline import _CLIP_MEAN, _CLIP_STD, StageTimer, VideoFeatures, make_method
+        from video_pipeline.preprocess import clip_preprocess
+
+        pipeline, model = self.pipeline, self.pipeline.model
+        timer = StageTimer()
+        method = make_method(method_spec, variant)
+        with torch.inference_mode():
+            with timer("clip"):
+                clip_pixels = clip_preprocess(encoder_frames)
+                extractor = ClipFeatureExtractor(model.clip, model.clip_tokenizer)
+                features = extractor.encode_frames(clip_pixels, with_scores=method.needs_scores,
+                                                   with_penultimate=method.needs_penultimate)
+            video = VideoFeatures(height=0, width=0, fps=None, plan=None, frame_names=[],
+                                  encoder_frames=encoder_frames, clip_pixels=clip_pixels, clip=features,
+                                  extractor=extractor)
+            text_embeds = None
+            if method.needs_text:
+                text_embeds = pipeline.text_embeds(video, pipeline.clip_texts(expressions, clip_text), timer)
+            with timer("prune"):
+                selection = method.select(video.clip, text_embeds, budget, placement)
+            if selection.stage == "llm":
+                raise ConfigError(f"--method {method_spec} prunes inside the LLM: not supported by "
+                                  "serve --pipeline pools (use --pipeline whole)")
+            iv2 = pipeline.internvideo2_tokens(video, timer)
+            with timer("llm"):
+                clip_tokens = model.clip_tokens(video.clip.hidden, selection, placement)
+                visual = torch.cat([clip_tokens.flatten(0, 1), iv2.flatten(0, 1)])
+        seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
+        view = clip_pixels[0] * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1)
+        view = (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return {"visual": visual.cpu(), "visual_tokens": int(visual.shape[0]), "seq_len": int(seq_len),
+                "kept_per_frame": selection.kept_per_frame, "unit": selection.unit, "view": view,
+                "selection": (selection.indices[0].cpu().numpy(), selection.similarity_aware[0].cpu().numpy(),
+                              selection.grid),
+                "timings": dict(timer.seconds)}
+
+
+class Pools:
+    """The three actor pools (round-robin) and the SAM2 input size they agree on."""
+
+    def __init__(self, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
+                 checkpoint: str | None = None, device: str = "auto", num_gpus: float = 0.0,
+                 num_cpus: float = 0.5, threads: int | None = None, ahead: int = 2, chunk_size: int = 8):
+        import ray
+
+        from workers.gpu_worker import VideoGLaMMWorker
+
+        Decode = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16, num_cpus=num_cpus)(DecodeActor)
+        Encode = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus)(EncoderActor)
+        Worker = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus,
+                            num_gpus=num_gpus)(VideoGLaMMWorker)
+        self.decoders = [Decode.remote(ahead, chunk_size, threads) for _ in range(max(1, decoders))]
+        self.encoders = [Encode.remote(model, checkpoint, device, threads) for _ in range(max(1, encoders))]
+        self.workers = [Worker.remote(model, checkpoint, device, threads) for _ in range(max(1, workers))]
+        self._next = {name: itertools.cycle(getattr(self, name)) for name in ("decoders", "encoders", "workers")}
+        self._lock = threading.Lock()
+        self.sam2 = ray.get(self.encoders[0].sam2_input.remote())
+        ray.get([w.health.remote() for w in self.workers] + [d.stats.remote() for d in self.decoders])
+
+    def pick(self):
+        """(decoder, encoder, worker) for the next job, round-robin."""
+        with self._lock:
+            return tuple(next(self._next[name]) for name in ("decoders", "encoders", "workers"))
+
+
+def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1) -> dict:
+    """One queued job through the pools; the result is that of :func:`refstream.service.worker.run_job`.
+
+    An actor that dies mid-job (``RayActorError``) makes the job start again, ``retries`` times, on the next
+    actors; then the error goes up (the queue retries the job after its lease).
+    """
+    from ray.exceptions import RayActorError
+
+    for attempt in itertools.count():
+        try:
+            return _pooled_job_once(pools, policy, request, progress)
+        except RayActorError as exc:
+            if attempt >= retries:
+                raise
+            log_event(logger, "job.actor_died", f"an actor died mid-job ({exc.__class__.__name__}); running it again",
+                      logging.WARNING, error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+            time.sleep(0.5)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """A Ray task error's own cause when it is a RefStreamError (bad input fails the job at once)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, RefStreamError) else exc
+
+
+def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from refstream.outputs import OverlayWriter, encode_rle
+    from refstream.pipeline import JobResult, RunOptions, StageTimer, write_job_outputs
+    from refstream.service.worker import OUTPUT_FILES
+
+    path = policy.check(request.input)
+    options = RunOptions(
+        expressions=list(request.expressions), model=pools.sam2["name"], method=request.method,
+        variant=request.variant, budget=request.budget, placement=request.placement, frames=request.frames,
+        stride=request.stride, max_frames=request.max_frames, clip_text=request.clip_text, answer=request.answer,
+    )
+    options.validate()
+    expressions = [e.strip() for e in options.expressions]
+    decoder, encoder, worker = pools.pick()
+    job_id = uuid.uuid4().hex
+    started = time.perf_counter()
+    timer = StageTimer()
+    try:
+        try:
+            meta = ray.get(decoder.open.remote(job_id, str(path), options.decoder, options.frames, options.stride,
+                                               options.max_frames, pools.sam2["size"], pools.sam2["style"]))
+            timer.seconds["decode"] += meta["seconds"]
+            total = len(meta["frame_names"])
+            progress(frames_done=0, frames_total=total)
+            encoded = ray.get(encoder.encode.remote(meta["encoder_frames"], expressions, options.method,
+                                                    options.variant, options.budget, options.placement,
+                                                    options.clip_text))
+        except RayTaskError as exc:
+            raise _cause(exc) from exc
+        for stage, seconds in encoded["timings"].items():
+            timer.seconds[stage] += seconds
+        from workers.gpu_worker import ChunkFeed
+
+        height, width = meta["height"], meta["width"]
+        stream = worker.segment_stream.options(num_returns="streaming").remote(
+            encoded["visual"], expressions, (height, width), ChunkFeed(decoder, job_id), options.answer,
+            report_answers=True)
+        masks: list[list[dict]] = [[] for _ in expressions]
+        answers: list[str] = []
+        frames: deque = deque()
+        last = 0.0
+        with tempfile.TemporaryDirectory(prefix="refstream-job-") as tmp:
+            writer = OverlayWriter(Path(tmp) / "overlay.mp4", width, height, meta["fps"])
+            try:
+                sam2_started = time.perf_counter()
+                for ref in stream:
+                    index, value = ray.get(ref)
+                    if index < 0:
+                        answers = list(value)
+                        continue
+                    if not frames:
+                        frames.extend(ray.get(decoder.frames_chunk.remote(job_id)))
+                    frame = frames.popleft()
+                    with timer("write"):
+                        for i in range(len(expressions)):
+                            masks[i].append(encode_rle(value[i]))
+                        writer.write(frame, value)
+                    now = time.monotonic()
+                    if now - last > 0.5:  # progress (and lease renewal) twice a second at most
+                        last = now
+                        progress(frames_done=index + 1)
+                timer.seconds["sam2"] += time.perf_counter() - sam2_started - timer.seconds.get("write", 0.0)
+            finally:
+                writer.close()
+            result = JobResult(
+                video=str(path), height=height, width=width, fps=meta["fps"], frames=meta["frame_names"],
+                expressions=expressions, answers=answers, masks=masks,
+                pruning={"method": options.method,
+                         "variant": options.variant if options.method == "litelvlm" else None,
+                         "budget": options.budget, "placement": options.placement,
+                         "kept_per_frame": encoded["kept_per_frame"], "unit": encoded["unit"],
+                         "clip_text": options.clip_text},
+                model=pools.sam2["name"], random_weights=pools.sam2["random_weights"],
+                visual_tokens=encoded["visual_tokens"], llm_sequence_length=encoded["seq_len"],
+                timings=dict(timer.seconds), tokens_view=encoded["view"], tokens_selection=encoded["selection"])
+            summary = write_job_outputs(result, options, tmp, pools.sam2["device"], started)
+            summary["pipeline"] = "pools"
+            files = {name: base64.b64encode((Path(tmp) / name).read_bytes()).decode("ascii") for name in OUTPUT_FILES}
+    finally:
+        try:
+            decoder.close.remote(job_id)
+        except Exception:  # noqa: BLE001 - the actor may be gone
+            pass
+    progress(frames_done=total, frames_total=total, stages=summary["stage_seconds"])
+    return {"summary": summary, "files": files, "seconds": time.perf_counter() - started}
+
+
+def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
+                checkpoint: str | None = None, device: str = "auto", policy=None, lease_ms: int = 60_000,
+                max_deliveries: int = 3, num_gpus: float = 0.0, num_cpus: float = 0.5, threads: int | None = None,
+                stop_event: threading.Event, on_start=None, note=None, ahead: int = 2, chunk_size: int = 8,
+                serve_id: str = "pools") -> int:
+    """Build the pools and run ``workers`` coordinator threads over the queue until ``stop_event``.
+
+    ``on_start(pools)`` is called once the actors are up. Returns the number of jobs handled.
+    """
+    from refstream.service.queue import JobQueue, connect
+
+    pools = Pools(decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
+                  device=device, num_gpus=num_gpus, num_cpus=num_cpus, threads=threads, ahead=ahead,
+                  chunk_size=chunk_size)
+    if on_start is not None:
+        on_start(pools)
+    handled = [0] * max(1, workers)
+
+    def loop(slot: int) -> None:
+        q = JobQueue(connect(redis_url), lease_ms=lease_ms, max_deliveries=max_deliveries)
+        while not stop_event.is_set():
+            try:
+                handled[slot] += q.work(f"{serve_id}-coordinator-{slot}",
+                                        lambda request, progress: run_pooled_job(pools, policy, request, progress),
+                                        stop=stop_event.is_set, block_ms=500)
+            except Exception as exc:  # noqa: BLE001 - e.g. Redis away: wait and go on
+                if note is not None:
+                    note("serve.worker_error", f"a coordinator loop failed ({exc}); restarting it", logging.WARNING,
+                         error=str(exc))
+                time.sleep(0.5)
+
+    threads_ = [threading.Thread(target=loop, args=(i,), daemon=True, name=f"refstream-coordinator-{i}")
+                for i in range(max(1, workers))]
+    for t in threads_:
+        t.start()
+    if note is not None:
+        note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s)",
+             workers=workers)
+    while any(t.is_alive() for t in threads_):
+        for t in threads_:
+            t.join(timeout=0.5)
+    return sum(handled)

@@ -1,0 +1,131 @@
+"""``serve --pipeline pools``: decode / encoder / VideoGLaMM actor pools, frames streamed in bounded chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from refstream.cli import main
+from refstream.service.client import RefStreamClient
+
+
+@pytest.fixture
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
+
+
+def _serve(redis_url, data_root, pools, **kwargs):
+    from refstream.service.serve import serve
+
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(redis_url,), kwargs=dict(
+        pipeline="pools", workers=1, model="tiny", device="cpu", allowed_roots=[data_root], stop_event=stop,
+        on_start=pools.append, log=lambda *_: None, **kwargs))
+    thread.start()
+    return stop, thread
+
+
+def test_pools_job_equals_refstream_run_with_bounded_chunks(ray_local, redis_server, shared_data, blackswan_dir,
+                                                            tmp_path):
+    ray = ray_local
+    pools = []
+    # the actors' torch threads = this process's (where `refstream run` runs below): the same numerics
+    import torch
+
+    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=10_000,
+                          num_cpus=float(torch.get_num_threads()))
+    try:
+        client = RefStreamClient(redis_server.url)
+        job = client.submit(str(blackswan_dir), ["the black swan", "the water"], max_frames=20, budget=81)
+        status = client.wait(job, timeout_s=120)
+        assert status["state"] == "done", status
+        assert status["frames_done"] == status["frames_total"] == 20 and "sam2" in status["stages"]
+        files = client.result(job, tmp_path / "out")
+        assert sorted(p.name for p in files) == ["masks.json", "overlay.mp4", "summary.json", "tokens.png"]
+        stats = ray.get(pools[0].decoders[0].stats.remote())
+        assert stats["chunks_out"] == 3 and 1 <= stats["max_ahead"] <= stats["ahead"] == 2  # 20 frames, chunks of 8
+        assert stats["jobs"] == 0
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert main(["run", str(blackswan_dir), "-e", "the black swan", "-e", "the water", "--model", "tiny",
+                 "--max-frames", "20", "--budget", "81", "--device", "cpu", "--quiet", "--out",
+                 str(tmp_path / "direct")]) == 0
+    served = json.loads((tmp_path / "out" / "masks.json").read_text())
+    direct = json.loads((tmp_path / "direct" / "masks.json").read_text())
+    assert served["objects"] == direct["objects"] and served["pruning"] == direct["pruning"]
+    assert served["frames"] == direct["frames"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    expected = json.loads((tmp_path / "direct" / "summary.json").read_text())
+    for key in ("frames", "visual_tokens_into_llm", "llm_sequence_length", "pruning"):
+        assert summary[key] == expected[key]
+
+
+def test_bad_input_fails_at_once_in_pools_mode(ray_local, redis_server, shared_data, tmp_path):
+    pools = []
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    corrupt = allowed / "corrupt.mp4"
+    corrupt.write_bytes(os.urandom(2048))
+    from refstream.service.serve import serve
+
+    stop = threading.Event()
+    thread = threading.Thread(target=serve, args=(redis_server.url,), kwargs=dict(
+        pipeline="pools", model="tiny", device="cpu", allowed_roots=[allowed], stop_event=stop,
+        on_start=pools.append, log=lambda *_: None))
+    thread.start()
+    try:
+        client = RefStreamClient(redis_server.url)
+        job = client.submit(str(corrupt), ["x"])
+        status = client.wait(job, timeout_s=120)
+        assert status["state"] == "failed" and "corrupt.mp4" in status["error"] and status["deliveries"] == 1
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+@pytest.mark.slow
+def test_killed_gpu_worker_mid_job_is_restarted_and_the_job_finishes_once(ray_local, redis_server, shared_data,
+                                                                          bedroom_mp4):
+    ray = ray_local
+    pools = []
+    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=3000)
+    try:
+        client = RefStreamClient(redis_server.url)
+        job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=120)
+        deadline = time.monotonic() + 180
+        while client.status(job)["frames_done"] < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        pid = ray.get(pools[0].workers[0].health.options().remote(), timeout=30)["pid"] if False else None
+        pid = pid or _worker_pid(ray, pools[0])
+        os.kill(pid, signal.SIGKILL)
+        status = client.wait(job, timeout_s=300)
+        assert status["state"] == "done" and status["frames_done"] == 120
+        result = json.loads(client.queue.r.get(f"refstream:result:{job}"))
+        assert len(result["files"]) == 4
+        assert len(json.loads(__import__("base64").b64decode(result["files"]["masks.json"]))["objects"][0]["masks"]) == 120
+        assert ray.get(pools[0].workers[0].health.remote(), timeout=120)["pid"] != pid  # restarted
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+
+
+def _worker_pid(ray, pools) -> int:
+    """The VideoGLaMM actor's pid (from Ray's state API: the actor is busy streaming)."""
+    from ray.util.state import list_actors
+
+    actor_id = pools.workers[0]._actor_id.hex()
+    for actor in list_actors(filters=[("actor_id", "=", actor_id)]):
+        return int(actor["pid"])
+    raise AssertionError("worker actor not found")
