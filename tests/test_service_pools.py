@@ -100,14 +100,18 @@ def test_killed_gpu_worker_mid_job_is_restarted_and_the_job_finishes_once(ray_lo
     pools = []
     stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=3000)
     try:
+        deadline = time.monotonic() + 120
+        while not pools:  # serve fills it once the pools exist
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        # The actor answers health() only while idle (one call at a time), so read its pid before the job.
+        pid = ray.get(pools[0].workers[0].health.remote(), timeout=120)["pid"]
         client = RefStreamClient(redis_server.url)
         job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=120)
         deadline = time.monotonic() + 180
         while client.status(job)["frames_done"] < 10:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        pid = ray.get(pools[0].workers[0].health.options().remote(), timeout=30)["pid"] if False else None
-        pid = pid or _worker_pid(ray, pools[0])
         os.kill(pid, signal.SIGKILL)
         status = client.wait(job, timeout_s=300)
         assert status["state"] == "done" and status["frames_done"] == 120
@@ -119,13 +123,3 @@ def test_killed_gpu_worker_mid_job_is_restarted_and_the_job_finishes_once(ray_lo
         stop.set()
         thread.join(timeout=120)
     assert not thread.is_alive()
-
-
-def _worker_pid(ray, pools) -> int:
-    """The VideoGLaMM actor's pid (from Ray's state API: the actor is busy streaming)."""
-    from ray.util.state import list_actors
-
-    actor_id = pools.workers[0]._actor_id.hex()
-    for actor in list_actors(filters=[("actor_id", "=", actor_id)]):
-        return int(actor["pid"])
-    raise AssertionError("worker actor not found")
