@@ -41,16 +41,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import (
-    Sam2HieraDetConfig,
-    Sam2VideoConfig,
-    Sam2VideoMaskDecoderConfig,
-    Sam2VideoPromptEncoderConfig,
-    Sam2VisionConfig,
-)
+from transformers import Sam2VideoConfig
 
 from video_pipeline.preprocess import sam2_preprocess
-from workers.sam2_decoder import Sam2VideoDecoder, build_sam2
+from workers.sam2_decoder import Sam2VideoDecoder, build_sam2, tiny_sam2_video_config
 
 GOLDEN = Path(__file__).parent / "golden" / "sam2_parity"
 TOL_BF16 = 5e-4  # bf16 memory storage in both implementations (measured 1.07e-4), see module doc
@@ -61,46 +55,15 @@ MIN_AGREEMENT = 0.9999
 def parity_sam2_video_config(image_size: int = 256) -> Sam2VideoConfig:
     """Tiny SAM2 2.0 config whose shapes the original VideoGLaMM SAM2 code can also build.
 
-    As ``tiny_sam2_video_config`` except for what the original hard-codes: mask decoder MLP 2048, 8 heads, IoU
-    head hidden 256; memory fuser hidden ``4 * 128``; Hiera heads ``[1, 2, 4, 8]``.
+    ``tiny_sam2_video_config`` with what the original hard-codes: mask decoder MLP 2048, 8 heads, IoU head
+    hidden 256; memory fuser hidden ``4 * 128``; Hiera heads ``[1, 2, 4, 8]``.
     """
-    s, hidden = image_size, 128
-    backbone = Sam2HieraDetConfig(
-        hidden_size=32,
-        num_attention_heads=1,
-        image_size=[s, s],
-        embed_dim_per_stage=[32, 64, 128, 256],
-        num_attention_heads_per_stage=[1, 2, 4, 8],
-        blocks_per_stage=[1, 1, 2, 1],
-        global_attention_blocks=[3],
-        window_positional_embedding_background_size=[4, 4],
-        window_size_per_stage=[8, 4, 8, 4],
-    )
-    vision = Sam2VisionConfig(
-        backbone_config=backbone,
-        backbone_channel_list=[256, 128, 64, 32],
-        backbone_feature_sizes=[[s // 4, s // 4], [s // 8, s // 8], [s // 16, s // 16]],
-        fpn_hidden_size=hidden,
-    )
-    return Sam2VideoConfig(
-        vision_config=vision,
-        image_size=s,
-        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=hidden, image_size=s, patch_size=16),
-        mask_decoder_config=Sam2VideoMaskDecoderConfig(
-            hidden_size=hidden, mlp_dim=2048, num_attention_heads=8, iou_head_hidden_dim=256
-        ),
-        enable_temporal_pos_encoding_for_object_pointers=False,
-        enable_occlusion_spatial_embedding=False,
-        memory_attention_hidden_size=hidden,
-        memory_attention_num_layers=2,
-        memory_attention_feed_forward_hidden_size=256,
-        memory_attention_rope_feat_sizes=[s // 16, s // 16],
-        memory_encoder_hidden_size=hidden,
-        memory_encoder_output_channels=64,
-        mask_downsampler_embed_dim=hidden,
-        memory_fuser_embed_dim=hidden,
-        memory_fuser_intermediate_dim=4 * hidden,
-    )
+    config = tiny_sam2_video_config(image_size)
+    config.vision_config.backbone_config.num_attention_heads_per_stage = [1, 2, 4, 8]
+    decoder = config.mask_decoder_config
+    decoder.mlp_dim, decoder.num_attention_heads, decoder.iou_head_hidden_dim = 2048, 8, 256
+    config.memory_fuser_intermediate_dim = 4 * config.memory_fuser_embed_dim
+    return config
 
 
 def parity_model(seed: int):
