@@ -20,14 +20,10 @@ from pruning.methods.prumerge import (
 from pruning.methods.random_tokens import random_units
 from pruning.methods.trim import iqr_outliers, text_similarity, trim_selection
 from pruning.registry import get_method, to_units, unit_layout
+from features import random_features
 from refstream.errors import ConfigError
 
 
-def random_features(frames: int = 2, grid: int = 24, dim: int = 16, proj: int = 8, seed: int = 0) -> ClipFrameFeatures:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (frames, 1 + grid * grid, dim)
-    hidden, q, k, v = (torch.randn(shape, generator=gen) for _ in range(4))
-    return ClipFrameFeatures(hidden, q, k, v, torch.randn(frames, grid * grid, proj, generator=gen))
 
 
 def patches_of_cells(per_cell: dict[int, list[float]]) -> list[float]:

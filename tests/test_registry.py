@@ -19,14 +19,10 @@ from pruning.registry import (
     pool_scores,
     register,
 )
+from features import random_features
 from refstream.errors import ConfigError
 
 
-def random_features(frames: int = 2, grid: int = 24, dim: int = 16, proj: int = 8, seed: int = 0) -> ClipFrameFeatures:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (frames, 1 + grid * grid, dim)
-    hidden, q, k, v = (torch.randn(shape, generator=gen) for _ in range(4))
-    return ClipFrameFeatures(hidden, q, k, v, torch.randn(frames, grid * grid, proj, generator=gen))
 
 
 def crafted_features(patch_sims: list[float], v_norms: list[float], dim: int = 4) -> ClipFrameFeatures:
