@@ -120,11 +120,19 @@ def _davis_table(title: str, result: dict, per_object: bool) -> list[str]:
         s = result[key]
         lines.append(f"{key:8s}{_f(s['mean'])}{_f(s['recall'])}{_f(s['decay'])}")
     lines.append(f"{'J&F':8s}{_f(result['J&F'])}")
-    if per_object and result["per_object"]:
-        width = max(len(n) for n in result["per_object"]) + 2
-        lines.append(f"{'object':{width}s}{'J':>7s}{'F':>7s}")
-        for name, s in result["per_object"].items():
-            lines.append(f"{name:{width}s}{_f(s['J']['mean'])}{_f(s['F']['mean'])}")
+    if per_object:
+        lines += _per_object_lines(result["per_object"], "object")
+    return lines
+
+
+def _per_object_lines(per_object: dict, header: str) -> list[str]:
+    """Table rows of per-object mean J and F (none when there are no objects)."""
+    if not per_object:
+        return []
+    width = max(len(header), *(len(n) for n in per_object)) + 2
+    lines = [f"{header:{width}s}{'J':>7s}{'F':>7s}"]
+    for name, s in per_object.items():
+        lines.append(f"{name:{width}s}{_f(s['J']['mean'])}{_f(s['F']['mean'])}")
     return lines
 
 
@@ -136,11 +144,8 @@ def _ref_davis_table(result: dict, per_object: bool) -> list[str]:
     for name, r in runs.items():
         lines.append(f"{name:{width}s}{_f(r['J&F'])}{_f(r['J']['mean'])}{_f(r['F']['mean'])}")
     lines.append(f"{'mean':{width}s}{_f(result['J&F'])}{_f(result['J']['mean'])}{_f(result['F']['mean'])}")
-    if per_object and result["per_object"]:
-        w = max(len(n) for n in result["per_object"]) + 2
-        lines.append(f"{'object (mean of runs)':{w}s}{'J':>7s}{'F':>7s}")
-        for name, s in result["per_object"].items():
-            lines.append(f"{name:{w}s}{_f(s['J']['mean'])}{_f(s['F']['mean'])}")
+    if per_object:
+        lines += _per_object_lines(result["per_object"], "object (mean of runs)")
     return lines
 
 

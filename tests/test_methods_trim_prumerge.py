@@ -20,22 +20,10 @@ from pruning.methods.prumerge import (
 from pruning.methods.random_tokens import random_units
 from pruning.methods.trim import iqr_outliers, text_similarity, trim_selection
 from pruning.registry import get_method, to_units, unit_layout
-from features import random_features
+from helpers import patches_of_cells, random_features
 from refstream.errors import ConfigError
 
 
-
-
-def patches_of_cells(per_cell: dict[int, list[float]]) -> list[float]:
-    """Per-cell patch values on the 4x4 grid; cell c = (r, col) holds patches (2r, 2col), (2r, 2col+1),
-    (2r+1, 2col), (2r+1, 2col+1) in that order. Cell 0 = patches 0,1,4,5; 1 = 2,3,6,7; 2 = 8,9,12,13;
-    3 = 10,11,14,15."""
-    out = [0.0] * 16
-    for cell, vals in per_cell.items():
-        r, c = divmod(cell, 2)
-        for (dr, dc), val in zip([(0, 0), (0, 1), (1, 0), (1, 1)], vals):
-            out[(2 * r + dr) * 4 + 2 * c + dc] = val
-    return out
 
 
 TEXT = torch.tensor([[1.0, 0.0]])

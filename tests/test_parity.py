@@ -22,14 +22,13 @@ goldens then). Measured at generation: projectors + pooling 0.0, ``[SEG]`` 1.8e-
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from helpers import load_golden
 from refstream.config import load_model_config
 from refstream.pipeline import Pipeline
 
@@ -39,9 +38,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def golden():
-    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
-    arrays = np.load(GOLDEN.with_suffix(".npz"))
-    return meta, {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    return load_golden(GOLDEN)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,6 @@ test the 1e-4 target (measured 5.0e-6).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Sam2VideoConfig
 
+from helpers import load_golden
 from video_pipeline.preprocess import sam2_preprocess
 from workers.sam2_decoder import Sam2VideoDecoder, build_sam2, tiny_sam2_video_config
 
@@ -84,9 +84,7 @@ def state_digest(model: torch.nn.Module) -> str:
 
 @pytest.fixture(scope="module")
 def golden():
-    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
-    arrays = np.load(GOLDEN.with_suffix(".npz"))
-    return meta, {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+    return load_golden(GOLDEN)
 
 
 @pytest.fixture(scope="module")

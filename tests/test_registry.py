@@ -19,7 +19,7 @@ from pruning.registry import (
     pool_scores,
     register,
 )
-from features import random_features
+from helpers import patches_of_cells, random_features
 from refstream.errors import ConfigError
 
 
@@ -43,17 +43,6 @@ def crafted_features(patch_sims: list[float], v_norms: list[float], dim: int = 4
 
 
 TEXT = torch.tensor([[1.0, 0.0]])
-
-
-def patches_of_cells(per_cell: dict[int, list[float]]) -> list[float]:
-    """Lay out per-cell patch values on the 4x4 grid. Cell c = (r, col) holds patches
-    (2r, 2col), (2r, 2col+1), (2r+1, 2col), (2r+1, 2col+1) in that order."""
-    out = [0.0] * 16
-    for cell, vals in per_cell.items():
-        r, c = divmod(cell, 2)
-        for (dr, dc), val in zip([(0, 0), (0, 1), (1, 0), (1, 1)], vals):
-            out[(2 * r + dr) * 4 + 2 * c + dc] = val
-    return out
 
 
 class TestRegistry:
