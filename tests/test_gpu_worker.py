@@ -55,3 +55,46 @@ def test_streamed_masks_equal_the_in_process_pipeline(ray_local, blackswan_dir):
         for k in range(2):
             assert np.array_equal(masks[k], decode_rle(expected.masks[k][i]))
     assert ray.get(worker.health.remote())["frames_done"] == 6
+
+
+def test_mask_stream_is_throttled_by_backpressure_and_the_worker_beats_in_redis(ray_local, redis_server):
+    """With ``_generator_backpressure_num_objects`` the worker stops ``ahead`` frames past the consumer (the
+    heartbeat thread, which runs while the actor is busy, shows it), and ``ray.cancel`` frees a stalled stream."""
+    import time
+
+    from refstream.service.queue import connect
+    from refstream.service.worker import heartbeats
+    from workers.gpu_worker import gpu_worker_class
+
+    ray = ray_local
+    worker = gpu_worker_class(num_gpus=0).remote(
+        "tiny", device="cpu", heartbeat={"redis_url": redis_server.url, "prefix": "t", "name": "worker-7"})
+    health = ray.get(worker.health.remote())
+    r = connect(redis_server.url)
+    beat = heartbeats(r, "t")["worker-7"]
+    assert beat["pid"] == health["pid"] and beat["role"] == "videoglamm" and beat["state"] == "idle"
+
+    size = 256  # the tiny preset's SAM2 image size
+    frames = torch.zeros(40, 3, size, size)
+    chunks = [frames[i:i + 4] for i in range(0, 40, 4)]
+    visual = torch.randn(16 * 49 + 16 * 64, 64)  # pooled litelvlm 81 + InternVideo2 tokens of the tiny model
+    ahead = 3
+
+    def frames_done() -> int:
+        return heartbeats(r, "t")["worker-7"]["frames_done"]
+
+    stream = worker.segment_stream.options(num_returns="streaming", _generator_backpressure_num_objects=ahead).remote(
+        visual, ["the black swan"], (32, 48), chunks, label="job-1")
+    first = ray.get(next(stream))
+    assert first[0] == 0 and first[1].shape == (1, 32, 48)
+    time.sleep(3.0)  # far longer than the tiny SAM2 needs for 40 frames
+    stalled = frames_done()
+    assert stalled <= 1 + ahead + 1, stalled  # stopped by backpressure, not run to the end
+    record = heartbeats(r, "t")["worker-7"]
+    assert record["state"] == "running" and record["input"] == "job-1" and record["handled"] == 1
+    ray.cancel(stream)
+    assert ray.get(worker.health.remote(), timeout=60)["frames_done"] == stalled  # free again, nothing more ran
+    again = worker.segment_stream.options(num_returns="streaming", _generator_backpressure_num_objects=ahead).remote(
+        visual, ["the black swan"], (32, 48), chunks[:2])
+    assert [ray.get(ref)[0] for ref in again] == list(range(8))
+    assert heartbeats(r, "t")["worker-7"]["state"] in ("idle", "running")  # the thread beats once a second

@@ -53,6 +53,10 @@ def test_pools_job_equals_refstream_run_with_bounded_chunks(ray_local, redis_ser
         stats = ray.get(pools[0].decoders[0].stats.remote())
         assert stats["chunks_out"] == 3 and 1 <= stats["max_ahead"] <= stats["ahead"] == 2  # 20 frames, chunks of 8
         assert stats["jobs"] == 0
+        # FastV prunes inside the LLM: every CLIP token goes to the VideoGLaMM actor with the FastV settings
+        fastv = client.submit(str(blackswan_dir), ["the black swan"], max_frames=6, budget=81, method="fastv")
+        assert client.wait(fastv, timeout_s=120)["state"] == "done", client.status(fastv)
+        client.result(fastv, tmp_path / "fastv")
     finally:
         stop.set()
         thread.join(timeout=60)
@@ -68,6 +72,15 @@ def test_pools_job_equals_refstream_run_with_bounded_chunks(ray_local, redis_ser
     expected = json.loads((tmp_path / "direct" / "summary.json").read_text())
     for key in ("frames", "visual_tokens_into_llm", "llm_sequence_length", "pruning"):
         assert summary[key] == expected[key]
+
+    assert main(["run", str(blackswan_dir), "-e", "the black swan", "--model", "tiny", "--max-frames", "6",
+                 "--budget", "81", "--method", "fastv", "--device", "cpu", "--quiet", "--out",
+                 str(tmp_path / "fastv-direct")]) == 0
+    served = json.loads((tmp_path / "fastv" / "masks.json").read_text())
+    direct = json.loads((tmp_path / "fastv-direct" / "masks.json").read_text())
+    assert served["objects"] == direct["objects"] and served["pruning"] == direct["pruning"]
+    assert "llm_layer_lengths" in served["pruning"]
+    assert (tmp_path / "fastv" / "tokens.png").read_bytes() == (tmp_path / "fastv-direct" / "tokens.png").read_bytes()
 
 
 def test_bad_input_fails_at_once_in_pools_mode(ray_local, redis_server, shared_data, tmp_path):
@@ -122,4 +135,52 @@ def test_killed_gpu_worker_mid_job_is_restarted_and_the_job_finishes_once(ray_lo
     finally:
         stop.set()
         thread.join(timeout=120)
+    assert not thread.is_alive()
+
+
+def test_waiting_jobs_keep_their_lease_cancel_stops_the_stream_and_actors_beat(ray_local, redis_server, shared_data,
+                                                                              bedroom_mp4, blackswan_dir):
+    """Two jobs in flight on one VideoGLaMM actor with a 1.5 s lease: the second waits behind the first for
+    longer than the lease but is never taken over (its lease is renewed while it waits: 1 delivery each).
+    A job cancelled mid-stream stops at once and the actor takes the next job. Every pool actor beats."""
+    from refstream.service.worker import heartbeats
+
+    pools = []
+    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=1500, jobs_in_flight=2)
+    try:
+        client = RefStreamClient(redis_server.url)
+        long_job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=80)
+        short_job = client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81)
+        deadline = time.monotonic() + 180
+        seen_running = False
+        while client.status(long_job)["state"] != "done":
+            assert time.monotonic() < deadline, client.status(long_job)
+            beats = heartbeats(client.queue.r)
+            seen_running |= beats.get("worker-0", {}).get("state") == "running"
+            time.sleep(0.2)
+        assert client.wait(short_job, timeout_s=120)["state"] == "done"
+        assert client.status(long_job)["deliveries"] == client.status(short_job)["deliveries"] == 1
+        assert seen_running
+        beats = heartbeats(client.queue.r)
+        assert {beats[n]["role"] for n in ("worker-0", "encoder-0", "decoder-0")} == {"videoglamm", "encode", "decode"}
+        deadline = time.monotonic() + 5  # the actor beats once a second
+        while heartbeats(client.queue.r)["worker-0"]["frames_done"] < 84:
+            assert time.monotonic() < deadline, heartbeats(client.queue.r)["worker-0"]
+            time.sleep(0.2)
+        assert heartbeats(client.queue.r)["worker-0"]["handled"] == 2
+
+        cancelled = client.submit(str(bedroom_mp4), ["the bed"], max_frames=150)
+        deadline = time.monotonic() + 120
+        while client.status(cancelled)["frames_done"] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert client.cancel(cancelled)
+        after = client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81)
+        assert client.wait(after, timeout_s=120)["state"] == "done"
+        assert client.status(cancelled)["state"] == "cancelled"
+        assert client.queue.result(cancelled) is None
+        assert heartbeats(client.queue.r)["worker-0"]["frames_done"] < 84 + 150 + 4  # the stream stopped early
+    finally:
+        stop.set()
+        thread.join(timeout=60)
     assert not thread.is_alive()

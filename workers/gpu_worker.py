@@ -10,6 +10,10 @@
   soon as it is decoded;
 - :meth:`health`: process id, device, whether CUDA works, frames processed.
 
+With ``heartbeat=`` (Redis URL, key prefix, name) a thread in the actor also writes a heartbeat hash to Redis
+every second (:class:`refstream.service.worker.HeartbeatThread`: ``role=videoglamm``, ``state`` idle/running,
+``input`` = the running clip's label, ``handled`` clips, ``frames_done``), readable while the actor is busy.
+
 On a CUDA error (device lost, out of memory, illegal access) the actor exits its process so that Ray
 restarts it (``max_restarts``; the constructor reloads the model); the caller retries the clip.
 """
@@ -29,10 +33,12 @@ class VideoGLaMMWorker:
 
     Args:
         model: ``tiny``, ``videoglamm`` or a config YAML; checkpoint: the weights folder; device: cpu/cuda/auto.
+        threads: torch intra-op threads in this process (None: leave torch's setting).
+        heartbeat: ``{"redis_url": ..., "prefix": ..., "name": ...}`` to beat in Redis (None: no heartbeat).
     """
 
     def __init__(self, model: str = "videoglamm", checkpoint: str | None = None, device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, heartbeat: dict | None = None):
         from refstream.config import load_model_config
         from refstream.pipeline import Pipeline
 
@@ -40,7 +46,20 @@ class VideoGLaMMWorker:
             torch.set_num_threads(int(threads))
         self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
         self.frames_done = 0
+        self.clips = 0
+        self.state, self.label = "idle", ""
         self.started = time.time()
+        self.heartbeat = None
+        if heartbeat:
+            from refstream.service.worker import HeartbeatThread
+
+            self.heartbeat = HeartbeatThread(heartbeat["redis_url"], heartbeat.get("prefix", "refstream"),
+                                             heartbeat["name"], self._beat_fields)
+
+    def _beat_fields(self) -> dict:
+        return {"role": "videoglamm", "state": self.state, "input": self.label, "handled": self.clips,
+                "frames_done": self.frames_done, "device": str(self.pipeline.device),
+                "threads": torch.get_num_threads()}
 
     def health(self) -> dict:
         """Liveness and device state."""
@@ -56,8 +75,8 @@ class VideoGLaMMWorker:
                 "uptime_s": time.time() - self.started}
 
     def segment_stream(self, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
-                       frame_chunks: Sequence, answer_mode: str = "forced",
-                       report_answers: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+                       frame_chunks: Sequence, answer_mode: str = "forced", report_answers: bool = False,
+                       fastv=None, label: str = "") -> Iterator[tuple[int, np.ndarray]]:
         """Answer once, then stream masks.
 
         Args:
@@ -70,30 +89,45 @@ class VideoGLaMMWorker:
                 [t, 3, S, S]; the first frame of the first chunk is the anchor frame. Any iterable works, e.g.
                 a :class:`ChunkFeed` that pulls the chunks one at a time from a decode actor (bounded memory).
             answer_mode: ``forced`` or ``generate``.
-            report_answers: first yield ``(-1, [answer text per expression])`` (for ``masks.json``).
+            report_answers: first yield ``(-1, report)``, ``report`` a dict with ``answers`` (the answer text
+                per expression, for ``masks.json``), ``fastv_kept`` (int64 [F, keep] CLIP units FastV kept for
+                the first expression, or None) and ``llm_layer_lengths`` (FastV: per expression, the sequence
+                length each LLM layer processed; else None).
+            fastv: :class:`pruning.methods.fastv.FastVSettings` to prune inside the LLM (FastV; then
+                ``visual_tokens`` holds every CLIP token), or None.
+            label: what the heartbeat shows as ``input`` while this clip runs (e.g. the job id).
 
         Yields:
             ``(frame_index, masks)`` with masks bool [N, H, W] (an expression whose answer has no [SEG] gets
             empty masks), one per frame, in order.
         """
+        self.state, self.label = "running", label
+        self.clips += 1
         try:
-            yield from self._segment(visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers)
+            yield from self._segment(visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers,
+                                     fastv)
         except Exception as exc:  # noqa: BLE001
             from workers.actor import is_cuda_error
 
             if is_cuda_error(exc):
                 os._exit(1)  # let Ray restart the actor with a fresh CUDA context
             raise
+        finally:
+            self.state, self.label = "idle", ""
 
-    def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers=False):
+    def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers=False,
+                 fastv=None):
         import ray
 
         from workers.sam2_decoder import Sam2VideoDecoder
 
         model = self.pipeline.model
-        answers = model.seg_answers(visual_tokens.to(model.device, model.dtype), list(expressions), answer_mode)
+        answers = model.seg_answers(visual_tokens.to(model.device, model.dtype), list(expressions), answer_mode,
+                                    fastv=fastv)
         if report_answers:
-            yield -1, [a.text for a in answers]
+            kept = answers[0].fastv_kept
+            yield -1, {"answers": [a.text for a in answers], "fastv_kept": None if kept is None else kept.cpu(),
+                       "llm_layer_lengths": [a.layer_lengths for a in answers] if fastv is not None else None}
         prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
         height, width = video_size
         stream = None

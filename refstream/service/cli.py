@@ -58,6 +58,9 @@ def add_service_parsers(sub) -> None:
                         "actor pools with frames streamed in chunks")
     p.add_argument("--decoders", type=int, default=1, help="decode actors (--pipeline pools)")
     p.add_argument("--encoders", type=int, default=1, help="CLIP + pruning actors (--pipeline pools)")
+    p.add_argument("--jobs-in-flight", type=int, default=None,
+                   help="jobs taken at once (--pipeline pools; default 2 per --workers: the next job decodes and "
+                        "encodes while the current one is in SAM2)")
     p.add_argument("--model", default="videoglamm")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
@@ -103,7 +106,7 @@ def run_service_command(args: argparse.Namespace) -> int:
               lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus, num_cpus=num_cpus,
               metrics_port=args.metrics_port or None, metrics_host=args.metrics_host,
               log_format=args.log_format, log_level=args.log_level, pipeline=args.pipeline,
-              decoders=args.decoders, encoders=args.encoders)
+              decoders=args.decoders, encoders=args.encoders, jobs_in_flight=args.jobs_in_flight)
         return 0
     client = RefStreamClient(args.redis_url, upload_root=getattr(args, "upload_root", None),
                              max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)

@@ -37,7 +37,7 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
           num_gpus: float = 0.0, num_cpus: float | None = 1.0, stop_event: threading.Event | None = None,
           on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
           log_format: str | None = None, log_level: str = "INFO", pipeline: str = "whole", decoders: int = 1,
-          encoders: int = 1) -> int:
+          encoders: int = 1, jobs_in_flight: int | None = None) -> int:
     """Run the worker pool; returns the number of jobs handled when stopped.
 
     Args:
@@ -92,7 +92,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
                 redis_url, decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
                 device=device, policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes), lease_ms=lease_ms,
                 max_deliveries=max_deliveries, num_gpus=num_gpus, num_cpus=min(num_cpus, 0.5), threads=threads,
-                stop_event=stop_event, on_start=on_start, note=note, serve_id=serve_id)
+                stop_event=stop_event, on_start=on_start, note=note, serve_id=serve_id, prefix=control.prefix,
+                jobs_in_flight=jobs_in_flight)
         finally:
             if server is not None:
                 server.shutdown()

@@ -1,4 +1,5 @@
-"""``refstream serve --pipeline pools``: one job split over pools of Ray actors, frames streamed in chunks.
+"""``refstream serve`` (default ``--pipeline pools``): one job split over pools of Ray actors, frames streamed
+in chunks.
 
 Three pools, each actor with ``max_restarts=-1`` (Ray restarts a crashed actor; its constructor reloads):
 
@@ -8,19 +9,24 @@ Three pools, each actor with ``max_restarts=-1`` (Ray restarts a crashed actor; 
   ``next_chunk(job_id)`` hands out the next chunk (None at the end) and keeps its source frames for the
   overlay (``frames_chunk``); ``stats()`` reports ``max_ahead``, the most chunks it ever held queued.
 * :class:`EncoderActor` (``--encoders``): CLIP (+ text), pruning, InternVideo2 and the projectors: the
-  LLM-ready visual tokens [V, H] of the clip, the token selection (for ``tokens.png``) and timings.
-* :class:`workers.gpu_worker.VideoGLaMMWorker` (``--workers``, ``num_gpus=1`` on CUDA): the LLM once, then
-  the SAM2 stream; it PULLS the chunks from the decode actor (:class:`workers.gpu_worker.ChunkFeed`) and
-  streams ``(index, masks)`` back.
+  LLM-ready visual tokens [V, H] of the clip, the token selection (for ``tokens.png``) and timings. Methods
+  that prune inside the LLM (FastV, ``selection.stage == "llm"``) send every CLIP token and their settings.
+* :class:`workers.gpu_worker.VideoGLaMMWorker` (``--workers``, ``num_gpus=1`` on CUDA): the LLM once (FastV
+  inside it when asked), then the SAM2 stream; it PULLS the chunks from the decode actor
+  (:class:`workers.gpu_worker.ChunkFeed`) and streams ``(index, masks)`` back through a Ray streaming
+  generator with backpressure: at most :data:`MASKS_AHEAD` frames' masks wait for the coordinator.
 
-The queue consumer is a light coordinator in the ``serve`` process: one thread per in-flight job (up to
-``--workers``) runs :meth:`JobQueue.work` with :func:`run_pooled_job`, which RLE-encodes the masks as they
-arrive, writes the overlay, reports ``frames_done`` to Redis (renewing the lease) and stores the same four
-files as ``refstream run``. An actor dying mid-job (``RayActorError``) makes the job run again at once (once,
-on the next actors of the pools); a second death fails it as transient, so it is retried after the lease.
+The queue consumer is a light coordinator in the ``serve`` process: ``jobs_in_flight`` threads (default two
+per VideoGLaMM worker, so that the next job decodes and encodes while the current one is in SAM2) each run
+:meth:`JobQueue.work` with :func:`run_pooled_job`, which RLE-encodes the masks as they arrive, writes the
+overlay, reports ``frames_done`` to Redis and stores the same four files as ``refstream run``. While a job
+waits on an actor (encoding, or queued behind another job on a busy VideoGLaMM worker) a :class:`LeaseKeeper`
+renews its lease, so a waiting job is never taken over. An actor dying mid-job (``RayActorError``) makes the
+job run again at once (once, on the least busy actors of the pools); a second death fails it as transient,
+so it is retried after the lease. A cancelled job stops its stream (``ray.cancel``) and its decoding.
 
-Pruning methods that prune inside the LLM (FastV: ``selection.stage == "llm"``) are not supported here (the
-job fails with a ConfigError); use ``--pipeline whole`` for them.
+Every pool actor beats in Redis (:class:`refstream.service.worker.HeartbeatThread`): ``worker-i``
+(VideoGLaMM), ``encoder-i`` and ``decoder-i``, with their ``role``, ``pid`` and ``state``.
 """
 
 from __future__ import annotations
@@ -35,11 +41,12 @@ import threading
 import time
 import uuid
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from refstream.errors import ConfigError, RefStreamError
+from refstream.errors import RefStreamError
 from refstream.service.logs import log_event
 
 logger = logging.getLogger("refstream.serve")
@@ -60,9 +67,11 @@ class DecodeActor:
     Args:
         ahead: chunks decoded ahead of the consumer at most (the queue's size).
         chunk_size: frames per chunk.
+        threads: torch threads in this process; heartbeat: see :func:`_heartbeat`.
     """
 
-    def __init__(self, ahead: int = 2, chunk_size: int = 8, threads: int | None = None):
+    def __init__(self, ahead: int = 2, chunk_size: int = 8, threads: int | None = None,
+                 heartbeat: dict | None = None):
         if threads:
             import torch
 
@@ -71,6 +80,9 @@ class DecodeActor:
         self.jobs: dict[str, _DecodeJob] = {}
         self.max_ahead = 0
         self.chunks_out = 0
+        self.heartbeat = _heartbeat(heartbeat, lambda: {
+            "role": "decode", "state": "running" if self.jobs else "idle", "jobs": len(self.jobs),
+            "handled": self.chunks_out})
 
     def open(self, job_id: str, path: str, decoder: str, frames: int, stride: int, max_frames: int | None,
              sam2_size: int, sam2_style: str) -> dict:
@@ -150,7 +162,7 @@ class EncoderActor:
     """CLIP + pruning + InternVideo2 + projectors: encoder frames in, LLM-ready visual tokens out."""
 
     def __init__(self, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
-                 threads: int | None = None):
+                 threads: int | None = None, heartbeat: dict | None = None):
         import torch
 
         from refstream.config import load_model_config
@@ -159,6 +171,10 @@ class EncoderActor:
         if threads:
             torch.set_num_threads(int(threads))
         self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
+        self.state, self.handled = "idle", 0
+        self.heartbeat = _heartbeat(heartbeat, lambda: {
+            "role": "encode", "state": self.state, "handled": self.handled, "device": str(self.pipeline.device),
+            "threads": torch.get_num_threads()})
 
     def sam2_input(self) -> dict:
         """What the decode actors preprocess SAM2 frames to: ``size`` and ``style``."""
@@ -170,6 +186,25 @@ class EncoderActor:
 
     def encode(self, encoder_frames: np.ndarray, expressions: list[str], method_spec: str, variant: str,
                budget: int, placement: str, clip_text: str) -> dict:
+        """The clip's visual tokens for the VideoGLaMM worker.
+
+        Args:
+            encoder_frames: uint8 [16, H, W, 3], the encoder frames (VideoGLaMM's frame rule).
+            expressions, method_spec, variant, budget, placement, clip_text: as ``refstream run``.
+
+        Returns:
+            ``visual`` float [V, H] (pruned CLIP tokens frame-major, then InternVideo2 tokens; FastV: every CLIP
+            token), ``fastv`` (:class:`pruning.methods.fastv.FastVSettings` or None), ``selection`` (the
+            :class:`pruning.registry.Selection`, on CPU), ``visual_tokens``, ``seq_len``, ``view`` (uint8
+            [336, 336, 3], the first CLIP frame) and ``timings`` (seconds per stage).
+        """
+        self.state, self.handled = "running", self.handled + 1
+        try:
+            return self._encode(encoder_frames, expressions, method_spec, variant, budget, placement, clip_text)
+        finally:
+            self.state = "idle"
+
+    def _encode(self, encoder_frames, expressions, method_spec, variant, budget, placement, clip_text) -> dict:
         import torch
 
         from pruning.clip_features import ClipFeatureExtractor
@@ -193,9 +228,6 @@ class EncoderActor:
                 text_embeds = pipeline.text_embeds(video, pipeline.clip_texts(expressions, clip_text), timer)
             with timer("prune"):
                 selection = method.select(video.clip, text_embeds, budget, placement)
-            if selection.stage == "llm":
-                raise ConfigError(f"--method {method_spec} prunes inside the LLM: not supported by "
-                                  "serve --pipeline pools (use --pipeline whole)")
             iv2 = pipeline.internvideo2_tokens(video, timer)
             with timer("llm"):
                 clip_tokens = model.clip_tokens(video.clip.hidden, selection, placement)
@@ -203,67 +235,177 @@ class EncoderActor:
         seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
         view = clip_pixels[0] * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1)
         view = (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        return {"visual": visual.cpu(), "visual_tokens": int(visual.shape[0]), "seq_len": int(seq_len),
-                "kept_per_frame": selection.kept_per_frame, "unit": selection.unit, "view": view,
-                "selection": (selection.indices[0].cpu().numpy(), selection.similarity_aware[0].cpu().numpy(),
-                              selection.grid),
+        fastv = getattr(selection, "fastv", None) if selection.stage == "llm" else None
+        slim = replace(selection, indices=selection.indices.cpu(), similarity_aware=selection.similarity_aware.cpu(),
+                       merge_weights=None, merged_features=None)  # what tokens.png and masks.json need
+        return {"visual": visual.cpu(), "fastv": fastv, "selection": slim,
+                "visual_tokens": int(visual.shape[0]), "seq_len": int(seq_len), "view": view,
                 "timings": dict(timer.seconds)}
 
 
+MASKS_AHEAD = 16  # frames of masks a VideoGLaMM worker may yield ahead of the coordinator (backpressure)
+
+
+def _heartbeat(settings: dict | None, fields):
+    """A :class:`refstream.service.worker.HeartbeatThread` from ``{"redis_url", "prefix", "name"}`` (or None)."""
+    if not settings:
+        return None
+    from refstream.service.worker import HeartbeatThread
+
+    return HeartbeatThread(settings["redis_url"], settings.get("prefix", "refstream"), settings["name"], fields)
+
+
 class Pools:
-    """The three actor pools (round-robin) and the SAM2 input size they agree on."""
+    """The three actor pools; :meth:`acquire` hands out the least busy actor of each.
+
+    Args:
+        decoders, encoders, workers: actors per pool (at least 1 each).
+        model, checkpoint, device: the model every encoder / VideoGLaMM actor loads.
+        num_gpus: GPUs per VideoGLaMM actor (1 on a GPU machine); num_cpus: CPUs per actor (Ray resources).
+        threads: torch threads in each actor.
+        ahead, chunk_size: decode-ahead bound (chunks) and frames per chunk.
+        redis_url, prefix: where the actors beat (None: no heartbeats).
+    """
+
+    ROLES = ("decoders", "encoders", "workers")
 
     def __init__(self, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
                  checkpoint: str | None = None, device: str = "auto", num_gpus: float = 0.0,
-                 num_cpus: float = 0.5, threads: int | None = None, ahead: int = 2, chunk_size: int = 8):
+                 num_cpus: float = 0.5, threads: int | None = None, ahead: int = 2, chunk_size: int = 8,
+                 redis_url: str | None = None, prefix: str = "refstream"):
         import ray
 
         from workers.gpu_worker import VideoGLaMMWorker
+
+        def beat(name: str) -> dict | None:
+            return {"redis_url": redis_url, "prefix": prefix, "name": name} if redis_url else None
 
         Decode = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16, num_cpus=num_cpus)(DecodeActor)
         Encode = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus)(EncoderActor)
         Worker = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus,
                             num_gpus=num_gpus)(VideoGLaMMWorker)
-        self.decoders = [Decode.remote(ahead, chunk_size, threads) for _ in range(max(1, decoders))]
-        self.encoders = [Encode.remote(model, checkpoint, device, threads) for _ in range(max(1, encoders))]
-        self.workers = [Worker.remote(model, checkpoint, device, threads) for _ in range(max(1, workers))]
-        self._next = {name: itertools.cycle(getattr(self, name)) for name in ("decoders", "encoders", "workers")}
+        self.decoders = [Decode.remote(ahead, chunk_size, threads, beat(f"decoder-{i}")) for i in range(max(1, decoders))]
+        self.encoders = [Encode.remote(model, checkpoint, device, threads, beat(f"encoder-{i}"))
+                         for i in range(max(1, encoders))]
+        self.workers = [Worker.remote(model, checkpoint, device, threads, beat(f"worker-{i}"))
+                        for i in range(max(1, workers))]
+        self._busy = {role: [0] * len(getattr(self, role)) for role in self.ROLES}
+        self._turn = 0
         self._lock = threading.Lock()
         self.sam2 = ray.get(self.encoders[0].sam2_input.remote())
         ray.get([w.health.remote() for w in self.workers] + [d.stats.remote() for d in self.decoders])
 
-    def pick(self):
-        """(decoder, encoder, worker) for the next job, round-robin."""
+    def acquire(self) -> tuple:
+        """``(decoder, encoder, worker)`` for the next job: in each pool the actor with the fewest jobs in
+        flight (ties: round-robin). Give them back with :meth:`release`."""
         with self._lock:
-            return tuple(next(self._next[name]) for name in ("decoders", "encoders", "workers"))
+            self._turn += 1
+            picked = []
+            for role in self.ROLES:
+                busy = self._busy[role]
+                n = len(busy)
+                i = min(range(n), key=lambda k: (busy[k], (k - self._turn) % n))
+                busy[i] += 1
+                picked.append(getattr(self, role)[i])
+            return tuple(picked)
+
+    def release(self, actors: tuple) -> None:
+        """Give back what :meth:`acquire` handed out."""
+        with self._lock:
+            for role, actor in zip(self.ROLES, actors):
+                i = getattr(self, role).index(actor)
+                self._busy[role][i] = max(0, self._busy[role][i] - 1)
 
 
-def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1) -> dict:
+class LeaseKeeper:
+    """A job's ``progress`` made thread-safe, plus a thread that renews the lease while the job waits.
+
+    ``JobQueue.progress`` renews a job's lease; a pooled job can wait long without progress (CLIP on a busy
+    encoder, or queued behind another job on the VideoGLaMM worker), so this thread calls ``progress()`` when
+    nothing else did for ``every_s`` seconds. A cancellation seen by the thread is raised by the next
+    :meth:`check` or progress call of the job. Use as a context manager.
+    """
+
+    def __init__(self, progress, every_s: float):
+        self._progress, self.every_s = progress, max(0.05, float(every_s))
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self.cancelled: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="refstream-lease")
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __call__(self, **kwargs) -> None:
+        """The job's progress (renews the lease; raises JobCancelled)."""
+        self.check()
+        with self._lock:
+            self._progress(**kwargs)
+            self._last = time.monotonic()
+
+    def check(self) -> None:
+        """Raise the cancellation the renewal thread saw, if any."""
+        if self.cancelled is not None:
+            raise self.cancelled
+
+    def _loop(self) -> None:
+        from refstream.service.queue import JobCancelled
+
+        while not self._stop.wait(self.every_s / 4):
+            if time.monotonic() - self._last < self.every_s:
+                continue
+            try:
+                with self._lock:
+                    self._progress()
+                    self._last = time.monotonic()
+            except JobCancelled as exc:
+                self.cancelled = exc
+                return
+            except Exception:  # noqa: BLE001 - Redis away: the next turn tries again
+                pass
+
+
+def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, lease_ms: int = 60_000) -> dict:
     """One queued job through the pools; the result is that of :func:`refstream.service.worker.run_job`.
 
-    An actor that dies mid-job (``RayActorError``) makes the job start again, ``retries`` times, on the next
-    actors; then the error goes up (the queue retries the job after its lease).
+    An actor that dies mid-job (``RayActorError``) makes the job start again, ``retries`` times, on the least
+    busy actors; then the error goes up (the queue retries the job after its lease). The lease is renewed
+    every ``lease_ms / 3`` while the job waits (:class:`LeaseKeeper`).
+
+    Raises:
+        RefStreamError subclasses for bad input (the job fails at once), JobCancelled, RayActorError.
     """
     from ray.exceptions import RayActorError
 
-    for attempt in itertools.count():
-        try:
-            return _pooled_job_once(pools, policy, request, progress)
-        except RayActorError as exc:
-            if attempt >= retries:
-                raise
-            log_event(logger, "job.actor_died", f"an actor died mid-job ({exc.__class__.__name__}); running it again",
-                      logging.WARNING, error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
-            time.sleep(0.5)
+    with LeaseKeeper(progress, lease_ms / 3000) as keeper:
+        for attempt in itertools.count():
+            try:
+                return _pooled_job_once(pools, policy, request, keeper)
+            except RayActorError as exc:
+                if attempt >= retries:
+                    raise
+                log_event(logger, "job.actor_died",
+                          f"an actor died mid-job ({exc.__class__.__name__}); running it again", logging.WARNING,
+                          error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+                time.sleep(0.5)
 
 
 def _cause(exc: BaseException) -> BaseException:
-    """A Ray task error's own cause when it is a RefStreamError (bad input fails the job at once)."""
+    """A Ray task error's own cause when it is a RefStreamError (bad input fails the job at once) or an
+    actor's death (e.g. the decode actor died under the VideoGLaMM worker: the job runs again)."""
+    from ray.exceptions import RayActorError
+
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, RefStreamError) else exc
+    return cause if isinstance(cause, (RefStreamError, RayActorError)) else exc
 
 
-def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
+def _pooled_job_once(pools: Pools, policy, request, progress: LeaseKeeper) -> dict:
     import ray
     from ray.exceptions import RayTaskError
 
@@ -279,10 +421,13 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
     )
     options.validate()
     expressions = [e.strip() for e in options.expressions]
-    decoder, encoder, worker = pools.pick()
+    actors = pools.acquire()
+    decoder, encoder, worker = actors
     job_id = uuid.uuid4().hex
     started = time.perf_counter()
     timer = StageTimer()
+    stream = None
+    finished = False
     try:
         try:
             meta = ray.get(decoder.open.remote(job_id, str(path), options.decoder, options.frames, options.stride,
@@ -295,16 +440,18 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
                                                     options.clip_text))
         except RayTaskError as exc:
             raise _cause(exc) from exc
+        progress.check()
         for stage, seconds in encoded["timings"].items():
             timer.seconds[stage] += seconds
         from workers.gpu_worker import ChunkFeed
 
         height, width = meta["height"], meta["width"]
-        stream = worker.segment_stream.options(num_returns="streaming").remote(
+        stream = worker.segment_stream.options(
+            num_returns="streaming", _generator_backpressure_num_objects=MASKS_AHEAD).remote(
             encoded["visual"], expressions, (height, width), ChunkFeed(decoder, job_id), options.answer,
-            report_answers=True)
+            report_answers=True, fastv=encoded["fastv"], label=request.input)
         masks: list[list[dict]] = [[] for _ in expressions]
-        answers: list[str] = []
+        report: dict = {}
         frames: deque = deque()
         last = 0.0
         with tempfile.TemporaryDirectory(prefix="refstream-job-") as tmp:
@@ -312,9 +459,12 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
             try:
                 sam2_started = time.perf_counter()
                 for ref in stream:
-                    index, value = ray.get(ref)
+                    try:
+                        index, value = ray.get(ref)
+                    except RayTaskError as exc:
+                        raise _cause(exc) from exc
                     if index < 0:
-                        answers = list(value)
+                        report = value
                         continue
                     if not frames:
                         frames.extend(ray.get(decoder.frames_chunk.remote(job_id)))
@@ -327,28 +477,42 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
                     if now - last > 0.5:  # progress (and lease renewal) twice a second at most
                         last = now
                         progress(frames_done=index + 1)
+                finished = True
                 timer.seconds["sam2"] += time.perf_counter() - sam2_started - timer.seconds.get("write", 0.0)
             finally:
                 writer.close()
+            selection = encoded["selection"]
+            llm_info = {}
+            if report.get("fastv_kept") is not None:  # FastV: what it kept for the first expression
+                selection = selection.with_kept(report["fastv_kept"])
+                llm_info = {"llm_layer_lengths": report["llm_layer_lengths"]}
             result = JobResult(
                 video=str(path), height=height, width=width, fps=meta["fps"], frames=meta["frame_names"],
-                expressions=expressions, answers=answers, masks=masks,
+                expressions=expressions, answers=list(report.get("answers", [])), masks=masks,
                 pruning={"method": options.method,
                          "variant": options.variant if options.method == "litelvlm" else None,
                          "budget": options.budget, "placement": options.placement,
-                         "kept_per_frame": encoded["kept_per_frame"], "unit": encoded["unit"],
-                         "clip_text": options.clip_text},
+                         "kept_per_frame": selection.kept_per_frame, "unit": selection.unit,
+                         "clip_text": options.clip_text, **llm_info},
                 model=pools.sam2["name"], random_weights=pools.sam2["random_weights"],
                 visual_tokens=encoded["visual_tokens"], llm_sequence_length=encoded["seq_len"],
-                timings=dict(timer.seconds), tokens_view=encoded["view"], tokens_selection=encoded["selection"])
+                timings=dict(timer.seconds), tokens_view=encoded["view"],
+                tokens_selection=(selection.indices[0].numpy(), selection.similarity_aware[0].numpy(),
+                                  selection.grid))
             summary = write_job_outputs(result, options, tmp, pools.sam2["device"], started)
             summary["pipeline"] = "pools"
             files = {name: base64.b64encode((Path(tmp) / name).read_bytes()).decode("ascii") for name in OUTPUT_FILES}
     finally:
+        if stream is not None and not finished:
+            try:  # stop the worker's generator (cancelled job, or an error here): it may wait on backpressure
+                ray.cancel(stream)
+            except Exception:  # noqa: BLE001 - already finished or the actor is gone
+                pass
         try:
             decoder.close.remote(job_id)
         except Exception:  # noqa: BLE001 - the actor may be gone
             pass
+        pools.release(actors)
     progress(frames_done=total, frames_total=total, stages=summary["stage_seconds"])
     return {"summary": summary, "files": files, "seconds": time.perf_counter() - started}
 
@@ -357,27 +521,31 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
                 checkpoint: str | None = None, device: str = "auto", policy=None, lease_ms: int = 60_000,
                 max_deliveries: int = 3, num_gpus: float = 0.0, num_cpus: float = 0.5, threads: int | None = None,
                 stop_event: threading.Event, on_start=None, note=None, ahead: int = 2, chunk_size: int = 8,
-                serve_id: str = "pools") -> int:
-    """Build the pools and run ``workers`` coordinator threads over the queue until ``stop_event``.
+                serve_id: str = "pools", prefix: str = "refstream", jobs_in_flight: int | None = None) -> int:
+    """Build the pools and run ``jobs_in_flight`` coordinator threads over the queue until ``stop_event``.
 
-    ``on_start(pools)`` is called once the actors are up. Returns the number of jobs handled.
+    ``jobs_in_flight`` defaults to ``2 * workers``: while one job is in SAM2 on a VideoGLaMM worker, the next
+    is decoded and encoded. On ``stop_event`` each coordinator finishes the job it holds and stops (jobs not
+    taken stay queued). ``on_start(pools)`` is called once the actors are up. Returns the number of jobs handled.
     """
     from refstream.service.queue import JobQueue, connect
 
     pools = Pools(decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
                   device=device, num_gpus=num_gpus, num_cpus=num_cpus, threads=threads, ahead=ahead,
-                  chunk_size=chunk_size)
+                  chunk_size=chunk_size, redis_url=redis_url, prefix=prefix)
     if on_start is not None:
         on_start(pools)
-    handled = [0] * max(1, workers)
+    slots = max(1, jobs_in_flight or 2 * max(1, workers))
+    handled = [0] * slots
 
     def loop(slot: int) -> None:
-        q = JobQueue(connect(redis_url), lease_ms=lease_ms, max_deliveries=max_deliveries)
+        q = JobQueue(connect(redis_url), prefix=prefix, lease_ms=lease_ms, max_deliveries=max_deliveries)
         while not stop_event.is_set():
             try:
-                handled[slot] += q.work(f"{serve_id}-coordinator-{slot}",
-                                        lambda request, progress: run_pooled_job(pools, policy, request, progress),
-                                        stop=stop_event.is_set, block_ms=500)
+                handled[slot] += q.work(
+                    f"{serve_id}-coordinator-{slot}",
+                    lambda request, progress: run_pooled_job(pools, policy, request, progress, lease_ms=lease_ms),
+                    stop=stop_event.is_set, block_ms=500)
             except Exception as exc:  # noqa: BLE001 - e.g. Redis away: wait and go on
                 if note is not None:
                     note("serve.worker_error", f"a coordinator loop failed ({exc}); restarting it", logging.WARNING,
@@ -385,12 +553,12 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
                 time.sleep(0.5)
 
     threads_ = [threading.Thread(target=loop, args=(i,), daemon=True, name=f"refstream-coordinator-{i}")
-                for i in range(max(1, workers))]
+                for i in range(slots)]
     for t in threads_:
         t.start()
     if note is not None:
-        note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s)",
-             workers=workers)
+        note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s), "
+             f"{slots} job(s) in flight", workers=workers)
     while any(t.is_alive() for t in threads_):
         for t in threads_:
             t.join(timeout=0.5)

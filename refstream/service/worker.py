@@ -51,7 +51,7 @@ def heartbeats(client, prefix: str = "refstream") -> dict[str, dict]:
         record = client.hgetall(key)
         if not record:
             continue
-        for field in ("pid", "handled", "threads"):
+        for field in ("pid", "handled", "threads", "frames_done"):
             if field in record:
                 record[field] = int(record[field])
         for field in ("beat", "started"):
@@ -59,6 +59,55 @@ def heartbeats(client, prefix: str = "refstream") -> dict[str, dict]:
                 record[field] = float(record[field])
         out[record.get("name") or key.rsplit(":", 1)[-1]] = record
     return out
+
+
+class HeartbeatThread:
+    """Beats for an actor that is busy in one long call (the pool actors of ``serve --pipeline pools``).
+
+    A daemon thread writes the hash :func:`heartbeat_key` ``(prefix, name)`` every ``every_s`` seconds with
+    ``name``, ``pid``, ``host``, ``beat``, ``started`` and whatever ``fields()`` returns (e.g. ``role``,
+    ``state``, ``input``, ``handled``, ``device``, ``threads``); the hash expires :data:`HEARTBEAT_TTL_S` after
+    the last beat. Redis errors are ignored (the next beat tries again): a heartbeat never fails a job.
+
+    Args:
+        redis_url: the queue's Redis URL; prefix: the queue's key prefix; name: the record's name.
+        fields: called at each beat (from the beat thread), returns str/int/float values.
+    """
+
+    def __init__(self, redis_url: str, prefix: str, name: str, fields, every_s: float = HEARTBEAT_EVERY_S):
+        import threading
+
+        from refstream.service.queue import connect
+
+        self.r = connect(redis_url)
+        self.key, self.name, self.fields, self.every_s = heartbeat_key(prefix, name), name, fields, every_s
+        self.started = time.time()
+        self._stop = threading.Event()
+        self.beat()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{name}")
+        self._thread.start()
+
+    def beat(self) -> None:
+        """Write the record now."""
+        from redis.exceptions import RedisError
+
+        try:
+            record = {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "beat": time.time(),
+                      "started": self.started, **{k: v for k, v in self.fields().items() if v is not None}}
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(self.key, mapping=record)
+            pipe.expire(self.key, HEARTBEAT_TTL_S)
+            pipe.execute()
+        except RedisError:
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.beat()
+
+    def stop(self) -> None:
+        """Stop beating (the record expires on its own)."""
+        self._stop.set()
 
 
 def run_job(pipeline, policy: InputPolicy, request: JobRequest, progress) -> dict:
