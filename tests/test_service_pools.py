@@ -140,13 +140,14 @@ def test_killed_gpu_worker_mid_job_is_restarted_and_the_job_finishes_once(ray_lo
 
 def test_waiting_jobs_keep_their_lease_cancel_stops_the_stream_and_actors_beat(ray_local, redis_server, shared_data,
                                                                               bedroom_mp4, blackswan_dir):
-    """Two jobs in flight on one VideoGLaMM actor with a 1.5 s lease: the second waits behind the first for
-    longer than the lease but is never taken over (its lease is renewed while it waits: 1 delivery each).
+    """Two jobs on one VideoGLaMM actor with a 1.5 s lease and 3 coordinator slots: the second job waits
+    behind the first for longer than the lease while the idle third slot polls for abandoned jobs
+    (XAUTOCLAIM), but it is never taken over (its lease is renewed while it waits: 1 delivery each).
     A job cancelled mid-stream stops at once and the actor takes the next job. Every pool actor beats."""
     from refstream.service.worker import heartbeats
 
     pools = []
-    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=1500, jobs_in_flight=2)
+    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=1500, jobs_in_flight=3)
     try:
         client = RefStreamClient(redis_server.url)
         long_job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=80)
