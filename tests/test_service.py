@@ -88,7 +88,8 @@ def test_cli_verbs(redis_server, data_root, blackswan_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ray_worker_killed_mid_job_is_restarted_and_the_job_finishes(redis_server, data_root, bedroom_mp4):
-    """kill -9 a worker actor mid-job: Ray restarts it, the job is reclaimed after the lease and finishes once."""
+    """``--pipeline whole``: kill -9 a worker actor mid-job: Ray restarts it, the job is reclaimed after the
+    lease and finishes once (the pools version: tests/test_service_pools.py)."""
     import ray
 
     from refstream.service.serve import serve
@@ -99,7 +100,7 @@ def test_ray_worker_killed_mid_job_is_restarted_and_the_job_finishes(redis_serve
         actors = []
         thread = threading.Thread(target=serve, args=(redis_server.url,), kwargs=dict(
             workers=1, model="tiny", device="cpu", allowed_roots=[data_root], lease_ms=3000, stop_event=stop,
-            on_start=actors.extend, log=lambda *_: None))
+            on_start=actors.extend, log=lambda *_: None, pipeline="whole"))
         thread.start()
         client = RefStreamClient(redis_server.url)
         job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=120)

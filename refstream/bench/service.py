@@ -169,18 +169,18 @@ def _inprocess_subprocess(spec: dict, timeout: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- service
-def _wait_heartbeats(url: str, workers: int, timeout: float) -> list[dict]:
-    """The workers' Redis heartbeats, once all ``workers`` have loaded their model."""
+def _wait_heartbeats(url: str, names: list[str], timeout: float) -> list[dict]:
+    """The actors' Redis heartbeats, once every one of ``names`` has loaded its model and beats."""
     from refstream.service.queue import connect
     from refstream.service.worker import heartbeats
 
     client = connect(url)
     deadline = time.monotonic() + timeout
-    while len(beats := heartbeats(client)) < workers:
+    while missing := [n for n in names if n not in (beats := heartbeats(client))]:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(beats)} of {workers} worker(s) ready after {timeout} s")
+            raise TimeoutError(f"actors not ready after {timeout} s: {', '.join(missing)}")
         time.sleep(0.1)
-    return list(beats.values())
+    return [beats[n] for n in names]
 
 
 def run_service(spec: dict, workers: int = 1) -> dict:
@@ -202,12 +202,16 @@ def run_service(spec: dict, workers: int = 1) -> dict:
                  log_to_driver=False)
         thread = threading.Thread(target=serve, args=(redis_server.url,), daemon=True, kwargs=dict(
             workers=workers, model=spec["model"], checkpoint=spec.get("checkpoint"), device=spec["device"],
-            allowed_roots=[str(Path(spec["video"]).resolve().parent)], num_cpus=cores / workers,
-            num_gpus=1.0 if spec["device"] == "cuda" else 0.0, stop_event=stop, on_start=actors.extend))
+            allowed_roots=[str(Path(spec["video"]).resolve().parent)], num_cpus=spec.get("threads") or cores / workers,
+            num_gpus=1.0 if spec["device"] == "cuda" else 0.0, stop_event=stop, on_start=actors.append,
+            pipeline=spec["pipeline"], jobs_in_flight=spec.get("jobs_in_flight")))
         thread.start()
-        while len(actors) < workers:
+        while not actors:
             time.sleep(0.01)
-        health = _wait_heartbeats(redis_server.url, workers, 600)  # written once the model is loaded
+        names = [f"worker-{i}" for i in range(workers)]
+        if spec["pipeline"] == "pools":
+            names += ["encoder-0", "decoder-0"]
+        health = _wait_heartbeats(redis_server.url, names, 600)  # written once the model is loaded
         startup_s = time.perf_counter() - started
         client = RefStreamClient(redis_server.url)
 
@@ -272,7 +276,8 @@ def run_service(spec: dict, workers: int = 1) -> dict:
 # ---------------------------------------------------------------------------------------------- report
 def run_benchmark(jobs: int = 8, max_frames: int | None = 16, video: str | None = None, model: str = "tiny",
                   checkpoint: str | None = None, device: str = "cpu", expressions=("the black swan",),
-                  budget: int = 196, workers: int = 1, timeout: float = 1800, rounds: int = 3) -> dict:
+                  budget: int = 196, workers: int = 1, timeout: float = 1800, rounds: int = 3,
+                  pipeline: str = "pools", jobs_in_flight: int | None = None, threads: int | None = None) -> dict:
     """Both modes on the same jobs; returns the report (see :func:`format_table`)."""
     video = str(Path(video or DEFAULT_VIDEO).resolve())
     if not Path(video).exists():
@@ -280,7 +285,7 @@ def run_benchmark(jobs: int = 8, max_frames: int | None = 16, video: str | None 
     with tempfile.TemporaryDirectory(prefix="refstream-bench-service-") as tmp:
         spec = {"video": video, "expressions": list(expressions), "model": model, "checkpoint": checkpoint,
                 "device": device, "budget": budget, "max_frames": max_frames, "jobs": jobs, "timeout": timeout,
-                "rounds": rounds}
+                "rounds": rounds, "pipeline": pipeline, "jobs_in_flight": jobs_in_flight, "threads": threads}
         (Path(tmp) / "inproc").mkdir()
         (Path(tmp) / "service").mkdir()
         inproc = _inprocess_subprocess({**spec, "out": str(Path(tmp) / "inproc")}, timeout)
@@ -292,6 +297,7 @@ def run_benchmark(jobs: int = 8, max_frames: int | None = 16, video: str | None 
     ratio = service["jobs_per_s"] / inproc["jobs_per_s"]
     return {"environment": _environment(device), "jobs": jobs, "frames_per_job": inproc["frames_per_job"],
             "video": video, "model": model, "budget": budget, "workers": workers, "rounds": rounds,
+            "pipeline": pipeline, "jobs_in_flight": jobs_in_flight,
             "in_process": inproc,
             "service": service, "ratio": ratio, "target": TARGET, "meets_target": ratio >= TARGET}
 
@@ -312,7 +318,8 @@ def format_table(report: dict) -> str:
     ]
     for part, value in b["peak_rss"].items():
         rows.append((f"  service: {part}", "", f"{value / mib:.0f}", ""))
-    head = ("", "in-process", f"service ({report['workers']} worker)", "service / in-process")
+    head = ("", "in-process", f"service ({report['workers']} worker, {report.get('pipeline', 'whole')})",
+            "service / in-process")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(4)]
     lines = [
         f"refstream bench service: {report['jobs']} jobs x {report['frames_per_job']} frames of "
@@ -320,7 +327,7 @@ def format_table(report: dict) -> str:
         f"hardware: {env['cpu']}, {env['cores']} cores, {env['memory_gib']} GiB; {env['platform']}",
         f"versions: python {env['python']}, torch {env['torch']} ({env['torch_threads']} threads), ray {env['ray']}, "
         f"redis-py {env['redis-py']}, redis-server {env['redis-server']}; "
-        f"torch threads per worker actor: {b.get('worker_threads')}",
+        f"torch threads per actor: {b.get('worker_threads')}",
         "",
         "  ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w) for i, (h, w) in enumerate(zip(head, widths))),
     ]
@@ -342,6 +349,10 @@ def _arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--budget", type=int, default=196)
     b.add_argument("--workers", type=int, default=1, help="service worker actors (default 1)")
+    b.add_argument("--pipeline", default="pools", choices=["pools", "whole"], help="serve's pipeline (default pools)")
+    b.add_argument("--jobs-in-flight", type=int, default=None, help="serve --jobs-in-flight (pools)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch threads per service actor (default: this machine's cores / --workers)")
     b.add_argument("--timeout", type=float, default=1800, help="seconds per job wait (default 1800)")
     b.add_argument("--rounds", type=int, default=3,
                    help="timed batches per mode, the fastest kept (default 3; guards against other load)")
@@ -360,7 +371,8 @@ def main_bench_service(args: argparse.Namespace) -> int:
     report = run_benchmark(jobs=args.jobs, max_frames=args.max_frames or None, video=args.video, model=args.model,
                            checkpoint=args.checkpoint, device=args.device,
                            expressions=args.expression or ["the black swan"], budget=args.budget,
-                           workers=args.workers, timeout=args.timeout, rounds=args.rounds)
+                           workers=args.workers, timeout=args.timeout, rounds=args.rounds, pipeline=args.pipeline,
+                           jobs_in_flight=args.jobs_in_flight, threads=args.threads)
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -53,9 +53,9 @@ def add_service_parsers(sub) -> None:
     p.add_argument("--address", default=None, help="join a Ray cluster (auto or ray://host:port)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker actors (whole) / VideoGLaMM actors and jobs in flight (pools)")
-    p.add_argument("--pipeline", default="whole", choices=["whole", "pools"],
-                   help="whole: each worker runs whole jobs (default); pools: decode, CLIP+pruning and VideoGLaMM "
-                        "actor pools with frames streamed in chunks")
+    p.add_argument("--pipeline", default="pools", choices=["pools", "whole"],
+                   help="pools (default): decode, CLIP+pruning and VideoGLaMM actor pools, frames streamed in "
+                        "chunks; whole: each worker actor runs whole jobs in one process")
     p.add_argument("--decoders", type=int, default=1, help="decode actors (--pipeline pools)")
     p.add_argument("--encoders", type=int, default=1, help="CLIP + pruning actors (--pipeline pools)")
     p.add_argument("--jobs-in-flight", type=int, default=None,

@@ -1,15 +1,21 @@
-"""``refstream serve``: start or join Ray and run a pool of queue workers until SIGTERM/SIGINT.
+"""``refstream serve``: start or join Ray and work through the queue until SIGTERM/SIGINT.
 
-Each worker is a Ray actor (:class:`refstream.service.worker.QueueWorker`) with ``max_restarts=-1``:
-when its process dies, Ray restarts it (the constructor reloads the model) and this supervisor starts
-its loop again; the job it held stays pending in Redis and is reclaimed after the lease. On SIGTERM the
-supervisor asks every worker to finish its current job and stop (jobs not taken stay queued), then exits.
+Two pipelines:
 
-The actors are single-threaded (``max_concurrency=1``: a second thread in the actor cost ~10% of the
-throughput on a small CPU machine), so the supervisor never calls into a running actor: it asks them to stop
-through a Redis key (:func:`refstream.service.worker.stop_key`, checked by the work loop between jobs) and
-workers report liveness in a Redis heartbeat hash (:func:`refstream.service.worker.heartbeats`). Each actor
-sets its torch threads to its CPUs (``num_cpus``). Without ``address`` a fresh local Ray is started
+* ``pools`` (default, :mod:`refstream.service.streaming`): decode / encoder / VideoGLaMM actor pools, frames
+  streamed in bounded chunks, masks streamed back with backpressure; coordinator threads in this process
+  hold the queue deliveries (``jobs_in_flight`` of them). On SIGTERM every coordinator finishes the job it
+  holds and stops.
+* ``whole``: each worker is a Ray actor (:class:`refstream.service.worker.QueueWorker`) running whole jobs
+  with ``max_restarts=-1``: when its process dies, Ray restarts it (the constructor reloads the model) and
+  this supervisor starts its loop again; the job it held stays pending in Redis and is reclaimed after the
+  lease. On SIGTERM the supervisor asks every worker to finish its current job and stop (jobs not taken stay
+  queued), then exits. The actors are single-threaded (``max_concurrency=1``), so the supervisor never calls
+  into a running actor: it asks them to stop through a Redis key (:func:`refstream.service.worker.stop_key`,
+  checked by the work loop between jobs).
+
+Actors report liveness in Redis heartbeat hashes (:func:`refstream.service.worker.heartbeats`) and set their
+torch threads to their CPUs (``num_cpus``). Without ``address`` a fresh local Ray is started
 (``address="local"``), never one left over from an earlier ``serve`` that was killed.
 
 With ``metrics_port`` set, the supervisor also serves Prometheus ``/metrics`` (values read from Redis at
@@ -36,7 +42,7 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
           max_upload_bytes: int = 512 * 1024 * 1024, lease_ms: int = 60_000, max_deliveries: int = 3,
           num_gpus: float = 0.0, num_cpus: float | None = 1.0, stop_event: threading.Event | None = None,
           on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
-          log_format: str | None = None, log_level: str = "INFO", pipeline: str = "whole", decoders: int = 1,
+          log_format: str | None = None, log_level: str = "INFO", pipeline: str = "pools", decoders: int = 1,
           encoders: int = 1, jobs_in_flight: int | None = None) -> int:
     """Run the worker pool; returns the number of jobs handled when stopped.
 
@@ -45,9 +51,11 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         log_format: ``json``/``text`` logging in the worker actors (None: leave their logging alone).
         log: optional extra callable receiving each supervisor message as plain text.
         num_cpus: CPUs per worker actor, also its torch threads (None: this machine's cores / ``workers``).
-        pipeline: ``whole`` (each worker actor runs whole jobs) or ``pools`` (decode / encoder / VideoGLaMM
-            actor pools of ``decoders`` / ``encoders`` / ``workers``, frames streamed in chunks; see
-            :mod:`refstream.service.streaming`; ``on_start`` then gets the :class:`Pools`).
+        pipeline: ``pools`` (default: decode / encoder / VideoGLaMM actor pools of ``decoders`` / ``encoders`` /
+            ``workers``, frames streamed in chunks, ``jobs_in_flight`` jobs at once; see
+            :mod:`refstream.service.streaming`; ``on_start`` then gets the :class:`Pools`) or ``whole`` (each
+            worker actor runs whole jobs, :class:`refstream.service.worker.QueueWorker`).
+        jobs_in_flight: ``pools`` only: jobs taken at once (default ``2 * workers``).
         on_start: called with the list of actor handles once they are created (their heartbeats appear in
             Redis once the model is loaded; do not call their methods: they are busy running the loop).
     """
