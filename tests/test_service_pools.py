@@ -22,12 +22,13 @@ def ray_local():
     ray.shutdown()
 
 
-def _serve(redis_url, data_root, pools, **kwargs):
+def _serve(redis_url, data_root, pools, allowed_roots_extra=(), **kwargs):
     from refstream.service.serve import serve
 
     stop = threading.Event()
     thread = threading.Thread(target=serve, args=(redis_url,), kwargs=dict(
-        pipeline="pools", workers=1, model="tiny", device="cpu", allowed_roots=[data_root], stop_event=stop,
+        pipeline="pools", workers=1, model="tiny", device="cpu", allowed_roots=[data_root, *allowed_roots_extra],
+        stop_event=stop,
         on_start=pools.append, log=lambda *_: None, **kwargs))
     thread.start()
     return stop, thread
@@ -83,24 +84,42 @@ def test_pools_job_equals_refstream_run_with_bounded_chunks(ray_local, redis_ser
     assert (tmp_path / "fastv" / "tokens.png").read_bytes() == (tmp_path / "fastv-direct" / "tokens.png").read_bytes()
 
 
-def test_bad_input_fails_at_once_in_pools_mode(ray_local, redis_server, shared_data, tmp_path):
+def test_bad_jobs_among_good_jobs_fail_cleanly_in_pools_mode(ray_local, redis_server, shared_data, blackswan_dir,
+                                                             tmp_path):
+    """A corrupt video, an input outside the allowed roots and an empty expression (queued by a client that
+    skips validation) among good jobs: each bad job fails at once (1 delivery) naming the problem; the good
+    jobs around them finish."""
+    from refstream.errors import ExpressionError
+    from refstream.service.jobs import JobRequest
+
     pools = []
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     corrupt = allowed / "corrupt.mp4"
     corrupt.write_bytes(os.urandom(2048))
-    from refstream.service.serve import serve
-
-    stop = threading.Event()
-    thread = threading.Thread(target=serve, args=(redis_server.url,), kwargs=dict(
-        pipeline="pools", model="tiny", device="cpu", allowed_roots=[allowed], stop_event=stop,
-        on_start=pools.append, log=lambda *_: None))
-    thread.start()
+    client = RefStreamClient(redis_server.url)
+    good = [client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81)]
+    bad = client.submit(str(corrupt), ["x"])
+    good.append(client.submit(str(blackswan_dir), ["the water"], max_frames=4, budget=81))
+    outside = client.submit(str(tmp_path / "elsewhere.mp4"), ["x"])
+    with pytest.raises(ExpressionError):
+        client.submit(str(blackswan_dir), ["  "])  # refused at submit: nothing queued
+    empty = client.queue.submit(JobRequest.model_construct(  # what a client without validation could queue
+        input=str(blackswan_dir), expressions=["  "], method="litelvlm", variant="paper", budget=81,
+        placement="pooled", frames=16, stride=1, max_frames=4, clip_text="question", answer="forced"))
+    good.append(client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81))
+    stop, thread = _serve(redis_server.url, shared_data, pools, allowed_roots_extra=[allowed])
     try:
-        client = RefStreamClient(redis_server.url)
-        job = client.submit(str(corrupt), ["x"])
-        status = client.wait(job, timeout_s=120)
-        assert status["state"] == "failed" and "corrupt.mp4" in status["error"] and status["deliveries"] == 1
+        for job in good:
+            status = client.wait(job, timeout_s=120)
+            assert status["state"] == "done" and status["deliveries"] == 1, status
+        statuses = {name: client.wait(job, timeout_s=60) for name, job in
+                    (("corrupt", bad), ("outside", outside), ("empty", empty))}
+        assert all(s["state"] == "failed" and s["deliveries"] == 1 for s in statuses.values()), statuses
+        assert "corrupt.mp4" in statuses["corrupt"]["error"]
+        assert "allowed roots" in statuses["outside"]["error"]
+        assert "expression is empty" in statuses["empty"]["error"]
+        assert client.queue.dead_letters() == []  # bad input fails at once, it is not retried
     finally:
         stop.set()
         thread.join(timeout=60)
