@@ -150,18 +150,20 @@ class Pipeline:
         config: the model configuration (``load_model_config``).
         device: ``cpu``, ``cuda`` or ``auto``.
         dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
+        parts: ``all``, ``encoder`` or ``decoder``: see :func:`workers.build.build_model` (the service's actor
+            pools load only what their role needs).
 
     Raises:
         ConfigError: an unknown dtype, or a half-precision dtype on the CPU.
     """
 
-    def __init__(self, config: ModelConfig, device: str = "auto", dtype: str = "auto"):
+    def __init__(self, config: ModelConfig, device: str = "auto", dtype: str = "auto", parts: str = "all"):
         from workers.build import build_model
 
         self.config = config
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model = build_model(config, self.device, self.dtype)
+        self.model = build_model(config, self.device, self.dtype, parts)
         #: SAM2 input resize: VideoGLaMM's own (longest side, then stretch; utils/sam_transforms.py), which the
         #: checkpoint was trained and evaluated with.
         self.sam2_style = "videoglamm"

@@ -116,6 +116,9 @@ def test_compose_file():
     args = build_parser().parse_args(cmd)
     assert args.address == "ray://ray-head:10001" and args.redis_url == "redis://:s3cret@redis:6379/0"
     assert args.metrics_port == 9464 and args.log_format == "json" and args.device == "cuda"
+    # one VideoGLaMM actor and one encoder actor per GPU node: the default 0.5 + 0.5 GPU each must fit one GPU
+    assert args.pipeline == "pools" and args.num_gpus is None and args.encoder_gpus is None
+    assert args.workers == args.encoders == 1
     assert args.allowed_root[-1] == "/srv/refstream/videos" and args.upload_root == "/srv/refstream/uploads"
     assert serve["depends_on"]["redis"]["condition"] == "service_healthy"
 

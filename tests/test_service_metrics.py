@@ -148,3 +148,16 @@ def test_redis_password_is_redacted_in_logs():
     assert _redact("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert _redact("redis://user:s3cret@h/0") == "redis://user:***@h/0"
     assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_serve_gpu_shares_default_to_one_videoglamm_and_one_encoder_actor_per_gpu():
+    from refstream.cli import build_parser
+    from refstream.service.cli import gpu_shares
+
+    def shares(*argv):
+        return gpu_shares(build_parser().parse_args(["serve", *argv]))
+
+    assert shares("--device", "cuda") == (0.5, 0.5)  # pools (default): they share one GPU
+    assert shares("--device", "cuda", "--pipeline", "whole") == (1.0, 0.0)
+    assert shares("--device", "cpu") == shares() == (0.0, 0.0)
+    assert shares("--device", "cuda", "--num-gpus", "1", "--encoder-gpus", "0.25") == (1.0, 0.25)

@@ -408,3 +408,26 @@ class TestMissingWeights:
 
     def test_tiny_needs_no_files(self, model):
         assert model.config.random_weights is True
+
+
+def test_build_model_parts_keep_only_what_an_actor_role_needs():
+    """``parts="encoder"`` drops Phi-3 and SAM2, ``parts="decoder"`` drops CLIP and InternVideo2 (before the
+    move to the device); what stays is the very same weights as the whole model."""
+    from refstream.config import load_model_config
+    from workers.build import build_model
+
+    config = load_model_config("tiny")
+    whole = build_model(config)
+    encoder = build_model(config, parts="encoder")
+    decoder = build_model(config, parts="decoder")
+    assert encoder.llm is None and encoder.sam2 is None and encoder.clip is not None and encoder.internvideo2 is not None
+    assert decoder.clip is None and decoder.internvideo2 is None and decoder.llm is not None and decoder.sam2 is not None
+    full = dict(whole.state_dict())
+    for part in (encoder, decoder):
+        for name, tensor in part.state_dict().items():
+            assert torch.equal(tensor, full[name]), name
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(encoder) + count(decoder) - count(whole.image_mm_projector) - count(whole.mm_projector) \
+        - count(whole.text_hidden_fcs) == count(whole)
+    with pytest.raises(ValueError, match="parts must be one of"):
+        build_model(config, parts="llm")

@@ -52,21 +52,39 @@ def _seeded(seed: int, build):
         return build()
 
 
-def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+#: What each actor role of ``serve --pipeline pools`` keeps of the model (:func:`build_model` ``parts``); the
+#: projectors stay everywhere (small; they define the model's device and dtype).
+PARTS = {
+    "all": None,
+    "encoder": ("llm", "sam2"),  # CLIP, InternVideo2, projectors, tokenizers: visual tokens and sequence lengths
+    "decoder": ("clip", "internvideo2"),  # Phi-3, text_hidden_fcs, SAM2: [SEG] answers and masks
+}
+
+
+def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                parts: str = "all"):
     """Build a :class:`workers.videoglamm.VideoGLaMM` in eval mode on ``device``.
 
     Args:
         config: the model configuration.
         device: ``"cpu"`` or ``"cuda"``.
         dtype: parameter dtype (float32 on CPU; bfloat16/float16 on CUDA).
+        parts: ``all``; ``encoder`` (no Phi-3, no SAM2: what an encoder actor needs) or ``decoder`` (no CLIP,
+            no InternVideo2: what a VideoGLaMM actor needs). The dropped towers are set to None before the
+            model moves to ``device``, so they never take device memory (the weights are still read once).
 
     Raises:
         WeightsNotFoundError: released weights requested but not found (message says where to get them).
+        ValueError: an unknown ``parts``.
     """
+    if parts not in PARTS:
+        raise ValueError(f"parts must be one of {', '.join(PARTS)}, got {parts!r}")
     if config.random_weights:
         model = _build_random(config)
     else:
         model = _build_released(config, dtype)  # tensors are cast while loading: no float32 copy of a bf16 model
+    for name in PARTS[parts] or ():
+        setattr(model, name, None)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

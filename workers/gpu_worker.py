@@ -35,16 +35,18 @@ class VideoGLaMMWorker:
         model: ``tiny``, ``videoglamm`` or a config YAML; checkpoint: the weights folder; device: cpu/cuda/auto.
         threads: torch intra-op threads in this process (None: leave torch's setting).
         heartbeat: ``{"redis_url": ..., "prefix": ..., "name": ...}`` to beat in Redis (None: no heartbeat).
+        parts: ``all`` or ``decoder`` (no CLIP / InternVideo2 on the device: they run in encoder actors);
+            see :func:`workers.build.build_model`.
     """
 
     def __init__(self, model: str = "videoglamm", checkpoint: str | None = None, device: str = "auto",
-                 threads: int | None = None, heartbeat: dict | None = None):
+                 threads: int | None = None, heartbeat: dict | None = None, parts: str = "all"):
         from refstream.config import load_model_config
         from refstream.pipeline import Pipeline
 
         if threads:  # torch intra-op threads in this process (None: leave torch's setting)
             torch.set_num_threads(int(threads))
-        self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
+        self.pipeline = Pipeline(load_model_config(model, checkpoint), device, parts=parts)
         self.frames_done = 0
         self.clips = 0
         self.state, self.label = "idle", ""
@@ -73,6 +75,15 @@ class VideoGLaMMWorker:
         return {"pid": os.getpid(), "device": str(self.pipeline.device), "cuda_ok": cuda_ok,
                 "model": self.pipeline.config.name, "frames_done": self.frames_done,
                 "uptime_s": time.time() - self.started}
+
+    def sam2_input(self) -> dict:
+        """What SAM2 frames must be preprocessed to (``size``, ``style``) and the model's ``name``,
+        ``random_weights`` and ``device``."""
+        from workers.sam2_decoder import Sam2VideoDecoder
+
+        return {"size": int(Sam2VideoDecoder(self.pipeline.model.sam2).image_size),
+                "style": self.pipeline.sam2_style, "name": self.pipeline.config.name,
+                "random_weights": self.pipeline.config.random_weights, "device": str(self.pipeline.device)}
 
     def segment_stream(self, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
                        frame_chunks: Sequence, answer_mode: str = "forced", report_answers: bool = False,

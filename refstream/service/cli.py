@@ -64,7 +64,12 @@ def add_service_parsers(sub) -> None:
     p.add_argument("--model", default="videoglamm")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--num-gpus", type=float, default=None, help="GPUs per worker (default 1 with --device cuda, else 0)")
+    p.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per worker actor (pools: per VideoGLaMM actor; default with --device cuda: 0.5 in pools, "
+                        "1 in whole; else 0)")
+    p.add_argument("--encoder-gpus", type=float, default=None,
+                   help="GPUs per encoder actor (pools; default 0.5 with --device cuda, so one VideoGLaMM and one "
+                        "encoder actor share a GPU; else 0)")
     p.add_argument("--num-cpus", type=float, default=None,
                    help="CPUs per worker, also its torch threads (default: this machine's cores / --workers "
                         "for a local Ray, 1 with --address)")
@@ -87,6 +92,16 @@ def add_service_parsers(sub) -> None:
 SERVICE_COMMANDS = ("submit", "status", "result", "cancel", "serve")
 
 
+def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
+    """GPUs per VideoGLaMM (or whole-job) actor and per encoder actor for ``serve``: ``--num-gpus`` /
+    ``--encoder-gpus`` when given; else with ``--device cuda`` 0.5 + 0.5 in pools (one of each shares a GPU)
+    and 1 + 0 in whole; 0 + 0 on the CPU."""
+    cuda, pools = args.device == "cuda", args.pipeline == "pools"
+    num_gpus = args.num_gpus if args.num_gpus is not None else ((0.5 if pools else 1.0) if cuda else 0.0)
+    encoder_gpus = args.encoder_gpus if args.encoder_gpus is not None else (0.5 if cuda and pools else 0.0)
+    return num_gpus, encoder_gpus
+
+
 def run_service_command(args: argparse.Namespace) -> int:
     """Run one of :data:`SERVICE_COMMANDS`."""
     from refstream.service.client import RefStreamClient
@@ -98,7 +113,7 @@ def run_service_command(args: argparse.Namespace) -> int:
         configure_logging(args.log_format, args.log_level)
         if args.log_format == "json":
             quiet_ray_log_prefix()  # before Ray starts: forwarded worker lines stay pure JSON
-        num_gpus = args.num_gpus if args.num_gpus is not None else (1.0 if args.device == "cuda" else 0.0)
+        num_gpus, encoder_gpus = gpu_shares(args)
         num_cpus = args.num_cpus if args.num_cpus is not None else (1.0 if args.address else None)
         serve(args.redis_url, address=args.address, workers=args.workers, model=args.model,
               checkpoint=args.checkpoint, device=args.device, allowed_roots=args.allowed_root,
@@ -106,7 +121,8 @@ def run_service_command(args: argparse.Namespace) -> int:
               lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus, num_cpus=num_cpus,
               metrics_port=args.metrics_port or None, metrics_host=args.metrics_host,
               log_format=args.log_format, log_level=args.log_level, pipeline=args.pipeline,
-              decoders=args.decoders, encoders=args.encoders, jobs_in_flight=args.jobs_in_flight)
+              decoders=args.decoders, encoders=args.encoders, jobs_in_flight=args.jobs_in_flight,
+              encoder_gpus=encoder_gpus)
         return 0
     client = RefStreamClient(args.redis_url, upload_root=getattr(args, "upload_root", None),
                              max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)

@@ -43,7 +43,7 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
           num_gpus: float = 0.0, num_cpus: float | None = 1.0, stop_event: threading.Event | None = None,
           on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
           log_format: str | None = None, log_level: str = "INFO", pipeline: str = "pools", decoders: int = 1,
-          encoders: int = 1, jobs_in_flight: int | None = None) -> int:
+          encoders: int = 1, jobs_in_flight: int | None = None, encoder_gpus: float = 0.0) -> int:
     """Run the worker pool; returns the number of jobs handled when stopped.
 
     Args:
@@ -56,6 +56,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
             :mod:`refstream.service.streaming`; ``on_start`` then gets the :class:`Pools`) or ``whole`` (each
             worker actor runs whole jobs, :class:`refstream.service.worker.QueueWorker`).
         jobs_in_flight: ``pools`` only: jobs taken at once (default ``2 * workers``).
+        num_gpus: GPUs per worker actor (``pools``: per VideoGLaMM actor); encoder_gpus: ``pools`` only, GPUs per
+            encoder actor (CLIP and InternVideo2 run there).
         on_start: called with the list of actor handles once they are created (their heartbeats appear in
             Redis once the model is loaded; do not call their methods: they are busy running the loop).
     """
@@ -99,7 +101,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
             handled = serve_pools(
                 redis_url, decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
                 device=device, policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes), lease_ms=lease_ms,
-                max_deliveries=max_deliveries, num_gpus=num_gpus, num_cpus=min(num_cpus, 0.5), threads=threads,
+                max_deliveries=max_deliveries, num_gpus=num_gpus, encoder_gpus=encoder_gpus,
+                num_cpus=min(num_cpus, 0.5), threads=threads,
                 stop_event=stop_event, on_start=on_start, note=note, serve_id=serve_id, prefix=control.prefix,
                 jobs_in_flight=jobs_in_flight)
         finally:

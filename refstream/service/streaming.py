@@ -170,19 +170,15 @@ class EncoderActor:
 
         if threads:
             torch.set_num_threads(int(threads))
-        self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
+        self.pipeline = Pipeline(load_model_config(model, checkpoint), device, parts="encoder")  # no Phi-3, no SAM2
         self.state, self.handled = "idle", 0
         self.heartbeat = _heartbeat(heartbeat, lambda: {
             "role": "encode", "state": self.state, "handled": self.handled, "device": str(self.pipeline.device),
             "threads": torch.get_num_threads()})
 
-    def sam2_input(self) -> dict:
-        """What the decode actors preprocess SAM2 frames to: ``size`` and ``style``."""
-        from workers.sam2_decoder import Sam2VideoDecoder
-
-        return {"size": int(Sam2VideoDecoder(self.pipeline.model.sam2).image_size),
-                "style": self.pipeline.sam2_style, "name": self.pipeline.config.name,
-                "random_weights": self.pipeline.config.random_weights, "device": str(self.pipeline.device)}
+    def health(self) -> dict:
+        """Liveness: pid, device, jobs encoded."""
+        return {"pid": os.getpid(), "device": str(self.pipeline.device), "handled": self.handled}
 
     def encode(self, encoder_frames: np.ndarray, expressions: list[str], method_spec: str, variant: str,
                budget: int, placement: str, clip_text: str) -> dict:
@@ -261,7 +257,8 @@ class Pools:
     Args:
         decoders, encoders, workers: actors per pool (at least 1 each).
         model, checkpoint, device: the model every encoder / VideoGLaMM actor loads.
-        num_gpus: GPUs per VideoGLaMM actor (1 on a GPU machine); num_cpus: CPUs per actor (Ray resources).
+        num_gpus: GPUs per VideoGLaMM actor; encoder_gpus: GPUs per encoder actor (fractions share a GPU:
+            0.5 + 0.5 puts one of each on a GPU); num_cpus: CPUs per actor (Ray resources).
         threads: torch threads in each actor.
         ahead, chunk_size: decode-ahead bound (chunks) and frames per chunk.
         redis_url, prefix: where the actors beat (None: no heartbeats).
@@ -271,8 +268,8 @@ class Pools:
 
     def __init__(self, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
                  checkpoint: str | None = None, device: str = "auto", num_gpus: float = 0.0,
-                 num_cpus: float = 0.5, threads: int | None = None, ahead: int = 2, chunk_size: int = 8,
-                 redis_url: str | None = None, prefix: str = "refstream"):
+                 encoder_gpus: float = 0.0, num_cpus: float = 0.5, threads: int | None = None, ahead: int = 2,
+                 chunk_size: int = 8, redis_url: str | None = None, prefix: str = "refstream"):
         import ray
 
         from workers.gpu_worker import VideoGLaMMWorker
@@ -281,19 +278,20 @@ class Pools:
             return {"redis_url": redis_url, "prefix": prefix, "name": name} if redis_url else None
 
         Decode = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16, num_cpus=num_cpus)(DecodeActor)
-        Encode = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus)(EncoderActor)
+        Encode = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus, num_gpus=encoder_gpus)(EncoderActor)
         Worker = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus,
                             num_gpus=num_gpus)(VideoGLaMMWorker)
         self.decoders = [Decode.remote(ahead, chunk_size, threads, beat(f"decoder-{i}")) for i in range(max(1, decoders))]
         self.encoders = [Encode.remote(model, checkpoint, device, threads, beat(f"encoder-{i}"))
                          for i in range(max(1, encoders))]
-        self.workers = [Worker.remote(model, checkpoint, device, threads, beat(f"worker-{i}"))
+        self.workers = [Worker.remote(model, checkpoint, device, threads, beat(f"worker-{i}"), parts="decoder")
                         for i in range(max(1, workers))]
         self._busy = {role: [0] * len(getattr(self, role)) for role in self.ROLES}
         self._turn = 0
         self._lock = threading.Lock()
-        self.sam2 = ray.get(self.encoders[0].sam2_input.remote())
-        ray.get([w.health.remote() for w in self.workers] + [d.stats.remote() for d in self.decoders])
+        self.sam2 = ray.get(self.workers[0].sam2_input.remote())
+        ray.get([w.health.remote() for w in self.workers] + [e.health.remote() for e in self.encoders]
+                + [d.stats.remote() for d in self.decoders])
 
     def acquire(self) -> tuple:
         """``(decoder, encoder, worker)`` for the next job: in each pool the actor with the fewest jobs in
@@ -519,8 +517,8 @@ def _pooled_job_once(pools: Pools, policy, request, progress: LeaseKeeper) -> di
 
 def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
                 checkpoint: str | None = None, device: str = "auto", policy=None, lease_ms: int = 60_000,
-                max_deliveries: int = 3, num_gpus: float = 0.0, num_cpus: float = 0.5, threads: int | None = None,
-                stop_event: threading.Event, on_start=None, note=None, ahead: int = 2, chunk_size: int = 8,
+                max_deliveries: int = 3, num_gpus: float = 0.0, encoder_gpus: float = 0.0, num_cpus: float = 0.5,
+                threads: int | None = None, stop_event: threading.Event, on_start=None, note=None, ahead: int = 2, chunk_size: int = 8,
                 serve_id: str = "pools", prefix: str = "refstream", jobs_in_flight: int | None = None) -> int:
     """Build the pools and run ``jobs_in_flight`` coordinator threads over the queue until ``stop_event``.
 
@@ -531,7 +529,8 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
     from refstream.service.queue import JobQueue, connect
 
     pools = Pools(decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
-                  device=device, num_gpus=num_gpus, num_cpus=num_cpus, threads=threads, ahead=ahead,
+                  device=device, num_gpus=num_gpus, encoder_gpus=encoder_gpus, num_cpus=num_cpus, threads=threads,
+                  ahead=ahead,
                   chunk_size=chunk_size, redis_url=redis_url, prefix=prefix)
     if on_start is not None:
         on_start(pools)
