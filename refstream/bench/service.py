@@ -202,7 +202,7 @@ def run_service(spec: dict, workers: int = 1) -> dict:
                  log_to_driver=False)
         thread = threading.Thread(target=serve, args=(redis_server.url,), daemon=True, kwargs=dict(
             workers=workers, model=spec["model"], checkpoint=spec.get("checkpoint"), device=spec["device"],
-            allowed_roots=[str(Path(spec["video"]).resolve().parent)], num_cpus=spec.get("threads") or cores / workers,
+            allowed_roots=[str(Path(spec["video"]).resolve().parent)], num_cpus=spec.get("threads") or (cores / workers if spec["pipeline"] == "whole" else None),
             num_gpus=1.0 if spec["device"] == "cuda" else 0.0, stop_event=stop, on_start=actors.append,
             pipeline=spec["pipeline"], jobs_in_flight=spec.get("jobs_in_flight")))
         thread.start()

@@ -71,8 +71,8 @@ def add_service_parsers(sub) -> None:
                    help="GPUs per encoder actor (pools; default 0.5 with --device cuda, so one VideoGLaMM and one "
                         "encoder actor share a GPU; else 0)")
     p.add_argument("--num-cpus", type=float, default=None,
-                   help="CPUs per worker, also its torch threads (default: this machine's cores / --workers "
-                        "for a local Ray, 1 with --address)")
+                   help="CPUs per actor, also its torch threads (default on a local Ray: this machine's cores / "
+                        "--workers, pools: / (--workers + --encoders); 1 with --address)")
     p.add_argument("--allowed-root", action="append", default=_roots(os.environ.get("REFSTREAM_ALLOWED_ROOTS")),
                    help="folder jobs may read from (repeatable; default $REFSTREAM_ALLOWED_ROOTS)")
     p.add_argument("--upload-root", default=os.environ.get("REFSTREAM_UPLOAD_ROOT"))

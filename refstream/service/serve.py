@@ -50,7 +50,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         metrics_port: serve ``/metrics`` on this port (0 = a free port; None = no metrics server).
         log_format: ``json``/``text`` logging in the worker actors (None: leave their logging alone).
         log: optional extra callable receiving each supervisor message as plain text.
-        num_cpus: CPUs per worker actor, also its torch threads (None: this machine's cores / ``workers``).
+        num_cpus: CPUs per worker actor, also its torch threads (None: this machine's cores / ``workers``;
+            pools: cores / (``workers`` + ``encoders``)).
         pipeline: ``pools`` (default: decode / encoder / VideoGLaMM actor pools of ``decoders`` / ``encoders`` /
             ``workers``, frames streamed in chunks, ``jobs_in_flight`` jobs at once; see
             :mod:`refstream.service.streaming`; ``on_start`` then gets the :class:`Pools`) or ``whole`` (each
@@ -79,7 +80,11 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
             # "local": always a fresh Ray of our own, never one left behind by a serve that was killed
             ray.init(address="local", include_dashboard=False, object_store_memory=200 * 1024 * 1024)
     if num_cpus is None:
-        num_cpus = max(1.0, float((os.cpu_count() or 1) // max(1, workers)))
+        # whole: the workers run side by side; pools: the encoder and VideoGLaMM actors do (the next job is
+        # encoded while the current one is in SAM2), and more torch threads than cores slow both down a lot
+        # (refstream bench service on 2 cores: 0.51x in-process with 2 threads per actor, 0.91x with 1)
+        sharing = workers if pipeline != "pools" else workers + encoders
+        num_cpus = max(1.0, float((os.cpu_count() or 1) // max(1, sharing)))
     threads = max(1, int(num_cpus))
     stop_event = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():

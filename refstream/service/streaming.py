@@ -82,7 +82,7 @@ class DecodeActor:
         self.chunks_out = 0
         self.heartbeat = _heartbeat(heartbeat, lambda: {
             "role": "decode", "state": "running" if self.jobs else "idle", "jobs": len(self.jobs),
-            "handled": self.chunks_out})
+            "handled": self.chunks_out, "threads": _torch_threads()})
 
     def open(self, job_id: str, path: str, decoder: str, frames: int, stride: int, max_frames: int | None,
              sam2_size: int, sam2_style: str) -> dict:
@@ -240,6 +240,12 @@ class EncoderActor:
 
 
 MASKS_AHEAD = 16  # frames of masks a VideoGLaMM worker may yield ahead of the coordinator (backpressure)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _heartbeat(settings: dict | None, fields):
@@ -558,7 +564,12 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
     if note is not None:
         note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s), "
              f"{slots} job(s) in flight", workers=workers)
+    stopping = False
     while any(t.is_alive() for t in threads_):
+        if stop_event.is_set() and not stopping:
+            stopping = True
+            if note is not None:
+                note("serve.stopping", "stop requested: the jobs held finish, jobs not taken stay queued")
         for t in threads_:
             t.join(timeout=0.5)
     return sum(handled)
