@@ -208,3 +208,18 @@ def test_waiting_jobs_keep_their_lease_cancel_stops_the_stream_and_actors_beat(r
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive()
+
+
+def test_pools_that_do_not_fit_the_ray_cluster_are_refused_with_the_fix(ray_local):
+    from refstream.errors import ConfigError
+    from refstream.service.streaming import check_resources
+
+    fits = dict(workers=1, encoders=1, decoders=1, num_gpus=0.0, encoder_gpus=0.0, num_cpus=0.5)
+    check_resources(**fits)  # 1.5 of 2 CPUs, no GPU: fine
+    with pytest.raises(ConfigError, match=r"1 GPU\(s\), but Ray has 0.*--num-gpus / --encoder-gpus"):
+        check_resources(**{**fits, "num_gpus": 0.5, "encoder_gpus": 0.5})
+    with pytest.raises(ConfigError, match=r"6 actor\(s\) x 0.5 CPU = 3 CPU\(s\), but Ray has 2"):
+        check_resources(**{**fits, "workers": 2, "encoders": 2, "decoders": 2})
+    notes = []
+    check_resources(**{**fits, "num_gpus": 1.0}, strict=False, note=lambda *a, **k: notes.append(a))
+    assert notes and notes[0][0] == "serve.resources" and "nodes with them join" in notes[0][1]

@@ -521,6 +521,42 @@ def _pooled_job_once(pools: Pools, policy, request, progress: LeaseKeeper) -> di
     return {"summary": summary, "files": files, "seconds": time.perf_counter() - started}
 
 
+def check_resources(*, workers: int, encoders: int, decoders: int, num_gpus: float, encoder_gpus: float,
+                    num_cpus: float, note=None, strict: bool | None = None) -> None:
+    """Compare what the pools ask Ray for with what the cluster has now (Ray would leave the actors pending
+    forever, and ``serve`` would wait with no word).
+
+    Raises:
+        ConfigError: on a local Ray (``strict``, default: no ``RAY_ADDRESS``-style cluster, i.e. one node)
+            when the GPUs or CPUs asked for exceed the node's, naming the options to change. On a cluster
+            (nodes may be added) the same finding is logged as a warning through ``note``.
+    """
+    import ray
+
+    from refstream.errors import ConfigError
+
+    have = ray.cluster_resources()
+    gpus = workers * num_gpus + encoders * encoder_gpus
+    cpus = (workers + encoders + decoders) * num_cpus
+    problems = []
+    if gpus > have.get("GPU", 0.0) + 1e-9:
+        problems.append(f"{workers} VideoGLaMM actor(s) x {num_gpus} GPU + {encoders} encoder actor(s) x "
+                        f"{encoder_gpus} GPU = {gpus:g} GPU(s), but Ray has {have.get('GPU', 0.0):g}: lower --workers "
+                        "/ --encoders, or --num-gpus / --encoder-gpus (e.g. 0.5 each: one of each per GPU)")
+    if cpus > have.get("CPU", 0.0) + 1e-9:
+        problems.append(f"{workers + encoders + decoders} actor(s) x {num_cpus:g} CPU = {cpus:g} CPU(s), but Ray has "
+                        f"{have.get('CPU', 0.0):g}: lower --workers / --encoders / --decoders")
+    if not problems:
+        return
+    if strict is None:
+        strict = len(ray.nodes()) <= 1
+    message = "the actor pools do not fit this Ray cluster: " + "; ".join(problems)
+    if strict:
+        raise ConfigError(message)
+    if note is not None:
+        note("serve.resources", message + " (the actors wait until nodes with them join)", logging.WARNING)
+
+
 def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
                 checkpoint: str | None = None, device: str = "auto", policy=None, lease_ms: int = 60_000,
                 max_deliveries: int = 3, num_gpus: float = 0.0, encoder_gpus: float = 0.0, num_cpus: float = 0.5,
@@ -534,6 +570,8 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
     """
     from refstream.service.queue import JobQueue, connect
 
+    check_resources(workers=workers, encoders=encoders, decoders=decoders, num_gpus=num_gpus,
+                    encoder_gpus=encoder_gpus, num_cpus=num_cpus, note=note)
     pools = Pools(decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
                   device=device, num_gpus=num_gpus, encoder_gpus=encoder_gpus, num_cpus=num_cpus, threads=threads,
                   ahead=ahead,
