@@ -62,26 +62,30 @@ def test_pools_job_equals_refstream_run_with_bounded_chunks(ray_local, redis_ser
         stop.set()
         thread.join(timeout=60)
     assert not thread.is_alive()
-    assert main(["run", str(blackswan_dir), "-e", "the black swan", "-e", "the water", "--model", "tiny",
-                 "--max-frames", "20", "--budget", "81", "--device", "cpu", "--quiet", "--out",
-                 str(tmp_path / "direct")]) == 0
-    served = json.loads((tmp_path / "out" / "masks.json").read_text())
-    direct = json.loads((tmp_path / "direct" / "masks.json").read_text())
-    assert served["objects"] == direct["objects"] and served["pruning"] == direct["pruning"]
+    served, direct = _run_and_compare(tmp_path / "out", blackswan_dir, "-e", "the black swan", "-e", "the water",
+                                      "--max-frames", "20", "--budget", "81")
     assert served["frames"] == direct["frames"]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    expected = json.loads((tmp_path / "direct" / "summary.json").read_text())
+    expected = json.loads((tmp_path / "out-direct" / "summary.json").read_text())
     for key in ("frames", "visual_tokens_into_llm", "llm_sequence_length", "pruning"):
         assert summary[key] == expected[key]
 
-    assert main(["run", str(blackswan_dir), "-e", "the black swan", "--model", "tiny", "--max-frames", "6",
-                 "--budget", "81", "--method", "fastv", "--device", "cpu", "--quiet", "--out",
-                 str(tmp_path / "fastv-direct")]) == 0
-    served = json.loads((tmp_path / "fastv" / "masks.json").read_text())
-    direct = json.loads((tmp_path / "fastv-direct" / "masks.json").read_text())
-    assert served["objects"] == direct["objects"] and served["pruning"] == direct["pruning"]
+    served, _ = _run_and_compare(tmp_path / "fastv", blackswan_dir, "-e", "the black swan", "--max-frames", "6",
+                                 "--budget", "81", "--method", "fastv")
     assert "llm_layer_lengths" in served["pruning"]
     assert (tmp_path / "fastv" / "tokens.png").read_bytes() == (tmp_path / "fastv-direct" / "tokens.png").read_bytes()
+
+
+def _run_and_compare(served_dir, video, *options):
+    """``refstream run VIDEO OPTIONS`` into ``<served_dir>-direct``; its masks.json objects and pruning must
+    equal the service's in ``served_dir``. Returns both masks.json."""
+    direct_dir = served_dir.with_name(served_dir.name + "-direct")
+    assert main(["run", str(video), *options, "--model", "tiny", "--device", "cpu", "--quiet", "--out",
+                 str(direct_dir)]) == 0
+    served = json.loads((served_dir / "masks.json").read_text())
+    direct = json.loads((direct_dir / "masks.json").read_text())
+    assert served["objects"] == direct["objects"] and served["pruning"] == direct["pruning"]
+    return served, direct
 
 
 def test_bad_jobs_among_good_jobs_fail_cleanly_in_pools_mode(ray_local, redis_server, shared_data, blackswan_dir,

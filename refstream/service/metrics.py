@@ -130,12 +130,15 @@ class ServiceCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         from redis.exceptions import RedisError
 
+        from refstream.service.worker import heartbeats
+
         up = GaugeMetricFamily("refstream_redis_up", "1 when Redis answered this scrape")
         try:
             states = self.queue.count_states()
             depth = self.queue.depth()
             dead = self.queue.r.xlen(self.queue.dead)
             raw = self.queue.r.hgetall(metrics_key(self.queue.prefix))
+            beats = heartbeats(self.queue.r, self.queue.prefix)
         except (RedisError, OSError):
             up.add_metric([], 0)
             yield up
@@ -169,6 +172,16 @@ class ServiceCollector:
         if self.workers is not None:
             yield GaugeMetricFamily("refstream_workers", "Worker loops run by this serve process",
                                     value=self.workers())
+        actors = GaugeMetricFamily("refstream_actors",
+                                   "Actors with a live heartbeat (last beat < 60 s ago), by role and state",
+                                   labels=["role", "state"])
+        counts: dict[tuple[str, str], int] = {}
+        for record in beats.values():
+            key = (record.get("role", "worker"), record.get("state", "unknown"))
+            counts[key] = counts.get(key, 0) + 1
+        for (role, state), count in sorted(counts.items()):
+            actors.add_metric([role, state], count)
+        yield actors
 
 
 def start_metrics_server(queue, port: int, host: str = "0.0.0.0", workers: Callable[[], int] | None = None):

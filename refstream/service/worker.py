@@ -233,7 +233,8 @@ class QueueWorker:
         own = pipe is None
         pipe = self.queue.r.pipeline(transaction=False) if own else pipe
         pipe.hset(self.heartbeat_key, mapping={
-            "name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "device": str(self.pipeline.device),
+            "name": self.name, "role": "worker", "pid": os.getpid(), "host": socket.gethostname(),
+            "device": str(self.pipeline.device),
             "threads": torch.get_num_threads(), "handled": self.handled, "state": self._state, "input": self._job,
             "beat": now, "started": self._started})
         pipe.expire(self.heartbeat_key, HEARTBEAT_TTL_S)
