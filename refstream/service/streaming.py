@@ -85,8 +85,15 @@ class DecodeActor:
             "handled": self.chunks_out, "threads": _torch_threads()})
 
     def open(self, job_id: str, path: str, decoder: str, frames: int, stride: int, max_frames: int | None,
-             sam2_size: int, sam2_style: str) -> dict:
-        """Open the video, plan it, start decoding its SAM2 chunks; returns metadata + encoder frames."""
+             sam2_size: int, sam2_style: str) -> tuple[dict, np.ndarray]:
+        """Open the video, plan it, start decoding its SAM2 chunks.
+
+        Returns:
+            ``(meta, encoder_frames)``: ``meta`` has ``height``, ``width``, ``fps``, ``frame_names`` (of the SAM2
+            frames) and ``seconds``; ``encoder_frames`` is uint8 [16, H, W, 3]. Call it with
+            ``.options(num_returns=2)`` so that the frames go to the encoder actor as an object reference
+            without passing through the caller.
+        """
         from video_pipeline.decode import open_video
         from video_pipeline.plan import plan_frames
 
@@ -101,9 +108,9 @@ class DecodeActor:
         job = _DecodeJob(source, plan, self.ahead)
         self.jobs[job_id] = job
         threading.Thread(target=self._produce, args=(job, sam2_size, sam2_style), daemon=True).start()
-        return {"height": source.height, "width": source.width, "fps": source.fps,
-                "frame_names": [source.frame_names[i] for i in plan.sam2_indices],
-                "encoder_frames": encoder_frames, "seconds": time.perf_counter() - started}
+        return ({"height": source.height, "width": source.width, "fps": source.fps,
+                 "frame_names": [source.frame_names[i] for i in plan.sam2_indices],
+                 "seconds": time.perf_counter() - started}, encoder_frames)
 
     def _produce(self, job: _DecodeJob, size: int, style: str) -> None:
         from video_pipeline.preprocess import sam2_preprocess
@@ -189,10 +196,12 @@ class EncoderActor:
             expressions, method_spec, variant, budget, placement, clip_text: as ``refstream run``.
 
         Returns:
-            ``visual`` float [V, H] (pruned CLIP tokens frame-major, then InternVideo2 tokens; FastV: every CLIP
-            token), ``fastv`` (:class:`pruning.methods.fastv.FastVSettings` or None), ``selection`` (the
-            :class:`pruning.registry.Selection`, on CPU), ``visual_tokens``, ``seq_len``, ``view`` (uint8
-            [336, 336, 3], the first CLIP frame) and ``timings`` (seconds per stage).
+            ``(visual, info)``: ``visual`` float [V, H] (pruned CLIP tokens frame-major, then InternVideo2 tokens;
+            FastV: every CLIP token), on CPU; ``info`` has ``fastv`` (:class:`pruning.methods.fastv.FastVSettings`
+            or None), ``selection`` (the :class:`pruning.registry.Selection`, on CPU, without merge weights),
+            ``visual_tokens``, ``seq_len``, ``view`` (uint8 [336, 336, 3], the first CLIP frame) and
+            ``timings`` (seconds per stage). Call it with ``.options(num_returns=2)`` so that ``visual`` goes
+            to the VideoGLaMM actor as an object reference without passing through the caller.
         """
         self.state, self.handled = "running", self.handled + 1
         try:
@@ -200,7 +209,7 @@ class EncoderActor:
         finally:
             self.state = "idle"
 
-    def _encode(self, encoder_frames, expressions, method_spec, variant, budget, placement, clip_text) -> dict:
+    def _encode(self, encoder_frames, expressions, method_spec, variant, budget, placement, clip_text):
         import torch
 
         from pruning.clip_features import ClipFeatureExtractor
@@ -234,9 +243,8 @@ class EncoderActor:
         fastv = getattr(selection, "fastv", None) if selection.stage == "llm" else None
         slim = replace(selection, indices=selection.indices.cpu(), similarity_aware=selection.similarity_aware.cpu(),
                        merge_weights=None, merged_features=None)  # what tokens.png and masks.json need
-        return {"visual": visual.cpu(), "fastv": fastv, "selection": slim,
-                "visual_tokens": int(visual.shape[0]), "seq_len": int(seq_len), "view": view,
-                "timings": dict(timer.seconds)}
+        return visual.cpu(), {"fastv": fastv, "selection": slim, "visual_tokens": int(visual.shape[0]),
+                              "seq_len": int(seq_len), "view": view, "timings": dict(timer.seconds)}
 
 
 MASKS_AHEAD = 16  # frames of masks a VideoGLaMM worker may yield ahead of the coordinator (backpressure)
@@ -434,14 +442,20 @@ def _pooled_job_once(pools: Pools, policy, request, progress: LeaseKeeper) -> di
     finished = False
     try:
         try:
-            meta = ray.get(decoder.open.remote(job_id, str(path), options.decoder, options.frames, options.stride,
-                                               options.max_frames, pools.sam2["size"], pools.sam2["style"]))
+            # bulk data flows actor to actor as object references: encoder frames decoder -> encoder, visual
+            # tokens encoder -> VideoGLaMM; this process only gets the small metadata
+            meta_ref, frames_ref = decoder.open.options(num_returns=2).remote(
+                job_id, str(path), options.decoder, options.frames, options.stride, options.max_frames,
+                pools.sam2["size"], pools.sam2["style"])
+            visual_ref, info_ref = encoder.encode.options(num_returns=2).remote(
+                frames_ref, expressions, options.method, options.variant, options.budget, options.placement,
+                options.clip_text)
+            meta = ray.get(meta_ref)
             timer.seconds["decode"] += meta["seconds"]
             total = len(meta["frame_names"])
             progress(frames_done=0, frames_total=total)
-            encoded = ray.get(encoder.encode.remote(meta["encoder_frames"], expressions, options.method,
-                                                    options.variant, options.budget, options.placement,
-                                                    options.clip_text))
+            encoded = ray.get(info_ref)
+            del frames_ref
         except RayTaskError as exc:
             raise _cause(exc) from exc
         progress.check()
@@ -452,7 +466,7 @@ def _pooled_job_once(pools: Pools, policy, request, progress: LeaseKeeper) -> di
         height, width = meta["height"], meta["width"]
         stream = worker.segment_stream.options(
             num_returns="streaming", _generator_backpressure_num_objects=MASKS_AHEAD).remote(
-            encoded["visual"], expressions, (height, width), ChunkFeed(decoder, job_id), options.answer,
+            visual_ref, expressions, (height, width), ChunkFeed(decoder, job_id), options.answer,
             report_answers=True, fastv=encoded["fastv"], label=request.input)
         masks: list[list[dict]] = [[] for _ in expressions]
         report: dict = {}
