@@ -128,3 +128,31 @@ def test_queue_depth_metric(redis_server, blackswan_dir):
     for _ in range(3):
         client.submit(str(blackswan_dir), ["x"])
     assert queue.depth() == {"pending": 0, "lag": 3}
+
+
+def test_a_running_job_keeps_its_lease_between_progress_reports(redis_server, data_root, bedroom_mp4):
+    """Frame progress is reported at most twice a second and CLIP may run long, so a lease shorter than the
+    gaps would let another consumer take a job its worker is still running; the lease keeper renews it. Here
+    a 300 ms lease and a second consumer polling for abandoned jobs all along: the job is never taken over."""
+    queue = JobQueue(connect(redis_server.url), lease_ms=300)
+    client = RefStreamClient(redis_server.url)
+    job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=30)
+    worker = QueueWorker(redis_server.url, model="tiny", device="cpu", allowed_roots=[data_root], lease_ms=300)
+    stolen, done = [], threading.Event()
+
+    def thief():
+        while client.status(job)["state"] != "running":  # only the worker takes it new; then only reclaims
+            time.sleep(0.01)
+        while not done.is_set():
+            if (delivery := queue.take("thief", block_ms=50)) is not None:
+                stolen.append(delivery.job_id)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=thief)
+    t.start()
+    try:
+        assert worker.run(max_jobs=1, block_ms=50) == 1
+    finally:
+        done.set()
+        t.join()
+    assert stolen == [] and client.status(job)["state"] == "done" and client.status(job)["deliveries"] == 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -366,3 +367,56 @@ class JobQueue:
             else:
                 self.complete(delivery, result)
         return handled
+
+
+class LeaseKeeper:
+    """A job's ``progress`` made thread-safe, plus a thread that renews the lease while the job waits.
+
+    :meth:`JobQueue.progress` renews a job's lease, but a job can go long without progress (CLIP of a long
+    clip on a CPU, or a pooled job queued behind another on a busy VideoGLaMM actor; frame progress is also
+    throttled to twice a second), so this thread calls ``progress()`` when nothing else did for ``every_s``
+    seconds (``lease / 3`` in the service). A cancellation seen by the thread is raised by the next
+    :meth:`check` or progress call of the job. Use as a context manager.
+    """
+
+    def __init__(self, progress, every_s: float):
+        self._progress, self.every_s = progress, max(0.05, float(every_s))
+        self._lock = threading.Lock()
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self.cancelled: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="refstream-lease")
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __call__(self, **kwargs) -> None:
+        """The job's progress (renews the lease; raises JobCancelled)."""
+        self.check()
+        with self._lock:
+            self._progress(**kwargs)
+            self._last = time.monotonic()
+
+    def check(self) -> None:
+        """Raise the cancellation the renewal thread saw, if any."""
+        if self.cancelled is not None:
+            raise self.cancelled
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s / 4):
+            if time.monotonic() - self._last < self.every_s:
+                continue
+            try:
+                with self._lock:
+                    self._progress()
+                    self._last = time.monotonic()
+            except JobCancelled as exc:
+                self.cancelled = exc
+                return
+            except Exception:  # noqa: BLE001 - Redis away: the next turn tries again
+                pass

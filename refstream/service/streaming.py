@@ -20,7 +20,8 @@ The queue consumer is a light coordinator in the ``serve`` process: ``jobs_in_fl
 per VideoGLaMM worker, so that the next job decodes and encodes while the current one is in SAM2) each run
 :meth:`JobQueue.work` with :func:`run_pooled_job`, which RLE-encodes the masks as they arrive, writes the
 overlay, reports ``frames_done`` to Redis and stores the same four files as ``refstream run``. While a job
-waits on an actor (encoding, or queued behind another job on a busy VideoGLaMM worker) a :class:`LeaseKeeper`
+waits on an actor (encoding, or queued behind another job on a busy VideoGLaMM worker) a
+:class:`refstream.service.queue.LeaseKeeper`
 renews its lease, so a waiting job is never taken over. An actor dying mid-job (``RayActorError``) makes the
 job run again at once (once, on the least busy actors of the pools); a second death fails it as transient,
 so it is retried after the lease. A cancelled job stops its stream (``ray.cancel``) and its decoding.
@@ -329,71 +330,19 @@ class Pools:
                 self._busy[role][i] = max(0, self._busy[role][i] - 1)
 
 
-class LeaseKeeper:
-    """A job's ``progress`` made thread-safe, plus a thread that renews the lease while the job waits.
-
-    ``JobQueue.progress`` renews a job's lease; a pooled job can wait long without progress (CLIP on a busy
-    encoder, or queued behind another job on the VideoGLaMM worker), so this thread calls ``progress()`` when
-    nothing else did for ``every_s`` seconds. A cancellation seen by the thread is raised by the next
-    :meth:`check` or progress call of the job. Use as a context manager.
-    """
-
-    def __init__(self, progress, every_s: float):
-        self._progress, self.every_s = progress, max(0.05, float(every_s))
-        self._lock = threading.Lock()
-        self._last = time.monotonic()
-        self._stop = threading.Event()
-        self.cancelled: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="refstream-lease")
-
-    def __enter__(self) -> "LeaseKeeper":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def __call__(self, **kwargs) -> None:
-        """The job's progress (renews the lease; raises JobCancelled)."""
-        self.check()
-        with self._lock:
-            self._progress(**kwargs)
-            self._last = time.monotonic()
-
-    def check(self) -> None:
-        """Raise the cancellation the renewal thread saw, if any."""
-        if self.cancelled is not None:
-            raise self.cancelled
-
-    def _loop(self) -> None:
-        from refstream.service.queue import JobCancelled
-
-        while not self._stop.wait(self.every_s / 4):
-            if time.monotonic() - self._last < self.every_s:
-                continue
-            try:
-                with self._lock:
-                    self._progress()
-                    self._last = time.monotonic()
-            except JobCancelled as exc:
-                self.cancelled = exc
-                return
-            except Exception:  # noqa: BLE001 - Redis away: the next turn tries again
-                pass
-
-
 def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, lease_ms: int = 60_000) -> dict:
     """One queued job through the pools; the result is that of :func:`refstream.service.worker.run_job`.
 
     An actor that dies mid-job (``RayActorError``) makes the job start again, ``retries`` times, on the least
     busy actors; then the error goes up (the queue retries the job after its lease). The lease is renewed
-    every ``lease_ms / 3`` while the job waits (:class:`LeaseKeeper`).
+    every ``lease_ms / 3`` while the job waits (:class:`refstream.service.queue.LeaseKeeper`).
 
     Raises:
         RefStreamError subclasses for bad input (the job fails at once), JobCancelled, RayActorError.
     """
     from ray.exceptions import RayActorError
+
+    from refstream.service.queue import LeaseKeeper
 
     with LeaseKeeper(progress, lease_ms / 3000) as keeper:
         for attempt in itertools.count():
@@ -417,7 +366,7 @@ def _cause(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, (RefStreamError, RayActorError)) else exc
 
 
-def _pooled_job_once(pools: Pools, policy, request, progress: LeaseKeeper) -> dict:
+def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
     import ray
     from ray.exceptions import RayTaskError
 

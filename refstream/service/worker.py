@@ -269,10 +269,13 @@ class QueueWorker:
                 except Exception:  # noqa: BLE001 - a heartbeat never fails a job
                     pass
 
+            from refstream.service.queue import LeaseKeeper
+
             self.handled += 1
             self._state, self._job = "running", getattr(request, "input", "")
-            try:
-                return run_job(self.pipeline, self.policy, request, beating_progress)
+            try:  # the lease is renewed while a stage runs long without frame progress (e.g. CLIP on a CPU)
+                with LeaseKeeper(beating_progress, self.queue.lease_ms / 3000) as keeper:
+                    return run_job(self.pipeline, self.policy, request, keeper)
             finally:
                 self._state, self._job = "idle", ""
 
