@@ -11,7 +11,7 @@ import pytest
 
 from refstream.errors import ConfigError, ExpressionError, InputError
 from refstream.service.jobs import InputPolicy, JobRequest
-from refstream.service.queue import JobCancelled, JobNotFound, JobQueue, connect
+from refstream.service.queue import JobCancelled, JobNotFound, JobQueue, JobReturned, LeaseKeeper, connect
 
 
 def request(**kw) -> JobRequest:
@@ -122,6 +122,30 @@ def test_progress_renews_the_lease(queue):
     assert queue.take("thief", block_ms=10) is None  # idle never exceeded the lease
     queue.complete(delivery, {"ok": 1})
     assert queue.result(job) == {"ok": 1}
+
+
+def test_a_returned_job_is_taken_again_at_once_ahead_of_new_jobs(redis_server):
+    queue = JobQueue(connect(redis_server.url), lease_ms=60_000, max_deliveries=1)
+    first = queue.submit(request(budget=81))
+    later = queue.submit(request(budget=64))
+    stop_now = threading.Event()
+
+    def handler(req, progress):
+        stop_now.set()  # e.g. serve got its second SIGTERM while the job ran
+        with LeaseKeeper(progress, 10.0, abort=stop_now) as keeper:
+            keeper(frames_done=3, frames_total=9)
+        raise AssertionError("unreachable: the keeper raises JobReturned")
+
+    assert queue.work("w1", handler, max_jobs=1) == 1
+    status = queue.status(first)
+    assert status["state"] == "queued" and status["frames_done"] == 0 and status["deliveries"] == 0
+    again = queue.take("w2", block_ms=10)  # long before the 60 s lease: the returned job first, not `later`
+    assert again is not None and again.job_id == first and again.deliveries == 1  # max_deliveries=1 still allows it
+    queue.complete(again, {"ok": 1})
+    assert queue.result(first) == {"ok": 1} and queue.take("w2", block_ms=10).job_id == later
+    assert queue.depth()["pending"] == 1
+    with pytest.raises(JobReturned):
+        LeaseKeeper(lambda **_: None, 1.0, abort=stop_now).check()
 
 
 def test_poison_job_goes_to_dead_letters(queue):

@@ -8,6 +8,8 @@ redis-server, the tiny model. Each test takes 30-60 s (two Ray starts), so they 
     lost (all done with a result, nothing pending) and none run to completion twice.
 (c) SIGTERM to ``serve`` mid-job: it drains (the jobs it holds finish; jobs not taken stay queued) and exits 0;
     the next ``serve`` finishes the rest.
+(d) a second SIGTERM: the running job is handed back to the queue unfinished and the next ``serve`` takes it
+    at once (no lease to wait for).
 
 Each runs with both pipelines: ``pools`` (the default: decode / encoder / VideoGLaMM actors, 2 jobs in flight)
 and ``whole`` (one worker actor running one whole job at a time).
@@ -96,5 +98,30 @@ def test_sigterm_drains_the_running_job_and_exits_0(serves, pipeline, redis_serv
     assert _counts(client, [long_job, *short]) == {"submitted": 5, "finished": 5, "lost": 0, "duplicated": 0,
                                                     "pending": 0, "lag": 0, "dead": 0}
     assert [client.status(j)["deliveries"] for j in [long_job, *short]] == [1] * 5
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=120) == 0
+
+
+def test_a_second_sigterm_hands_the_running_job_back_and_the_next_serve_takes_it(serves, pipeline, redis_server,
+                                                                                bedroom_mp4):
+    """(d) First SIGTERM: drain; a second one: the running job goes back to the queue unfinished (not waiting for
+    the lease) and ``serve`` exits 0; the next ``serve`` takes it at once and it finishes once."""
+    client = RefStreamClient(redis_server.url)
+    job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=200)
+    first = serves.start(*pipeline)
+    _until(lambda: client.status(job)["frames_done"] >= 5, 180, "the job to start", serves)
+    first.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0, serves.log(0)[-3000:]
+    status = client.status(job)
+    assert status["state"] == "queued" and status["frames_done"] == 0 and status["deliveries"] == 0, status
+    assert client.queue.result(job) is None and "serve.aborting" in serves.log(0)
+
+    second = serves.start(*pipeline)
+    status = client.wait(job, timeout_s=300)
+    assert status["state"] == "done" and status["deliveries"] == 1 and status["frames_done"] == 200
+    assert _counts(client, [job]) == {"submitted": 1, "finished": 1, "lost": 0, "duplicated": 0, "pending": 0,
+                                      "lag": 0, "dead": 0}
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=120) == 0

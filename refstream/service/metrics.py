@@ -8,7 +8,7 @@ Workers are Ray actors in other processes (often on other machines), so they can
 * Workers push per-job numbers into one Redis hash, ``{prefix}:metrics``, inside the pipelines the queue
   already runs (:class:`refstream.service.queue.JobQueue`): ``progress`` adds the frames finished since
   the last report (``HINCRBY frames_processed``); ``complete`` / ``fail`` / ``cancelled`` add one
-  observation of the job's duration (take to end, label ``outcome`` = done, failed, cancelled or retried)
+  observation of the job's duration (take to end, label ``outcome`` = done, failed, cancelled, retried or returned)
   and, for finished jobs, one observation per pipeline stage of its ``stage_seconds``. An observation is
   ``HINCRBYFLOAT <series>|sum``, ``HINCRBY <series>|count`` and ``HINCRBY`` of the one (non-cumulative)
   bucket it falls in, so a job costs a handful of pipelined commands.
@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 #: Upper bounds (seconds) of the histogram buckets, for job durations and stage times alike.
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
-OUTCOMES = ("done", "failed", "cancelled", "retried")
+OUTCOMES = ("done", "failed", "cancelled", "retried", "returned")
 FRAMES_FIELD = "frames_processed"
 
 

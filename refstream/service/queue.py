@@ -44,6 +44,11 @@ class JobCancelled(Exception):
     """Raised inside a handler's progress callback when the job was cancelled meanwhile."""
 
 
+class JobReturned(Exception):
+    """Raised by a handler to hand its job back to the queue unfinished (e.g. ``serve`` told to stop now):
+    :meth:`JobQueue.work` then calls :meth:`JobQueue.release`."""
+
+
 def connect(url: str, retries: int = 8):
     """A Redis client from a URL, with reconnection and exponential backoff.
 
@@ -314,6 +319,24 @@ class JobQueue:
                   consumer=delivery.consumer or None, state="failed" if final else "queued", seconds=seconds,
                   error=error, deliveries=delivery.deliveries)
 
+    def release(self, delivery: Delivery, reason: str = "returned to the queue") -> None:
+        """Hand a job back unfinished: the next ``take()`` of any consumer gets it (ahead of new jobs).
+
+        The entry stays pending (its place is kept) and its idle time is set past the lease (``XCLAIM ...
+        IDLE``), so :meth:`take`'s XAUTOCLAIM picks it at once; the record goes back to ``queued``
+        with no frames done, and this delivery does not count towards ``max_deliveries``.
+        """
+        seconds = delivery.elapsed()
+        pipe = self.r.pipeline()
+        pipe.hset(self._job(delivery.job_id), mapping={"state": "queued", "frames_done": 0, "updated": time.time()})
+        pipe.hincrby(self._job(delivery.job_id), "deliveries", -1)
+        pipe.xclaim(self.stream, self.group, delivery.consumer or "released", min_idle_time=0,
+                    message_ids=[delivery.entry_id], idle=10 * self.lease_ms + 3_600_000, justid=True)
+        record_job(pipe, self.prefix, "returned", seconds)
+        pipe.execute()
+        log_event(log, "job.returned", f"job {reason}", logging.WARNING, job_id=delivery.job_id,
+                  consumer=delivery.consumer or None, state="queued", seconds=seconds)
+
     def cancelled(self, delivery: Delivery) -> None:
         """Acknowledge a job the worker stopped because it was cancelled."""
         seconds = delivery.elapsed()
@@ -342,7 +365,8 @@ class JobQueue:
         """Worker loop: take a job, run ``handler(request, progress)``, complete or fail it; repeat.
 
         ``progress(frames_done=, frames_total=, stages=)`` renews the lease and raises
-        :class:`JobCancelled` when the job was cancelled. A :class:`RefStreamError` (bad input) fails the job
+        :class:`JobCancelled` when the job was cancelled. A handler raising :class:`JobReturned` hands the job
+        back unfinished (:meth:`release`). A :class:`RefStreamError` (bad input) fails the job
         at once; any other exception leaves it to be retried after the lease. A failed job never stops the
         loop. Returns the number of jobs handled.
         """
@@ -360,6 +384,8 @@ class JobQueue:
                 result = handler(delivery.request, progress)
             except JobCancelled:
                 self.cancelled(delivery)
+            except JobReturned as exc:
+                self.release(delivery, str(exc) or "returned to the queue")
             except RefStreamError as exc:
                 self.fail(delivery, str(exc), permanent=True)
             except Exception as exc:  # noqa: BLE001 - a failed job must never take the worker down
@@ -379,8 +405,9 @@ class LeaseKeeper:
     :meth:`check` or progress call of the job. Use as a context manager.
     """
 
-    def __init__(self, progress, every_s: float):
+    def __init__(self, progress, every_s: float, abort=None):
         self._progress, self.every_s = progress, max(0.05, float(every_s))
+        self.abort = abort  # e.g. a threading.Event: once set, check() raises JobReturned
         self._lock = threading.Lock()
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -403,9 +430,11 @@ class LeaseKeeper:
             self._last = time.monotonic()
 
     def check(self) -> None:
-        """Raise the cancellation the renewal thread saw, if any."""
+        """Raise the cancellation the renewal thread saw, or :class:`JobReturned` once ``abort`` is set."""
         if self.cancelled is not None:
             raise self.cancelled
+        if self.abort is not None and self.abort.is_set():
+            raise JobReturned("returned to the queue: serve was told to stop now")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s / 4):

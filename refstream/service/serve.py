@@ -43,7 +43,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
           num_gpus: float = 0.0, num_cpus: float | None = 1.0, stop_event: threading.Event | None = None,
           on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
           log_format: str | None = None, log_level: str = "INFO", pipeline: str = "pools", decoders: int = 1,
-          encoders: int = 1, jobs_in_flight: int | None = None, encoder_gpus: float = 0.0) -> int:
+          encoders: int = 1, jobs_in_flight: int | None = None, encoder_gpus: float = 0.0,
+          abort_event: threading.Event | None = None) -> int:
     """Run the worker pool; returns the number of jobs handled when stopped.
 
     Args:
@@ -56,6 +57,10 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
             ``workers``, frames streamed in chunks, ``jobs_in_flight`` jobs at once; see
             :mod:`refstream.service.streaming`; ``on_start`` then gets the :class:`Pools`) or ``whole`` (each
             worker actor runs whole jobs, :class:`refstream.service.worker.QueueWorker`).
+        stop_event: set on the first SIGTERM/SIGINT: the jobs held finish, no new job is taken.
+        abort_event: set on the second signal (after ``stop_event``): the running jobs are handed back to the
+            queue unfinished at their next progress report (:meth:`JobQueue.release`); the next ``serve`` takes
+            them at once.
         jobs_in_flight: ``pools`` only: jobs taken at once (default ``2 * workers``).
         num_gpus: GPUs per worker actor (``pools``: per VideoGLaMM actor); encoder_gpus: ``pools`` only, GPUs per
             encoder actor (CLIP and InternVideo2 run there).
@@ -66,7 +71,7 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
     from ray.exceptions import RayActorError
 
     from refstream.service.queue import JobQueue, connect
-    from refstream.service.worker import QueueWorker, stop_key
+    from refstream.service.worker import QueueWorker, abort_key, stop_key
 
     def note(event: str, message: str, level: int = logging.INFO, **fields) -> None:
         log_event(logger, event, message, level, **fields)
@@ -87,9 +92,14 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         num_cpus = max(1.0, float((os.cpu_count() or 1) // max(1, sharing)))
     threads = max(1, int(num_cpus))
     stop_event = stop_event or threading.Event()
+    abort_event = abort_event or threading.Event()
+
+    def on_signal(*_) -> None:  # first signal: drain; second: hand the running jobs back to the queue
+        (abort_event if stop_event.is_set() else stop_event).set()
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop_event.set())
+            signal.signal(sig, on_signal)
     serve_id = uuid.uuid4().hex[:12]
     control = JobQueue(connect(redis_url))
     if pipeline == "pools":
@@ -108,7 +118,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
                 device=device, policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes), lease_ms=lease_ms,
                 max_deliveries=max_deliveries, num_gpus=num_gpus, encoder_gpus=encoder_gpus,
                 num_cpus=min(num_cpus, 0.5), threads=threads,
-                stop_event=stop_event, on_start=on_start, note=note, serve_id=serve_id, prefix=control.prefix,
+                stop_event=stop_event, abort_event=abort_event, on_start=on_start, note=note, serve_id=serve_id,
+                prefix=control.prefix,
                 jobs_in_flight=jobs_in_flight)
         finally:
             if server is not None:
@@ -139,10 +150,17 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         note("metrics.listening", f"metrics on http://{metrics_host}:{port}/metrics", port=port)
     note("serve.started", f"{workers} worker(s) on {_redact(redis_url)}", workers=workers, redis=_redact(redis_url))
     handled = 0
-    stopping = stop_sent = False
+    stopping = stop_sent = abort_sent = False
     key = stop_key(control.prefix, serve_id)
     try:
         while runs:
+            if abort_event.is_set() and not abort_sent:
+                try:  # the running jobs see this key at their next progress report and are handed back
+                    control.r.set(abort_key(control.prefix, serve_id), "1", ex=24 * 3600)
+                    abort_sent = True
+                    note("serve.aborting", "second stop request: running jobs go back to the queue")
+                except Exception:  # noqa: BLE001 - Redis away: try again on the next turn
+                    pass
             if stop_event.is_set():
                 if not stopping:
                     stopping = True
@@ -177,7 +195,7 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
             server.shutdown()
             server.server_close()
         try:
-            control.r.delete(key)
+            control.r.delete(key, abort_key(control.prefix, serve_id))
         except Exception:  # noqa: BLE001
             pass
     note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)

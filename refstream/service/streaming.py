@@ -330,12 +330,15 @@ class Pools:
                 self._busy[role][i] = max(0, self._busy[role][i] - 1)
 
 
-def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, lease_ms: int = 60_000) -> dict:
+def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, lease_ms: int = 60_000,
+                   abort=None) -> dict:
     """One queued job through the pools; the result is that of :func:`refstream.service.worker.run_job`.
 
     An actor that dies mid-job (``RayActorError``) makes the job start again, ``retries`` times, on the least
     busy actors; then the error goes up (the queue retries the job after its lease). The lease is renewed
-    every ``lease_ms / 3`` while the job waits (:class:`refstream.service.queue.LeaseKeeper`).
+    every ``lease_ms / 3`` while the job waits (:class:`refstream.service.queue.LeaseKeeper`). Once ``abort``
+    (a ``threading.Event``) is set, the next progress report raises ``JobReturned`` (the job goes back to the
+    queue unfinished; its stream is cancelled).
 
     Raises:
         RefStreamError subclasses for bad input (the job fails at once), JobCancelled, RayActorError.
@@ -344,7 +347,7 @@ def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, le
 
     from refstream.service.queue import LeaseKeeper
 
-    with LeaseKeeper(progress, lease_ms / 3000) as keeper:
+    with LeaseKeeper(progress, lease_ms / 3000, abort=abort) as keeper:
         for attempt in itertools.count():
             try:
                 return _pooled_job_once(pools, policy, request, keeper)
@@ -523,13 +526,15 @@ def check_resources(*, workers: int, encoders: int, decoders: int, num_gpus: flo
 def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
                 checkpoint: str | None = None, device: str = "auto", policy=None, lease_ms: int = 60_000,
                 max_deliveries: int = 3, num_gpus: float = 0.0, encoder_gpus: float = 0.0, num_cpus: float = 0.5,
-                threads: int | None = None, stop_event: threading.Event, on_start=None, note=None, ahead: int = 2, chunk_size: int = 8,
-                serve_id: str = "pools", prefix: str = "refstream", jobs_in_flight: int | None = None) -> int:
+                threads: int | None = None, stop_event: threading.Event, abort_event: threading.Event | None = None,
+                on_start=None, note=None, ahead: int = 2, chunk_size: int = 8, serve_id: str = "pools",
+                prefix: str = "refstream", jobs_in_flight: int | None = None) -> int:
     """Build the pools and run ``jobs_in_flight`` coordinator threads over the queue until ``stop_event``.
 
     ``jobs_in_flight`` defaults to ``2 * workers``: while one job is in SAM2 on a VideoGLaMM worker, the next
     is decoded and encoded. On ``stop_event`` each coordinator finishes the job it holds and stops (jobs not
-    taken stay queued). ``on_start(pools)`` is called once the actors are up. Returns the number of jobs handled.
+    taken stay queued); once ``abort_event`` is set too, the jobs held go back to the queue at their next
+    progress report instead of finishing. ``on_start(pools)`` is called once the actors are up. Returns the number of jobs handled.
     """
     from refstream.service.queue import JobQueue, connect
 
@@ -550,7 +555,8 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
             try:
                 handled[slot] += q.work(
                     f"{serve_id}-coordinator-{slot}",
-                    lambda request, progress: run_pooled_job(pools, policy, request, progress, lease_ms=lease_ms),
+                    lambda request, progress: run_pooled_job(pools, policy, request, progress, lease_ms=lease_ms,
+                                                             abort=abort_event),
                     stop=stop_event.is_set, block_ms=500)
             except Exception as exc:  # noqa: BLE001 - e.g. Redis away: wait and go on
                 if note is not None:
@@ -565,12 +571,16 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
     if note is not None:
         note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s), "
              f"{slots} job(s) in flight", workers=workers)
-    stopping = False
+    stopping = aborting = False
     while any(t.is_alive() for t in threads_):
         if stop_event.is_set() and not stopping:
             stopping = True
             if note is not None:
                 note("serve.stopping", "stop requested: the jobs held finish, jobs not taken stay queued")
+        if abort_event is not None and abort_event.is_set() and not aborting:
+            aborting = True
+            if note is not None:
+                note("serve.aborting", "second stop request: running jobs go back to the queue")
         for t in threads_:
             t.join(timeout=0.5)
     return sum(handled)

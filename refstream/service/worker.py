@@ -10,7 +10,8 @@ The actors are single-threaded (``max_concurrency=1``): nothing calls into an ac
 The supervisor talks to its workers through Redis instead:
 
 * **stop**: ``serve`` sets ``{prefix}:serve:{serve_id}:stop`` (:func:`stop_key`); the work loop checks it
-  between jobs (one ``EXISTS`` per loop turn, at most every ``block_ms``), finishes the job it holds and returns.
+  between jobs. On a second signal ``serve`` also sets :func:`abort_key`: the running job is handed back to the
+  queue at its next progress report (:meth:`refstream.service.queue.JobQueue.release`) (one ``EXISTS`` per loop turn, at most every ``block_ms``), finishes the job it holds and returns.
 * **heartbeat**: each worker keeps a hash ``{prefix}:worker:{name}`` (:func:`heartbeat_key`) with its ``pid``,
   ``host``, ``device``, torch ``threads``, ``handled`` (jobs taken), ``state`` (idle/running/stopped), ``input`` (of the running job)
   and ``beat`` (Unix time of the last beat: every loop turn and on job progress, at most once a second). The
@@ -42,6 +43,35 @@ def heartbeat_key(prefix: str, name: str) -> str:
 def stop_key(prefix: str, serve_id: str) -> str:
     """The Redis key that asks the workers of one ``serve`` process to stop between jobs."""
     return f"{prefix}:serve:{serve_id}:stop"
+
+
+def abort_key(prefix: str, serve_id: str) -> str:
+    """The Redis key that asks the workers of one ``serve`` process to hand their running job back now."""
+    return f"{prefix}:serve:{serve_id}:abort"
+
+
+class RedisFlag:
+    """``is_set()`` of a Redis key's existence, read at most every ``every_s`` seconds (False if Redis is away).
+
+    Used as :class:`refstream.service.queue.LeaseKeeper`'s ``abort`` in worker actors, which cannot share an
+    in-process event with ``serve``.
+    """
+
+    def __init__(self, client, key: str, every_s: float = 0.5):
+        self.client, self.key, self.every_s = client, key, every_s
+        self._value, self._read_at = False, 0.0
+
+    def is_set(self) -> bool:
+        from redis.exceptions import RedisError
+
+        now = time.monotonic()
+        if not self._value and now - self._read_at >= self.every_s:
+            self._read_at = now
+            try:
+                self._value = bool(self.client.exists(self.key))
+            except RedisError:
+                pass
+        return self._value
 
 
 def heartbeats(client, prefix: str = "refstream") -> dict[str, dict]:
@@ -199,6 +229,7 @@ class QueueWorker:
         self.queue = JobQueue(connect(redis_url), prefix=prefix, lease_ms=lease_ms, max_deliveries=max_deliveries,
                               result_ttl_s=result_ttl_s)
         self.stop_key = stop_key(prefix, serve_id) if serve_id else None
+        self.abort = RedisFlag(self.queue.r, abort_key(prefix, serve_id)) if serve_id else None
         self.heartbeat_key = heartbeat_key(prefix, name)
         self._beat_at = 0.0
         self._state, self._job = "idle", ""
@@ -274,7 +305,7 @@ class QueueWorker:
             self.handled += 1
             self._state, self._job = "running", getattr(request, "input", "")
             try:  # the lease is renewed while a stage runs long without frame progress (e.g. CLIP on a CPU)
-                with LeaseKeeper(beating_progress, self.queue.lease_ms / 3000) as keeper:
+                with LeaseKeeper(beating_progress, self.queue.lease_ms / 3000, abort=self.abort) as keeper:
                     return run_job(self.pipeline, self.policy, request, keeper)
             finally:
                 self._state, self._job = "idle", ""
