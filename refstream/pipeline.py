@@ -193,20 +193,29 @@ class Pipeline:
         InternVideo2 tokens and CLIP text embeddings are computed lazily, once, by :meth:`internvideo2_tokens`
         and :meth:`text_embeds`, and cached on the returned :class:`VideoFeatures`.
         """
+        timer = timer or StageTimer()
+        with timer("decode"):
+            encoder_frames = source.read(plan.encoder_indices)
+        return self.encode_frames(encoder_frames, with_scores=with_scores, with_penultimate=with_penultimate,
+                                  timer=timer, height=source.height, width=source.width, fps=source.fps, plan=plan,
+                                  frame_names=[source.frame_names[i] for i in plan.sam2_indices])
+
+    def encode_frames(self, encoder_frames: np.ndarray, *, with_scores: bool, with_penultimate: bool,
+                      timer: "StageTimer | None" = None, height: int = 0, width: int = 0, fps=None, plan=None,
+                      frame_names: Sequence[str] = ()) -> "VideoFeatures":
+        """:meth:`encode_video` on frames already decoded (uint8 [16, H, W, 3], e.g. sent by a decode actor);
+        the video metadata fields are optional."""
         from pruning.clip_features import ClipFeatureExtractor
         from video_pipeline.preprocess import clip_preprocess
 
         timer = timer or StageTimer()
-        with timer("decode"):
-            encoder_frames = source.read(plan.encoder_indices)
         with timer("clip"):
             clip_pixels = clip_preprocess(encoder_frames)
             extractor = ClipFeatureExtractor(self.model.clip, self.model.clip_tokenizer)
             features = extractor.encode_frames(clip_pixels, with_scores=with_scores, with_penultimate=with_penultimate)
         return VideoFeatures(
-            height=source.height, width=source.width, fps=source.fps, plan=plan,
-            frame_names=[source.frame_names[i] for i in plan.sam2_indices], encoder_frames=encoder_frames,
-            clip_pixels=clip_pixels, clip=features, extractor=extractor,
+            height=height, width=width, fps=fps, plan=plan, frame_names=list(frame_names),
+            encoder_frames=encoder_frames, clip_pixels=clip_pixels, clip=features, extractor=extractor,
         )
 
     def text_embeds(self, video: "VideoFeatures", texts: Sequence[str], timer: "StageTimer | None" = None) -> torch.Tensor:
@@ -243,15 +252,8 @@ class Pipeline:
         """
         timer = timer or StageTimer()
         model = self.model
-        text_embeds = None
-        if method.needs_text:
-            text_embeds = self.text_embeds(video, self.clip_texts(expressions, clip_text), timer)
-        with timer("prune"):
-            selection = method.select(video.clip, text_embeds, budget, placement)
-        iv2 = self.internvideo2_tokens(video, timer)
+        selection, visual = self.visual_tokens(video, method, budget, placement, expressions, clip_text, timer)
         with timer("llm"):
-            clip_tokens = model.clip_tokens(video.clip.hidden, selection, placement)
-            visual = torch.cat([clip_tokens.flatten(0, 1), iv2.flatten(0, 1)])
             llm_info = {}
             if selection.stage == "llm":  # prunes inside the LLM (FastV): indices come from the LLM's run
                 answers, selection = method.run_llm(model, visual, list(expressions), selection, answer_mode)
@@ -260,6 +262,26 @@ class Pipeline:
                 answers = model.seg_answers(visual, list(expressions), answer_mode)
         seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
         return answers, selection, int(visual.shape[0]), seq_len, llm_info
+
+    def visual_tokens(self, video: "VideoFeatures", method, budget: int, placement: str, expressions: Sequence[str],
+                      clip_text: str = "question", timer: "StageTimer | None" = None):
+        """Prune (one selection shared by ``expressions``) and build the LLM's visual input.
+
+        Returns:
+            ``(selection, visual)``: the :class:`pruning.registry.Selection` and float [V, H], the projected
+            CLIP tokens kept (frame-major; FastV: every CLIP token) followed by the InternVideo2 tokens.
+        """
+        timer = timer or StageTimer()
+        text_embeds = None
+        if method.needs_text:
+            text_embeds = self.text_embeds(video, self.clip_texts(expressions, clip_text), timer)
+        with timer("prune"):
+            selection = method.select(video.clip, text_embeds, budget, placement)
+        iv2 = self.internvideo2_tokens(video, timer)
+        with timer("llm"):
+            clip_tokens = self.model.clip_tokens(video.clip.hidden, selection, placement)
+            visual = torch.cat([clip_tokens.flatten(0, 1), iv2.flatten(0, 1)])
+        return selection, visual
 
     def segment_logits(self, source, plan, answers: Sequence, on_frame, timer: "StageTimer | None" = None,
                        progress: bool = False, desc: str = "segmenting") -> None:
@@ -371,8 +393,7 @@ class Pipeline:
                 self.segment_logits(source, clip, answers, on_frame, timer, progress, desc=desc)
 
         answers, selection, llm_info, clip_pixels = first
-        view = (clip_pixels[0] * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1))
-        view = (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        view = clip_view(clip_pixels)
         pruning = {
             "method": options.method,
             "variant": options.variant if options.method == "litelvlm" else None,
@@ -629,6 +650,13 @@ _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_view(clip_pixels: torch.Tensor) -> np.ndarray:
+    """The first CLIP input frame as a picture: float [F, 3, 336, 336] (CLIP-normalized) -> uint8 [336, 336, 3]
+    (what ``tokens.png`` draws the kept tokens on)."""
+    view = clip_pixels[0].cpu().float() * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1)
+    return (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, in MiB (Linux ``ru_maxrss`` is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -644,7 +672,7 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
     Returns:
         The summary dictionary (also written to ``summary.json``).
     """
-    from refstream.outputs import OverlayWriter, draw_tokens, write_json_atomic
+    from refstream.outputs import OverlayWriter
 
     started = time.perf_counter()
     options.validate()

@@ -213,34 +213,17 @@ class EncoderActor:
     def _encode(self, encoder_frames, expressions, method_spec, variant, budget, placement, clip_text):
         import torch
 
-        from pruning.clip_features import ClipFeatureExtractor
-        from refstream.pipeline import _CLIP_MEAN, _CLIP_STD, StageTimer, VideoFeatures, make_method
-        from video_pipeline.preprocess import clip_preprocess
+        from refstream.pipeline import StageTimer, clip_view, make_method
 
-        pipeline, model = self.pipeline, self.pipeline.model
+        pipeline = self.pipeline
         timer = StageTimer()
         method = make_method(method_spec, variant)
         with torch.inference_mode():
-            with timer("clip"):
-                clip_pixels = clip_preprocess(encoder_frames)
-                extractor = ClipFeatureExtractor(model.clip, model.clip_tokenizer)
-                features = extractor.encode_frames(clip_pixels, with_scores=method.needs_scores,
-                                                   with_penultimate=method.needs_penultimate)
-            video = VideoFeatures(height=0, width=0, fps=None, plan=None, frame_names=[],
-                                  encoder_frames=encoder_frames, clip_pixels=clip_pixels, clip=features,
-                                  extractor=extractor)
-            text_embeds = None
-            if method.needs_text:
-                text_embeds = pipeline.text_embeds(video, pipeline.clip_texts(expressions, clip_text), timer)
-            with timer("prune"):
-                selection = method.select(video.clip, text_embeds, budget, placement)
-            iv2 = pipeline.internvideo2_tokens(video, timer)
-            with timer("llm"):
-                clip_tokens = model.clip_tokens(video.clip.hidden, selection, placement)
-                visual = torch.cat([clip_tokens.flatten(0, 1), iv2.flatten(0, 1)])
-        seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
-        view = clip_pixels[0] * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1)
-        view = (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            video = pipeline.encode_frames(encoder_frames, with_scores=method.needs_scores,
+                                           with_penultimate=method.needs_penultimate, timer=timer)
+            selection, visual = pipeline.visual_tokens(video, method, budget, placement, expressions, clip_text, timer)
+        seq_len = max(pipeline.model.sequence_length(visual.shape[0], e) for e in expressions)
+        view = clip_view(video.clip_pixels)
         fastv = getattr(selection, "fastv", None) if selection.stage == "llm" else None
         slim = replace(selection, indices=selection.indices.cpu(), similarity_aware=selection.similarity_aware.cpu(),
                        merge_weights=None, merged_features=None)  # what tokens.png and masks.json need
