@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from service_procs import _until
 
 from refstream.cli import main
 from refstream.errors import ExpressionError
@@ -104,10 +105,7 @@ def test_ray_worker_killed_mid_job_is_restarted_and_the_job_finishes(redis_serve
         thread.start()
         client = RefStreamClient(redis_server.url)
         job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=120)
-        deadline = time.monotonic() + 120
-        while client.status(job)["frames_done"] < 10:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        _until(lambda: client.status(job)["frames_done"] >= 10, 120, "10 frames done")
         beat = heartbeats(client.queue.r)["worker-0"]  # the actor is busy: its heartbeat, not a method call
         assert beat["state"] == "running" and beat["threads"] >= 1
         pid = beat["pid"]

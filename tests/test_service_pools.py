@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+from service_procs import _until
 
 from refstream.cli import main
 from refstream.service.client import RefStreamClient
@@ -142,10 +143,7 @@ def test_killed_actor_mid_job_is_restarted_and_the_job_finishes_once(actor, ray_
     try:
         client = RefStreamClient(redis_server.url)
         job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=120)
-        deadline = time.monotonic() + 180
-        while client.status(job)["frames_done"] < 10:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        _until(lambda: client.status(job)["frames_done"] >= 10, 180, "10 frames done")
         pid = heartbeats(client.queue.r)[actor]["pid"]  # the actor is busy: its heartbeat, not a method call
         os.kill(pid, signal.SIGKILL)
         status = client.wait(job, timeout_s=300)
@@ -155,10 +153,8 @@ def test_killed_actor_mid_job_is_restarted_and_the_job_finishes_once(actor, ray_
         masks = json.loads(__import__("base64").b64decode(result["files"]["masks.json"]))
         assert len(masks["objects"][0]["masks"]) == len(masks["frames"]) == 120
         assert int(client.queue.r.hget("refstream:metrics", "job|done|count") or 0) == 1  # finished once
-        deadline = time.monotonic() + 30
-        while heartbeats(client.queue.r)[actor]["pid"] == pid:  # the restarted actor beats with its new pid
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        _until(lambda: heartbeats(client.queue.r)[actor]["pid"] != pid, 30,  # the restarted actor's new pid
+               "the restarted actor's heartbeat")
     finally:
         stop.set()
         thread.join(timeout=120)
@@ -191,17 +187,12 @@ def test_waiting_jobs_keep_their_lease_cancel_stops_the_stream_and_actors_beat(r
         assert seen_running
         beats = heartbeats(client.queue.r)
         assert {beats[n]["role"] for n in ("worker-0", "encoder-0", "decoder-0")} == {"videoglamm", "encode", "decode"}
-        deadline = time.monotonic() + 5  # the actor beats once a second
-        while heartbeats(client.queue.r)["worker-0"]["frames_done"] < 84:
-            assert time.monotonic() < deadline, heartbeats(client.queue.r)["worker-0"]
-            time.sleep(0.2)
+        _until(lambda: heartbeats(client.queue.r)["worker-0"]["frames_done"] >= 84, 5,  # it beats once a second
+               "the VideoGLaMM actor's heartbeat to show 84 frames")
         assert heartbeats(client.queue.r)["worker-0"]["handled"] == 2
 
         cancelled = client.submit(str(bedroom_mp4), ["the bed"], max_frames=150)
-        deadline = time.monotonic() + 120
-        while client.status(cancelled)["frames_done"] < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _until(lambda: client.status(cancelled)["frames_done"] >= 5, 120, "the job to be cancelled to start")
         assert client.cancel(cancelled)
         after = client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81)
         assert client.wait(after, timeout_s=120)["state"] == "done"
