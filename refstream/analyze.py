@@ -22,6 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from pruning.clip_features import ClipFeatureExtractor
+from video_pipeline.preprocess import clip_preprocess, clip_size_after_resize
 
 PATCH = 14
 CLIP_SIZE = 336
@@ -40,7 +45,6 @@ def mask_to_patch_coverage(mask: np.ndarray, patch: int = PATCH, size: int = CLI
     Returns:
         float32 [(size / patch) ** 2] coverage in [0, 1], raster order (576 for ViT-L/14-336).
     """
-    from video_pipeline.preprocess import clip_size_after_resize
 
     h, w = mask.shape
     rh, rw = clip_size_after_resize(h, w, size)
@@ -117,11 +121,7 @@ def reversal_analysis(
         frames_per_video: annotated frames per video, evenly spaced (None = all).
         min_coverage: a patch is a [REF] token when the object covers MORE than this fraction of it.
     """
-    from PIL import Image
-    from tqdm import tqdm
 
-    from pruning.clip_features import ClipFeatureExtractor
-    from video_pipeline.preprocess import clip_preprocess
 
     extractor = ClipFeatureExtractor(clip, tokenizer)
     eos_all, cls_all, per_video = [], [], {}
@@ -168,7 +168,7 @@ def reversal_analysis(
 
 def plot_reversal(result: ReversalResult, path: Path, title: str = "") -> None:
     """Two histograms, as the paper's Figure 2 (b) [REF]-[CLS] and (c) [REF]-[EOS] rank distributions."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import and only this figure needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

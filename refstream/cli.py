@@ -13,7 +13,10 @@ import sys
 import time
 from typing import Sequence
 
+from refstream.config import load_model_config
 from refstream.errors import ConfigError, RefStreamError
+from refstream.options import RunOptions, add_option_arguments, options_from_args
+from refstream.outputs import RANDOM_WEIGHTS_NOTE
 
 
 def _add_run_parser(sub) -> None:
@@ -21,34 +24,11 @@ def _add_run_parser(sub) -> None:
         "run",
         help="segment the object(s) a referring expression names in every frame of a video",
         description="Segment the object(s) named by referring expressions in every frame of a video "
-        "(LiteLVLM token pruning in front of VideoGLaMM).",
+        "(LiteLVLM token pruning in front of VideoGLaMM). Every option below comes from "
+        "refstream.options.RunOptions, which the Python API, the service and the benchmark share.",
     )
     p.add_argument("input", help="a video file (anything FFmpeg reads) or a folder of JPEG/PNG frames")
-    p.add_argument("--expression", "-e", action="append", default=[], metavar="TEXT",
-                   help="referring expression; repeat for several objects (they share one pruning per frame)")
-    p.add_argument("--model", default="videoglamm", help="tiny | videoglamm | path/to/config.yaml (default videoglamm)")
-    p.add_argument("--checkpoint", default=None, metavar="DIR", help="the VideoGLaMM checkpoint folder")
-    p.add_argument("--method", default="litelvlm",
-                   help="pruning method (default litelvlm): " + METHODS_HELP)
-    p.add_argument("--variant", default="paper", choices=["paper", "official", "context-heavy"],
-                   help="LiteLVLM variant (default paper)")
-    p.add_argument("--budget", type=int, default=196, help="visual tokens kept per frame, of 576 (default 196)")
-    p.add_argument("--placement", default="pooled", choices=["pooled", "patch"],
-                   help="pooled: budget becomes round(B/4) of the 144 pooled cells; patch: B unpooled patches")
-    p.add_argument("--frames", type=int, default=16, help="encoder frames (CLIP/InternVideo2), multiple of 4")
-    p.add_argument("--stride", type=int, default=1, help="segment every k-th frame (default 1: all)")
-    p.add_argument("--max-frames", type=int, default=None, help="segment at most this many frames")
-    p.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model precision: auto = float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
-    p.add_argument("--clip-text", default="question", choices=["question", "expression"],
-                   help="text given to CLIP for LiteLVLM: the full LLM question (default) or the bare expression")
-    p.add_argument("--answer", default="forced", choices=["forced", "generate"],
-                   help='forced: answer "Sure, [SEG]." in one prefill (default); generate: greedy decoding')
-    p.add_argument("--clip-length", type=int, default=None, metavar="N",
-                   help="cut the video into clips of N frames, each with its own encoder frames, LLM answer and "
-                        "SAM2 state (VideoGLaMM's Ref-DAVIS protocol: 64); default: the whole video is one clip")
+    add_option_arguments(p, RunOptions)
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -243,27 +223,16 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from refstream.pipeline import RANDOM_WEIGHTS_NOTE, Pipeline, RunOptions, run_to_folder
-    from refstream.config import load_model_config
-
-    options = RunOptions(
-        expressions=args.expression, model=args.model, checkpoint=args.checkpoint, method=args.method,
-        variant=args.variant, budget=args.budget, placement=args.placement, frames=args.frames,
-        device=args.device, decoder=args.decoder, stride=args.stride, max_frames=args.max_frames,
-        clip_text=args.clip_text, answer=args.answer, clip_length=args.clip_length,
-    )
-    options.validate()
+    # lazy: the model stack (torch, transformers) loads only for the commands that run a model
+    from refstream.api import load
     from video_pipeline.decode import open_video
 
-    open_video(args.input, args.decoder).close()  # fail fast on a bad input, before loading the model
-    config = load_model_config(options.model, options.checkpoint)
-    if config.random_weights:
+    options = options_from_args(RunOptions, args)
+    open_video(args.input, options.decoder).close()  # fail fast on a bad input, before loading the model
+    if load_model_config(options.model, options.checkpoint).random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
-    started = time.perf_counter()
-    pipeline = Pipeline(config, options.device, args.dtype)
-    load_seconds = time.perf_counter() - started
-    summary = run_to_folder(args.input, options, args.out, progress=not args.quiet, pipeline=pipeline,
-                            load_seconds=load_seconds)
+    segmenter = load(options.model, checkpoint=options.checkpoint, device=options.device, dtype=options.dtype)
+    summary = segmenter.segment_to_folder(args.input, options, args.out, progress=not args.quiet)
     _print_summary(summary, args.out)
     return 0
 

@@ -13,43 +13,24 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
+from pruning.clip_features import ClipFeatureExtractor
+from pruning.registry import get_method
+from refstream.config import load_model_config
 from refstream.errors import ConfigError
-
-_CLIP_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
-_CLIP_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """``name[:opt[,key=value...]]`` -> (name, options).
-
-    A bare option is LiteLVLM's variant (``litelvlm:official``); ``key=value`` sets any option
-    (``random:seed=3``, ``visionzip:dominant_ratio=0.8``). Values are parsed as int, then float, else str.
-
-    Raises:
-        ConfigError: an empty name.
-    """
-    name, _, rest = spec.partition(":")
-    if not name:
-        raise ConfigError(f"bad --method {spec!r}: expected NAME or NAME:OPTION[,KEY=VALUE...]")
-    options: dict = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            key, value = "variant", item
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                continue
-        options[key.strip()] = value
-    return name, options
+from refstream.options import JobOptions, parse_method_spec
+from refstream.outputs import render_tokens
+from video_pipeline.decode import open_video
+from video_pipeline.plan import plan_frames
+from video_pipeline.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess, internvideo_preprocess
+from workers.build import build_clip, build_model
 
 
 def clip_views(pixels: torch.Tensor) -> np.ndarray:
     """CLIP-normalised frames float [F, 3, S, S] -> uint8 [F, S, S, 3] images (what CLIP sees)."""
-    images = (pixels.cpu().float() * _CLIP_STD + _CLIP_MEAN).clamp(0, 1)
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    images = (pixels.cpu().float() * std + mean).clamp(0, 1)
     return (images * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
@@ -84,15 +65,8 @@ def explain(
     Raises:
         RefStreamError subclasses for bad input, unknown methods or missing weights.
     """
-    from pruning.clip_features import ClipFeatureExtractor
-    from pruning.registry import get_method
-    from refstream.config import load_model_config
-    from refstream.pipeline import RunOptions
-    from video_pipeline.decode import open_video
-    from video_pipeline.plan import plan_frames
-    from video_pipeline.preprocess import clip_preprocess
 
-    RunOptions(expressions=list(expressions), budget=budget, frames=frames, clip_text=clip_text).validate()
+    JobOptions(expressions=list(expressions), budget=budget, frames=frames, clip_text=clip_text)  # validates
     if not methods:
         raise ConfigError("explain needs at least one --method")
     if rows < 1:
@@ -106,12 +80,10 @@ def explain(
     pixels = clip_preprocess(encoder_frames)
     needs_llm = any(m.stage == "llm" for _, m in instances)
     if needs_llm:
-        from workers.build import build_model
 
         full = build_model(config)
         clip, tokenizer = full.clip, full.clip_tokenizer
     else:
-        from workers.build import build_clip
 
         full = None
         clip, tokenizer = build_clip(config)
@@ -142,7 +114,6 @@ def explain(
 
 def _llm_selection(model, method, selection, features, encoder_frames, expressions, placement):
     """Run the LLM for methods that prune inside it (FastV) and return what it kept for the first expression."""
-    from video_pipeline.preprocess import internvideo_preprocess
 
     clip_tokens = model.clip_tokens(features.hidden, selection, placement)
     iv2 = model.internvideo2_tokens(internvideo_preprocess(encoder_frames))
@@ -151,7 +122,6 @@ def _llm_selection(model, method, selection, features, encoder_frames, expressio
 
 
 def _save_grid(out, views, columns, row_positions, frame_numbers, budget, scale: int = 1) -> None:
-    from PIL import Image, ImageDraw
 
     side = views.shape[1] * scale
     header, label_w, pad = 34, 70, 4
@@ -159,7 +129,6 @@ def _save_grid(out, views, columns, row_positions, frame_numbers, budget, scale:
     height = header + len(row_positions) * (side + pad)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    from refstream.outputs import render_tokens
 
     for c, column in enumerate(columns):
         sel = column.selection

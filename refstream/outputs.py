@@ -1,21 +1,42 @@
-"""What ``refstream run`` writes: COCO RLE masks, an overlay video, a picture of the kept tokens.
+"""What a job writes, and the one writer every pipeline uses.
 
 - ``masks.json``: COCO RLE per frame and expression (pycocotools; masks Fortran-ordered uint8, ``counts``
-  decoded to str for JSON, REFERENCE.md section 5).
+  decoded to str for JSON; the COCO RLE format, docs/design.md section "Outputs").
 - ``overlay.mp4``: H.264 via PyAV, each expression's mask blended in its own colour.
 - ``tokens.png``: one encoder frame (the 336x336 CLIP view) with the kept tokens drawn as boxes,
   similarity-aware red and context-aware green, as the paper's Figure 5.
+- ``summary.json``: what ran (model, pruning, visual tokens), stage seconds, peak memory.
+
+:class:`JobResult` is what one job produced, built by :func:`job_result` from the pipeline's parts;
+:class:`JobWriter` turns the masks of each frame into RLE + an overlay frame as they stream, then writes the
+JSON files and the token picture. ``refstream run``, the service (both pipelines) and the Python API all go
+through these two, so every output folder has the same shape. :func:`atomic_file` is the one way files
+are written so that a reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import av
 import numpy as np
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+#: the stages of a job whose wall seconds ``summary.json`` reports, in order
+STAGES = ("decode", "clip", "prune", "llm", "sam2", "write")
+RANDOM_WEIGHTS_NOTE = "random weights (--model tiny): the masks carry no meaning"
+#: the files a job writes into its output folder
+OUTPUT_FILES = ("masks.json", "overlay.mp4", "tokens.png", "summary.json")
 
 #: Colours of successive expressions in the overlay (RGB).
 PALETTE = np.array(
@@ -36,31 +57,48 @@ def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     Returns:
         ``{"size": [H, W], "counts": str}`` (pycocotools compressed RLE).
     """
-    from pycocotools import mask as mask_utils
-
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
     """Inverse of :func:`encode_rle`: bool [H, W]."""
-    from pycocotools import mask as mask_utils
-
     return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename, so readers never see half a file."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file beside ``path`` for writing; on success it is made readable (0644) and renamed
+    over ``path`` (``os.replace``, atomic on POSIX), on error it is removed. Readers never see half a file.
+
+    Args:
+        path: the final file; its folder must exist.
+        mode: ``"w"`` (text) or ``"wb"`` (bytes).
+
+    Yields:
+        the open file object.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, **dump_options: Any) -> None:
+    """Write ``data`` as JSON to ``path`` through :func:`atomic_file` (``dump_options`` go to ``json.dump``)."""
+    with atomic_file(path) as fh:
+        json.dump(data, fh, **dump_options)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MiB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def blend_masks(frame: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -91,9 +129,6 @@ class OverlayWriter:
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: float | None):
-        import av
-        from fractions import Fraction
-
         self.path = Path(path)
         self._container = av.open(str(self.path), mode="w")
         rate = Fraction(fps or 24).limit_denominator(1001)
@@ -105,8 +140,6 @@ class OverlayWriter:
 
     def write(self, frame: np.ndarray, masks: np.ndarray) -> None:
         """Add one frame: uint8 [H, W, 3] RGB with bool masks [N, H, W]."""
-        import av
-
         image = blend_masks(frame, masks)
         pad_h, pad_w = self._stream.height - image.shape[0], self._stream.width - image.shape[1]
         if pad_h or pad_w:
@@ -145,8 +178,6 @@ def render_tokens(
     Returns:
         ``PIL.Image.Image`` (RGB, S*scale pixels square).
     """
-    from PIL import Image, ImageDraw
-
     image = Image.fromarray(view).resize((view.shape[1] * scale, view.shape[0] * scale), Image.Resampling.NEAREST)
     dimmed = Image.blend(image, Image.new("RGB", image.size, (0, 0, 0)), 0.6)
     draw = ImageDraw.Draw(dimmed)
@@ -172,3 +203,192 @@ def draw_tokens(
 ) -> None:
     """Save :func:`render_tokens` of one frame as a PNG at ``path``."""
     render_tokens(view, indices, similarity_aware, grid, scale, merged).save(path)
+
+
+# ------------------------------------------------------------------------------------ one job's result
+@dataclass
+class JobResult:
+    """What one job produced; :meth:`JobWriter.finish` turns it into ``masks.json``, ``tokens.png`` and
+    ``summary.json`` (the overlay is written while the frames stream). Built by :func:`job_result`."""
+
+    video: str
+    height: int
+    width: int
+    fps: float | None
+    frames: list[str]
+    expressions: list[str]
+    answers: list[str]
+    masks: list[list[dict]]  # per expression, per frame: COCO RLE (see encode_rle)
+    pruning: dict  # the pruning report (see pruning_report)
+    model: str
+    random_weights: bool
+    visual_tokens: int
+    llm_sequence_length: int
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per stage (STAGES)
+    tokens_view: np.ndarray | None = None  # uint8 [S, S, 3] CLIP view of one encoder frame
+    tokens_selection: tuple | None = None  # (indices int [K], similarity_aware bool [K], grid)
+    #: per clip (one entry without ``clip_length``): start position, frames, first/last source frame index,
+    #: encoder source indices and the LLM answers (per expression)
+    clips: list[dict] = field(default_factory=list)
+    clip_length: int | None = None
+
+
+def pruning_report(options, selection, llm_info: dict | None = None) -> dict:
+    """The ``pruning`` entry of ``masks.json`` / ``summary.json``.
+
+    Args:
+        options: a :class:`refstream.options.JobOptions` (method, variant, budget, placement, clip_text,
+            clip_length).
+        selection: the :class:`pruning.registry.Selection` of the first clip (``kept_per_frame``, ``unit``).
+        llm_info: extra facts from the LLM (FastV: ``llm_layer_lengths`` per expression, per layer).
+    """
+    report = {
+        "method": options.method,
+        "variant": options.variant if options.method == "litelvlm" else None,
+        "budget": options.budget,
+        "placement": options.placement,
+        "kept_per_frame": selection.kept_per_frame,
+        "unit": selection.unit,
+        "clip_text": options.clip_text,
+        **(llm_info or {}),
+    }
+    if options.clip_length is not None:
+        report["clip_length"] = options.clip_length
+    return report
+
+
+def job_result(*, video: str, height: int, width: int, fps: float | None, frames: list[str], options,
+               answers: list[str], masks: list[list[dict]], selection, llm_info: dict | None, model: str,
+               random_weights: bool, visual_tokens: int, llm_sequence_length: int, timings: dict[str, float],
+               tokens_view: np.ndarray | None, clips: list[dict] | None = None) -> JobResult:
+    """The one builder of :class:`JobResult` (``refstream run``, the API, and both service pipelines).
+
+    ``selection`` is the first clip's :class:`pruning.registry.Selection` (its first frame is drawn in
+    ``tokens.png``); ``options`` the job's :class:`refstream.options.JobOptions`.
+    """
+    return JobResult(
+        video=str(video), height=height, width=width, fps=fps, frames=list(frames),
+        expressions=list(options.expressions), answers=list(answers), masks=masks,
+        pruning=pruning_report(options, selection, llm_info), model=model, random_weights=random_weights,
+        visual_tokens=int(visual_tokens), llm_sequence_length=int(llm_sequence_length), timings=dict(timings),
+        tokens_view=tokens_view,
+        tokens_selection=(selection.indices[0].cpu().numpy(), selection.similarity_aware[0].cpu().numpy(),
+                          selection.grid),
+        clips=list(clips or []), clip_length=options.clip_length,
+    )
+
+
+class JobWriter:
+    """The one writer of a job's output folder: per frame COCO RLE + an overlay frame, at the end
+    ``masks.json``, ``tokens.png`` and ``summary.json``.
+
+    Use it as a context manager (the overlay is closed however the job ends)::
+
+        with JobWriter(out, num_objects, width, height, fps) as writer:
+            for frame, masks in ...:        # uint8 [H, W, 3], bool [N, H, W]
+                writer.add(frame, masks)
+            result = job_result(..., masks=writer.masks, ...)
+            summary = writer.finish(result, device="cpu", started=t0)
+
+    Args:
+        out: output folder (created if missing).
+        num_objects: N, the number of expressions.
+        width, height: frame size in pixels.
+        fps: frames per second of the overlay (None -> 24).
+        overlay: write ``overlay.mp4`` (default True).
+
+    Attributes:
+        masks: per object, per frame: COCO RLE dicts (what ``masks.json`` holds).
+        seconds: wall seconds spent writing (RLE + overlay), added to the ``write`` stage by :meth:`finish`.
+    """
+
+    def __init__(self, out: str | os.PathLike, num_objects: int, width: int, height: int, fps: float | None,
+                 overlay: bool = True):
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.masks: list[list[dict]] = [[] for _ in range(num_objects)]
+        self.seconds = 0.0
+        self._overlay = OverlayWriter(self.out / "overlay.mp4", width, height, fps) if overlay else None
+
+    def __enter__(self) -> "JobWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def add(self, frame: np.ndarray | None, masks: np.ndarray) -> None:
+        """One frame: ``frame`` uint8 [H, W, 3] RGB (None without overlay) and ``masks`` bool [N, H, W]."""
+        start = time.perf_counter()
+        for i, mask in enumerate(masks):
+            self.masks[i].append(encode_rle(mask))
+        if self._overlay is not None:
+            self._overlay.write(frame, masks)
+        self.seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Finish the overlay video (idempotent)."""
+        if self._overlay is not None:
+            overlay, self._overlay = self._overlay, None
+            overlay.close()
+
+    def finish(self, result: JobResult, *, device: str, started: float, load_seconds: float = 0.0,
+               extra: dict | None = None) -> dict:
+        """Close the overlay, write ``masks.json``, ``tokens.png`` and ``summary.json``.
+
+        Args:
+            result: the job's :class:`JobResult` (its ``masks`` normally :attr:`masks`).
+            device: where the model ran (``cpu``, ``cuda:0``).
+            started: the job's ``time.perf_counter()`` start (``total_seconds`` counts from it).
+            load_seconds: model load time, reported separately.
+            extra: more summary fields (e.g. the service's ``pipeline``).
+
+        Returns:
+            the summary dictionary (also written to ``summary.json``).
+        """
+        self.close()
+        t = time.perf_counter()
+        note = RANDOM_WEIGHTS_NOTE if result.random_weights else None
+        masks_json = {
+            "video": result.video, "height": result.height, "width": result.width, "fps": result.fps,
+            "frames": result.frames,
+            "objects": [{"expression": e, "answer": a, "masks": m}
+                        for e, a, m in zip(result.expressions, result.answers, result.masks)],
+            "pruning": result.pruning, "model": result.model, "random_weights": result.random_weights,
+        }
+        if result.clip_length is not None:
+            masks_json["clips"] = result.clips
+        if note:
+            masks_json["note"] = note
+        write_json_atomic(self.out / "masks.json", masks_json)
+        indices, sim_aware, grid = result.tokens_selection
+        draw_tokens(result.tokens_view, indices, sim_aware, grid, self.out / "tokens.png")
+        timings = {stage: round(result.timings.get(stage, 0.0), 4) for stage in STAGES}
+        timings["write"] = round(timings["write"] + self.seconds + time.perf_counter() - t, 4)
+        summary = {
+            "video": result.video,
+            "frames": len(result.frames),
+            "expressions": result.expressions,
+            "model": result.model,
+            "random_weights": result.random_weights,
+            "pruning": result.pruning,
+            "visual_tokens_into_llm": result.visual_tokens,
+            "llm_sequence_length": result.llm_sequence_length,
+            "stage_seconds": timings,
+            "model_load_seconds": round(load_seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "device": device,
+            "outputs": list(OUTPUT_FILES if self.overlay_written else [f for f in OUTPUT_FILES if f != "overlay.mp4"]),
+        }
+        if result.clip_length is not None:
+            summary["clip_length"] = result.clip_length
+            summary["clips"] = len(result.clips)
+        if note:
+            summary["note"] = note
+        summary.update(extra or {})
+        write_json_atomic(self.out / "summary.json", summary)
+        return summary
+
+    @property
+    def overlay_written(self) -> bool:
+        return (self.out / "overlay.mp4").is_file()

@@ -15,90 +15,31 @@ each clip is a job of its own (encoder frames, features, LLM answer, fresh SAM2 
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from pruning.clip_features import ClipFeatureExtractor
 from refstream.config import ModelConfig, load_model_config
 from refstream.errors import ConfigError, ExpressionError
-
-STAGES = ("decode", "clip", "prune", "llm", "sam2", "write")
-RANDOM_WEIGHTS_NOTE = "random weights (--model tiny): the masks carry no meaning"
-
-
-@dataclass
-class RunOptions:
-    """Options of ``refstream run`` (see ``refstream run --help``)."""
-
-    expressions: list[str]
-    model: str = "videoglamm"
-    checkpoint: str | None = None
-    method: str = "litelvlm"
-    variant: str = "paper"
-    budget: int = 196
-    placement: str = "pooled"
-    frames: int = 16
-    device: str = "auto"
-    decoder: str = "decord"
-    stride: int = 1
-    max_frames: int | None = None
-    clip_text: str = "question"
-    answer: str = "forced"
-    #: cut the SAM2 frames into consecutive clips of this many frames, each with its own encoder frames, LLM
-    #: answer and fresh SAM2 stream (VideoGLaMM's Ref-DAVIS protocol uses 64); None = the whole video, one clip
-    clip_length: int | None = None
-
-    def validate(self) -> None:
-        """Raise :class:`ExpressionError` / :class:`ConfigError` for bad options, naming the fix."""
-        if not self.expressions:
-            raise ExpressionError('no referring expression: pass --expression "the black swan"')
-        for expression in self.expressions:
-            if not expression or not expression.strip():
-                raise ExpressionError('a referring expression is empty: pass --expression "the black swan"')
-        if self.budget < 1:
-            raise ConfigError(f"--budget must be >= 1 (got {self.budget}); 576 keeps every token")
-        if self.frames < 4 or self.frames % 4:
-            raise ConfigError(f"--frames must be a positive multiple of 4 (InternVideo2 takes 4-frame chunks), got {self.frames}")
-        if self.clip_text not in ("question", "expression"):
-            raise ConfigError(f"--clip-text must be 'question' or 'expression', got {self.clip_text!r}")
-        if self.answer not in ("forced", "generate"):
-            raise ConfigError(f"--answer must be 'forced' or 'generate', got {self.answer!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be cpu, cuda or auto, got {self.device!r}")
-        check_clip_length(self.clip_length)
-
-
-@dataclass
-class JobResult:
-    """What one job produced; :func:`write_outputs` turns it into files."""
-
-    video: str
-    height: int
-    width: int
-    fps: float | None
-    frames: list[str]
-    expressions: list[str]
-    answers: list[str]
-    masks: list[list[dict]]  # per expression, per frame: COCO RLE
-    pruning: dict
-    model: str
-    random_weights: bool
-    visual_tokens: int
-    llm_sequence_length: int
-    timings: dict[str, float] = field(default_factory=dict)
-    tokens_view: np.ndarray | None = None  # uint8 [S, S, 3] CLIP view of one encoder frame
-    tokens_selection: tuple | None = None  # (indices [K], similarity_aware [K], grid)
-    #: per clip (one entry without ``clip_length``): start position, frames, first/last source frame index,
-    #: encoder source indices and the LLM answers (per expression)
-    clips: list[dict] = field(default_factory=list)
+from refstream.explain import clip_views
+from refstream.options import JobOptions, RunOptions, SweepOptions, make_method, parse_method_spec  # noqa: F401
+from refstream.outputs import (  # noqa: F401  (JobResult, STAGES, ... are re-exported for callers)
+    RANDOM_WEIGHTS_NOTE, STAGES, JobResult, JobWriter, encode_rle, job_result, peak_rss_mb,
+)
+from video_pipeline.decode import open_video
+from video_pipeline.plan import FramePlan, encoder_positions, plan_frames
+from video_pipeline.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess, internvideo_preprocess, sam2_preprocess
+from workers.build import build_model
+from workers.sam2_decoder import Sam2VideoDecoder
 
 
 class StageTimer:
@@ -158,8 +99,6 @@ class Pipeline:
     """
 
     def __init__(self, config: ModelConfig, device: str = "auto", dtype: str = "auto", parts: str = "all"):
-        from workers.build import build_model
-
         self.config = config
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -170,7 +109,8 @@ class Pipeline:
 
     @classmethod
     def from_options(cls, options: RunOptions) -> "Pipeline":
-        return cls(load_model_config(options.model, options.checkpoint), options.device)
+        """Load the model that :class:`refstream.options.RunOptions` names (model, checkpoint, device, dtype)."""
+        return cls(load_model_config(options.model, options.checkpoint), options.device, options.dtype)
 
     # ----------------------------------------------------------------------------------- building blocks
     # ``run`` (one job) and ``run_sweep`` (several methods x budgets over one video, for ``refstream bench run``)
@@ -179,8 +119,6 @@ class Pipeline:
 
     def open_source(self, input_path: str | Path, decoder: str = "decord", timer: "StageTimer | None" = None):
         """Open a video file or frame folder (a :class:`video_pipeline.decode.VideoSource`; close it after)."""
-        from video_pipeline.decode import open_video
-
         timer = timer or StageTimer()
         with timer("decode"):
             return open_video(input_path, decoder)
@@ -205,9 +143,6 @@ class Pipeline:
                       frame_names: Sequence[str] = ()) -> "VideoFeatures":
         """:meth:`encode_video` on frames already decoded (uint8 [16, H, W, 3], e.g. sent by a decode actor);
         the video metadata fields are optional."""
-        from pruning.clip_features import ClipFeatureExtractor
-        from video_pipeline.preprocess import clip_preprocess
-
         timer = timer or StageTimer()
         with timer("clip"):
             clip_pixels = clip_preprocess(encoder_frames)
@@ -231,8 +166,6 @@ class Pipeline:
 
     def internvideo2_tokens(self, video: "VideoFeatures", timer: "StageTimer | None" = None) -> torch.Tensor:
         """InternVideo2 tokens [T, 64, H] of the encoder frames, computed once per video."""
-        from video_pipeline.preprocess import internvideo_preprocess
-
         timer = timer or StageTimer()
         if video.iv2_tokens is None:
             with timer("llm"):
@@ -244,11 +177,24 @@ class Pipeline:
         return [self.model.question(e) if clip_text == "question" else e for e in expressions]
 
     def answer(self, video: "VideoFeatures", method, budget: int, placement: str, expressions: Sequence[str],
-               answer_mode: str = "forced", clip_text: str = "question", timer: "StageTimer | None" = None):
+               answer_mode: str = "forced", clip_text: str = "question",
+               timer: "StageTimer | None" = None) -> "AnswerResult":
         """Prune (one selection shared by ``expressions``; LiteLVLM's rule over N texts) and run the LLM.
 
+        Args:
+            video: the clip's :class:`VideoFeatures`.
+            method: a :class:`pruning.registry.PruningMethod`.
+            budget: visual tokens kept per frame, of 576 (pooled: ``round(budget / 4)`` of the 144 cells).
+            placement: ``pooled`` or ``patch``.
+            expressions: E referring expressions (stripped, non-empty).
+            answer_mode: ``forced`` or ``generate``.
+            clip_text: what CLIP's text tower reads (``question`` or ``expression``).
+
         Returns:
-            ``(answers, selection, visual_tokens, llm_sequence_length, llm_info)``.
+            an :class:`AnswerResult`.
+
+        Raises:
+            SequenceTooLongError: the visual tokens and the prompt exceed the LLM's positions.
         """
         timer = timer or StageTimer()
         model = self.model
@@ -261,7 +207,8 @@ class Pipeline:
             else:
                 answers = model.seg_answers(visual, list(expressions), answer_mode)
         seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
-        return answers, selection, int(visual.shape[0]), seq_len, llm_info
+        return AnswerResult(answers=list(answers), selection=selection, visual_tokens=int(visual.shape[0]),
+                            llm_sequence_length=seq_len, llm_info=llm_info)
 
     def visual_tokens(self, video: "VideoFeatures", method, budget: int, placement: str, expressions: Sequence[str],
                       clip_text: str = "question", timer: "StageTimer | None" = None):
@@ -283,19 +230,15 @@ class Pipeline:
             visual = torch.cat([clip_tokens.flatten(0, 1), iv2.flatten(0, 1)])
         return selection, visual
 
-    def segment_logits(self, source, plan, answers: Sequence, on_frame, timer: "StageTimer | None" = None,
-                       progress: bool = False, desc: str = "segmenting") -> None:
+    def iter_logits(self, source, plan, answers: Sequence, timer: "StageTimer | None" = None,
+                    progress: bool = False, desc: str = "segmenting") -> Iterator[tuple[int, np.ndarray, list]]:
         """ONE streaming SAM2 pass for every answer (N objects in one session: each frame's image features are
-        computed once for all of them). Decodes the SAM2 frames in chunks (bounded memory).
+        computed once for all of them), decoding the SAM2 frames in chunks of 8 (bounded memory).
 
-        ``on_frame(position, frame uint8 [H, W, 3], logits)`` is called per frame in order; ``logits`` is a list
-        with, per answer, float32 [H, W] mask logits (``> 0`` = object) or None for an answer without [SEG].
+        Yields, per SAM2 frame in order, ``(position, frame, logits)``: the frame's position in
+        ``plan.sam2_indices``, the source frame uint8 [H, W, 3], and per answer float32 [H, W] mask logits
+        (``> 0`` = object) or None for an answer without [SEG]. Closing the generator ends the SAM2 session.
         """
-        from tqdm import tqdm
-
-        from video_pipeline.preprocess import sam2_preprocess
-        from workers.sam2_decoder import Sam2VideoDecoder
-
         timer = timer or StageTimer()
         decoder = Sam2VideoDecoder(self.model.sam2)
         prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
@@ -323,7 +266,7 @@ class Pipeline:
                             logits = stream.step(pixels[j].to(self.device, self.model.dtype))
                             for k, i in enumerate(prompted):
                                 per_object[i] = logits[k].float().cpu()
-                    on_frame(position, frame, per_object)
+                    yield position, frame, per_object
                     position += 1
                     bar.update(1)
         finally:
@@ -331,102 +274,49 @@ class Pipeline:
             if stream is not None:
                 stream.close()
 
+    def segment_logits(self, source, plan, answers: Sequence, on_frame, timer: "StageTimer | None" = None,
+                       progress: bool = False, desc: str = "segmenting") -> None:
+        """:meth:`iter_logits` with a callback: ``on_frame(position, frame, logits)`` per frame, in order."""
+        for position, frame, logits in self.iter_logits(source, plan, answers, timer, progress, desc):
+            on_frame(position, frame, logits)
+
     # ------------------------------------------------------------------------------------------------ one job
-    def run(self, input_path: str | Path, options: RunOptions, progress: bool = True, on_frames=None,
-            on_open=None) -> JobResult:
-        """Run one job. ``on_open(source)`` is called once the input is open (e.g. to read its fps);
-        ``on_frames(frame_index, source_frame uint8 [H,W,3], masks bool [N,H,W])`` is called
-        for every SAM2 frame as it finishes (used to stream the overlay video).
+    def stream(self, input_path: str | Path, options: JobOptions, progress: bool = False,
+               on_open: Callable | None = None) -> "JobStream":
+        """One job as a stream of frames: iterate the returned :class:`JobStream` for a :class:`FrameMasks`
+        per SAM2 frame (bounded memory: one chunk of frames and one clip's features at a time), then call
+        :meth:`JobStream.result` for the job's :class:`refstream.outputs.JobResult`.
+
+        ``on_open(source)`` is called once the input is open (e.g. to read its fps and size).
 
         With ``options.clip_length`` the SAM2 frames are cut into consecutive clips (:func:`clip_plans`), each
         run as its own job (encoder frames by VideoGLaMM's rule over the clip, CLIP features, pruning, LLM
-        answer, fresh SAM2 stream anchored on the clip's first frame); the masks are concatenated in order and
-        ``JobResult.clips`` describes each clip. Only one clip's features are held at a time.
+        answer, fresh SAM2 stream anchored on the clip's first frame); ``JobResult.clips`` describes each clip.
+
+        Raises (while iterating):
+            RefStreamError subclasses for bad input (exit code 2 in the CLI).
+        """
+        return JobStream(self, input_path, options, progress, on_open)
+
+    def run(self, input_path: str | Path, options: JobOptions, progress: bool = True, on_frames=None,
+            on_open=None) -> JobResult:
+        """Run one job to the end and return its :class:`refstream.outputs.JobResult` (masks as COCO RLE).
+
+        ``on_open(source)`` is called once the input is open; ``on_frames(position, source_frame uint8 [H,W,3],
+        masks bool [N,H,W])`` for every SAM2 frame as it finishes. See :meth:`stream`.
 
         Raises:
             RefStreamError subclasses for bad input (exit code 2 in the CLI).
         """
-        from refstream.outputs import encode_rle
-        from video_pipeline.plan import plan_frames
-
-        options.validate()
-        method = make_method(options.method, options.variant)
-        timer = StageTimer()
-        expressions = [e.strip() for e in options.expressions]
-
-        source = self.open_source(input_path, options.decoder, timer)
-        with source:
-            if on_open is not None:
-                on_open(source)
-            plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
-            masks: list[list[dict]] = [[] for _ in expressions]
-            empty = np.zeros((source.height, source.width), dtype=bool)
-            frame_names: list[str] = []
-            clips: list[dict] = []
-            first = None  # (answers, selection, clip_pixels) of the first clip: what the job reports
-            visual_tokens = seq_len = 0
-
-            def on_frame(position, frame, logits):
-                with timer("sam2"):
-                    per_object = [empty if lg is None else (lg > 0).numpy() for lg in logits]
-                with timer("write"):
-                    for i, mask in enumerate(per_object):
-                        masks[i].append(encode_rle(mask))
-                    if on_frames is not None:
-                        on_frames(len(masks[0]) - 1, frame, np.stack(per_object))
-
-            for clip_index, clip in enumerate(clip_plans(plan, options.clip_length, options.frames)):
-                video = self.encode_video(source, clip, with_scores=method.needs_scores,
-                                          with_penultimate=method.needs_penultimate, timer=timer)
-                answers, selection, tokens, length, llm_info = self.answer(
-                    video, method, options.budget, options.placement, expressions, options.answer,
-                    options.clip_text, timer)
-                visual_tokens, seq_len = max(visual_tokens, tokens), max(seq_len, length)
-                if first is None:
-                    first = (answers, selection, llm_info, video.clip_pixels)
-                clips.append({"start": len(frame_names), "frames": len(clip.sam2_indices),
-                              "source_frames": [clip.sam2_indices[0], clip.sam2_indices[-1]],
-                              "encoder_indices": list(clip.encoder_indices), "answers": [a.text for a in answers]})
-                frame_names += video.frame_names
-                del video  # bounded memory: one clip's features at a time
-                desc = "segmenting" if options.clip_length is None else f"segmenting clip {clip_index + 1}"
-                self.segment_logits(source, clip, answers, on_frame, timer, progress, desc=desc)
-
-        answers, selection, llm_info, clip_pixels = first
-        view = clip_view(clip_pixels)
-        pruning = {
-            "method": options.method,
-            "variant": options.variant if options.method == "litelvlm" else None,
-            "budget": options.budget,
-            "placement": options.placement,
-            "kept_per_frame": selection.kept_per_frame,
-            "unit": selection.unit,
-            "clip_text": options.clip_text,
-            **llm_info,
-        }
-        if options.clip_length is not None:
-            pruning["clip_length"] = options.clip_length
-        return JobResult(
-            video=str(input_path),
-            height=source.height,
-            width=source.width,
-            fps=source.fps,
-            frames=frame_names,
-            expressions=expressions,
-            answers=[a.text for a in answers],
-            masks=masks,
-            pruning=pruning,
-            model=self.config.name,
-            random_weights=self.config.random_weights,
-            visual_tokens=visual_tokens,
-            llm_sequence_length=seq_len,
-            timings=dict(timer.seconds),
-            tokens_view=view,
-            tokens_selection=(
-                selection.indices[0].cpu().numpy(), selection.similarity_aware[0].cpu().numpy(), selection.grid
-            ),
-            clips=clips,
-        )
+        job = self.stream(input_path, options, progress, on_open)
+        rle: list[list[dict]] = [[] for _ in options.expressions]
+        for item in job:
+            with job.timer("write"):
+                for i, mask in enumerate(item.masks):
+                    rle[i].append(encode_rle(mask))
+                if on_frames is not None:
+                    on_frames(item.position, item.frame, item.masks)
+        return job.result(rle)
 
     # ------------------------------------------------------------------------------ sweep (bench run)
     def run_sweep(self, input_path: str | Path, expressions: Sequence[str], runs: Sequence[tuple[str, int]],
@@ -462,10 +352,7 @@ class Pipeline:
         Returns:
             :class:`SweepResult` (frames, size, shared and per-run stage seconds).
         """
-        from video_pipeline.plan import plan_frames
-
         options = options or SweepOptions()
-        check_clip_length(options.clip_length)
         expressions = [e.strip() for e in expressions]
         runs = [(r[0], r[1], [e.strip() for e in r[2]] if len(r) > 2 else expressions) for r in runs]
         for _, _, subset in runs:
@@ -506,13 +393,13 @@ class Pipeline:
             if method.needs_text:
                 parts = [self.answer(video, method, budget, options.placement, [e], options.answer,
                                      options.clip_text, timer) for e in expressions]
-                answers = [p[0][0] for p in parts]
-                tokens = [p[2] for p in parts]
-                kept = parts[0][1].kept_per_frame
+                answers = [p.answers[0] for p in parts]
+                tokens = [p.visual_tokens for p in parts]
+                kept = parts[0].selection.kept_per_frame
             else:
-                answers, selection, visual, _, _ = self.answer(
-                    video, method, budget, options.placement, expressions, options.answer, options.clip_text, timer)
-                tokens, kept = [visual] * len(expressions), selection.kept_per_frame
+                part = self.answer(video, method, budget, options.placement, expressions, options.answer,
+                                   options.clip_text, timer)
+                answers, tokens, kept = part.answers, [part.visual_tokens] * len(expressions), part.selection.kept_per_frame
             all_answers.append(answers)
             if on_run_start is not None:
                 on_run_start(r, {"visual_tokens": tokens, "answers": [a.text for a in answers],
@@ -550,22 +437,6 @@ class Pipeline:
 
 
 @dataclass
-class SweepOptions:
-    """Options of :meth:`Pipeline.run_sweep` shared by every run of a sweep (see :class:`RunOptions`)."""
-
-    variant: str = "paper"
-    placement: str = "pooled"
-    frames: int = 16
-    stride: int = 1
-    max_frames: int | None = None
-    decoder: str = "decord"
-    clip_text: str = "question"
-    answer: str = "forced"
-    sam2_pass: str = "run"  # "run": one SAM2 pass per (method, budget); "video": one pass for all runs
-    clip_length: int | None = None  # see RunOptions.clip_length (VideoGLaMM's Ref-DAVIS protocol: 64)
-
-
-@dataclass
 class SweepResult:
     frames: list[str]
     height: int
@@ -591,14 +462,6 @@ class VideoFeatures:
     text_cache: dict = field(default_factory=dict)  # CLIP text -> text_embeds row [P]
 
 
-def check_clip_length(clip_length: int | None) -> None:
-    """Raise :class:`ConfigError` unless ``clip_length`` is None or an integer >= 1."""
-    if clip_length is None:
-        return
-    if isinstance(clip_length, bool) or not isinstance(clip_length, (int, np.integer)) or clip_length < 1:
-        raise ConfigError(f"--clip-length must be an integer >= 1 (VideoGLaMM's Ref-DAVIS protocol: 64), got {clip_length!r}")
-
-
 def clip_plans(plan, clip_length: int | None, num_encoder_frames: int = 16) -> list:
     """Cut a :class:`video_pipeline.plan.FramePlan` into consecutive clips of ``clip_length`` SAM2 frames.
 
@@ -620,9 +483,6 @@ def clip_plans(plan, clip_length: int | None, num_encoder_frames: int = 16) -> l
         a list of FramePlan, one per clip, whose ``sam2_indices`` concatenate to ``plan.sam2_indices``
         (``encoder_positions`` are relative to the clip).
     """
-    from video_pipeline.plan import FramePlan, encoder_positions
-
-    check_clip_length(clip_length)
     if clip_length is None:
         return [plan]
     sam2 = list(plan.sam2_indices)
@@ -635,132 +495,180 @@ def clip_plans(plan, clip_length: int | None, num_encoder_frames: int = 16) -> l
     return clips
 
 
-def make_method(spec: str, variant: str = "paper"):
-    """A pruning method from a ``--method`` spec (``name[:opt,key=value]``); ``variant`` fills LiteLVLM's default."""
-    from pruning.registry import get_method
-    from refstream.explain import parse_method_spec
-
-    method_name, method_options = parse_method_spec(spec)
-    if method_name == "litelvlm":
-        method_options.setdefault("variant", variant)
-    return get_method(method_name, **method_options)
-
-
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 def clip_view(clip_pixels: torch.Tensor) -> np.ndarray:
     """The first CLIP input frame as a picture: float [F, 3, 336, 336] (CLIP-normalized) -> uint8 [336, 336, 3]
     (what ``tokens.png`` draws the kept tokens on)."""
-    view = clip_pixels[0].cpu().float() * torch.tensor(_CLIP_STD).view(3, 1, 1) + torch.tensor(_CLIP_MEAN).view(3, 1, 1)
-    return (view.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MiB (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return clip_views(clip_pixels[:1])[0]
 
 
 def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, progress: bool = True,
                   pipeline: Pipeline | None = None, load_seconds: float = 0.0, on_frames=None, on_open=None) -> dict:
-    """Run a job and write ``masks.json``, ``overlay.mp4``, ``tokens.png`` and ``summary.json`` into ``out``.
+    """Run a job and write ``masks.json``, ``overlay.mp4``, ``tokens.png`` and ``summary.json`` into ``out``
+    through the one :class:`refstream.outputs.JobWriter`.
 
-    ``on_open(source)`` and ``on_frames(index, frame, masks)`` are called as in :meth:`Pipeline.run`, after
-    the overlay writer's own handling (the service uses them for progress).
+    ``on_open(source)`` and ``on_frames(position, frame, masks)`` are called as in :meth:`Pipeline.run`, after
+    the writer's own handling (the service uses them for progress). ``pipeline`` is a loaded model (else one is
+    loaded from ``options``, and its load time reported).
 
     Returns:
         The summary dictionary (also written to ``summary.json``).
-    """
-    from refstream.outputs import OverlayWriter
 
+    Raises:
+        RefStreamError subclasses for bad input (exit code 2 in the CLI).
+    """
     started = time.perf_counter()
-    options.validate()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if pipeline is None:
         pipeline = Pipeline.from_options(options)
         load_seconds = time.perf_counter() - started
     else:
         started -= load_seconds  # the model was loaded by the caller just before
-    writer: dict[str, OverlayWriter] = {}
-
-    user_open, user_frames = on_open, on_frames
-
-    def on_open(source):
-        writer["w"] = OverlayWriter(out / "overlay.mp4", source.width, source.height, source.fps)
-        if user_open is not None:
-            user_open(source)
-
-    def on_frames(index, frame, masks):
-        writer["w"].write(frame, masks)
-        if user_frames is not None:
-            user_frames(index, frame, masks)
-
+    job = pipeline.stream(input_path, options, progress, on_open)
+    writer = None
     try:
-        result = pipeline.run(input_path, options, progress=progress, on_frames=on_frames, on_open=on_open)
+        for item in job:
+            if writer is None:
+                writer = JobWriter(out, len(options.expressions), job.width, job.height, job.fps)
+            writer.add(item.frame, item.masks)
+            if on_frames is not None:
+                on_frames(item.position, item.frame, item.masks)
+        if writer is None:  # no SAM2 frame (cannot happen with a valid plan; kept for a clear error path)
+            writer = JobWriter(out, len(options.expressions), job.width, job.height, job.fps)
+        return writer.finish(job.result(writer.masks), device=str(pipeline.device), started=started,
+                             load_seconds=load_seconds)
     finally:
-        if "w" in writer:
-            writer["w"].close()
-    return write_job_outputs(result, options, out, str(pipeline.device), started, load_seconds)
+        job.close()
+        if writer is not None:
+            writer.close()
 
 
-def write_job_outputs(result: JobResult, options: RunOptions, out: str | Path, device: str, started: float,
-                      load_seconds: float = 0.0) -> dict:
-    """Write ``masks.json``, ``tokens.png`` and ``summary.json`` of a finished job into ``out`` (the overlay
-    video is written while the frames stream); ``started`` is the job's ``time.perf_counter()`` start.
+@dataclass
+class AnswerResult:
+    """What :meth:`Pipeline.answer` returns: the LLM's answers over one clip's pruned visual tokens.
 
-    Returns:
-        The summary dictionary (also written to ``summary.json``).
+    Attributes:
+        answers: per expression a :class:`workers.videoglamm.SegAnswer` (text; [SEG] embedding float
+            [seg_dim] or None).
+        selection: the :class:`pruning.registry.Selection` (FastV: what it kept inside the LLM).
+        visual_tokens: V, the visual tokens that went into the LLM (CLIP kept + InternVideo2).
+        llm_sequence_length: the longest LLM input over the expressions (prompt + visual + forced answer).
+        llm_info: extra facts (FastV: ``llm_layer_lengths`` per expression, per layer).
     """
-    from refstream.outputs import draw_tokens, write_json_atomic
 
-    out = Path(out)
-    t = time.perf_counter()
-    note = RANDOM_WEIGHTS_NOTE if result.random_weights else None
-    masks_json = {
-        "video": result.video,
-        "height": result.height,
-        "width": result.width,
-        "fps": result.fps,
-        "frames": result.frames,
-        "objects": [
-            {"expression": e, "answer": a, "masks": m}
-            for e, a, m in zip(result.expressions, result.answers, result.masks)
-        ],
-        "pruning": result.pruning,
-        "model": result.model,
-        "random_weights": result.random_weights,
-    }
-    if options.clip_length is not None:
-        masks_json["clips"] = result.clips
-    if note:
-        masks_json["note"] = note
-    write_json_atomic(out / "masks.json", masks_json)
-    indices, sim_aware, grid = result.tokens_selection
-    draw_tokens(result.tokens_view, indices, sim_aware, grid, out / "tokens.png")
-    timings = {stage: round(result.timings.get(stage, 0.0), 4) for stage in STAGES}
-    timings["write"] = round(timings["write"] + time.perf_counter() - t, 4)
-    summary = {
-        "video": result.video,
-        "frames": len(result.frames),
-        "expressions": result.expressions,
-        "model": result.model,
-        "random_weights": result.random_weights,
-        "pruning": result.pruning,
-        "visual_tokens_into_llm": result.visual_tokens,
-        "llm_sequence_length": result.llm_sequence_length,
-        "stage_seconds": timings,
-        "model_load_seconds": round(load_seconds, 3),
-        "total_seconds": round(time.perf_counter() - started, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": device,
-        "outputs": ["masks.json", "overlay.mp4", "tokens.png", "summary.json"],
-    }
-    if options.clip_length is not None:
-        summary["clip_length"] = options.clip_length
-        summary["clips"] = len(result.clips)
-    if note:
-        summary["note"] = note
-    write_json_atomic(out / "summary.json", summary)
-    return summary
+    answers: list
+    selection: object
+    visual_tokens: int
+    llm_sequence_length: int
+    llm_info: dict = field(default_factory=dict)
+
+
+@dataclass
+class FrameMasks:
+    """One segmented frame of a :class:`JobStream`.
+
+    Attributes:
+        position: 0-based position among the job's SAM2 frames (after ``stride`` / ``max_frames``).
+        frame_index: 0-based index of the frame in the source video.
+        name: the frame's name (file stem of a frame folder, or its zero-padded index).
+        frame: uint8 [H, W, 3] RGB, the source frame.
+        masks: bool [N, H, W], one mask per expression (all False for an answer without [SEG]).
+    """
+
+    position: int
+    frame_index: int
+    name: str
+    frame: np.ndarray
+    masks: np.ndarray
+
+
+class JobStream:
+    """One job, frame by frame (built by :meth:`Pipeline.stream`).
+
+    Iterating yields a :class:`FrameMasks` per SAM2 frame, in order. Per clip (the whole video without
+    ``clip_length``) it decodes the encoder frames, runs CLIP, the pruning method and the LLM once, then
+    streams SAM2 over the clip's frames; only one clip's features and one chunk of frames are held at a time.
+    After the last frame, :meth:`result` builds the :class:`refstream.outputs.JobResult`. :meth:`close` (or
+    leaving the iteration early) closes the video and the SAM2 session.
+
+    Attributes:
+        timer: the job's :class:`StageTimer` (wall seconds per stage).
+        height, width, fps: of the source, once the first frame is out (after ``on_open``).
+    """
+
+    def __init__(self, pipeline: Pipeline, input_path: str | Path, options: JobOptions, progress: bool = False,
+                 on_open: Callable | None = None):
+        self.pipeline, self.input_path, self.options = pipeline, input_path, options
+        self.timer = StageTimer()
+        self.height = self.width = 0
+        self.fps = None
+        self.frame_names: list[str] = []
+        self.clips: list[dict] = []
+        self.visual_tokens = self.llm_sequence_length = 0
+        self._first: tuple | None = None  # (AnswerResult, clip_pixels) of the first clip: what the job reports
+        self._frames = self._generate(progress, on_open)
+
+    def __iter__(self) -> Iterator[FrameMasks]:
+        return self._frames
+
+    def __next__(self) -> FrameMasks:
+        return next(self._frames)
+
+    def close(self) -> None:
+        """Stop early: closes the video and the SAM2 session (idempotent)."""
+        self._frames.close()
+
+    def _generate(self, progress: bool, on_open) -> Iterator[FrameMasks]:
+        options, pipeline = self.options, self.pipeline
+        method = make_method(options.method, options.variant)
+        source = pipeline.open_source(self.input_path, options.decoder, self.timer)
+        with source:
+            self.height, self.width, self.fps = source.height, source.width, source.fps
+            if on_open is not None:
+                on_open(source)
+            plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
+            empty = np.zeros((source.height, source.width), dtype=bool)
+            for clip_index, clip in enumerate(clip_plans(plan, options.clip_length, options.frames)):
+                answer = self._answer_clip(source, clip, method)
+                start = len(self.frame_names) - len(clip.sam2_indices)
+                desc = "segmenting" if options.clip_length is None else f"segmenting clip {clip_index + 1}"
+                for position, frame, logits in pipeline.iter_logits(source, clip, answer.answers, self.timer,
+                                                                    progress, desc):
+                    with self.timer("sam2"):
+                        masks = np.stack([empty if lg is None else (lg > 0).numpy() for lg in logits])
+                    yield FrameMasks(position=start + position, frame_index=clip.sam2_indices[position],
+                                     name=self.frame_names[start + position], frame=frame, masks=masks)
+
+    def _answer_clip(self, source, clip, method) -> AnswerResult:
+        """Encoder frames, CLIP features, pruning and the LLM answer of one clip; records the clip."""
+        options, pipeline = self.options, self.pipeline
+        video = pipeline.encode_video(source, clip, with_scores=method.needs_scores,
+                                      with_penultimate=method.needs_penultimate, timer=self.timer)
+        answer = pipeline.answer(video, method, options.budget, options.placement, options.expressions,
+                                 options.answer, options.clip_text, self.timer)
+        self.visual_tokens = max(self.visual_tokens, answer.visual_tokens)
+        self.llm_sequence_length = max(self.llm_sequence_length, answer.llm_sequence_length)
+        if self._first is None:
+            self._first = (answer, video.clip_pixels)
+        self.clips.append({"start": len(self.frame_names), "frames": len(clip.sam2_indices),
+                           "source_frames": [clip.sam2_indices[0], clip.sam2_indices[-1]],
+                           "encoder_indices": list(clip.encoder_indices),
+                           "answers": [a.text for a in answer.answers]})
+        self.frame_names += video.frame_names
+        return answer  # the clip's features (video) are dropped here: bounded memory
+
+    def result(self, masks: list[list[dict]]) -> JobResult:
+        """The job's :class:`refstream.outputs.JobResult` with ``masks`` (per expression, per frame: COCO RLE),
+        through the one builder :func:`refstream.outputs.job_result`.
+
+        Raises:
+            RuntimeError: the stream has not produced its first clip yet.
+        """
+        if self._first is None:
+            raise RuntimeError("JobStream.result() before the job ran: iterate the stream first")
+        answer, clip_pixels = self._first
+        config = self.pipeline.config
+        return job_result(
+            video=str(self.input_path), height=self.height, width=self.width, fps=self.fps, frames=self.frame_names,
+            options=self.options, answers=[a.text for a in answer.answers], masks=masks, selection=answer.selection,
+            llm_info=answer.llm_info, model=config.name, random_weights=config.random_weights,
+            visual_tokens=self.visual_tokens, llm_sequence_length=self.llm_sequence_length,
+            timings=dict(self.timer.seconds), tokens_view=clip_view(clip_pixels), clips=self.clips)

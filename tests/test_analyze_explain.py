@@ -12,7 +12,7 @@ from eval.ref_davis import RefDavis, read_text_annotations
 from refstream.analyze import mask_to_patch_coverage, similarity_ranks
 from refstream.cli import main
 from refstream.errors import ConfigError, DatasetLayoutError
-from refstream.explain import parse_method_spec
+from refstream.options import parse_method_spec
 
 
 def test_similarity_ranks_zero_is_most_similar_ties_to_lower_index():

@@ -137,7 +137,7 @@ def test_sweep_computes_video_features_once(blackswan_dir):
     assert all(len(logits[r]) == frames and len(logits[r][0]) == 2 for r in range(len(runs)))
     assert starts[0]["visual_tokens"] == [16 * 144 + 16 * 64] * 2 and starts[3]["visual_tokens"] == [16 * 20 + 16 * 64] * 2
     # the run with `none` is exactly `refstream run` (one job, both expressions)
-    job = pipe.run(blackswan_dir, RunOptions(["the black swan", "the water"], model="tiny", method="none",
+    job = pipe.run(blackswan_dir, RunOptions(expressions=["the black swan", "the water"], model="tiny", method="none",
                                              max_frames=frames), progress=False)
     from refstream.outputs import decode_rle
 

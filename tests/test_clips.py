@@ -39,10 +39,10 @@ def test_clip_plans_follow_the_encoder_rule():
     assert long[1].encoder_indices == [64 + int(x) for x in np.floor(np.linspace(0, 63, 16))]
     assert long[2].encoder_indices == [128 + int(x) for x in np.floor(np.linspace(0, 21, 16))]
     assert clip_plans(plan, None) == [plan] and clip_plans(plan, 50) == [plan] == clip_plans(plan, 64)
-    with pytest.raises(ConfigError, match="clip-length"):
-        clip_plans(plan, 0)
-    with pytest.raises(ConfigError, match="clip-length"):
-        RunOptions(["x"], clip_length=-1).validate()
+    with pytest.raises(ConfigError, match="--clip-length 0: must be an integer >= 1"):
+        SweepOptions(clip_length=0)
+    with pytest.raises(ConfigError, match="--clip-length -1"):
+        RunOptions(expressions=["x"], clip_length=-1)
 
 
 def test_clip_length_covering_the_video_equals_the_default(tiny, blackswan_dir):
@@ -90,7 +90,7 @@ def test_sixteen_frame_clips_on_blackswan(tiny, blackswan_dir, monkeypatch):
     llm_calls = []
     hook = tiny.model.llm.model.register_forward_hook(lambda *a: llm_calls.append(1))
     try:
-        result = tiny.run(blackswan_dir, RunOptions(["the black swan"], model="tiny", clip_length=16), progress=False)
+        result = tiny.run(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", clip_length=16), progress=False)
     finally:
         hook.remove()
 
@@ -112,10 +112,10 @@ def test_sixteen_frame_clips_on_blackswan(tiny, blackswan_dir, monkeypatch):
 
 def test_clips_restart_sam2_state(tiny, blackswan_dir):
     """A clip's masks equal a separate job over that clip's frames alone (fresh state, own answer)."""
-    clipped = tiny.run(blackswan_dir, RunOptions(["the black swan"], model="tiny", max_frames=6, clip_length=3),
+    clipped = tiny.run(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", max_frames=6, clip_length=3),
                        progress=False)
     assert [c["frames"] for c in clipped.clips] == [3, 3]
-    first = tiny.run(blackswan_dir, RunOptions(["the black swan"], model="tiny", max_frames=3), progress=False)
+    first = tiny.run(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", max_frames=3), progress=False)
     assert clipped.masks[0][:3] == first.masks[0]
     assert clipped.clips[1]["encoder_indices"] == [3, 4] + [5] * 14
 
@@ -134,7 +134,7 @@ def test_sweep_with_clips(tiny, blackswan_dir):
     assert sorted(starts) == [0, 1] and sorted(dones) == [0, 1]
     for r in (0, 1):
         assert [p for p, _, _ in logits[r]] == list(range(6))
-    job = tiny.run(blackswan_dir, RunOptions(["the black swan"], model="tiny", method="none", max_frames=6,
+    job = tiny.run(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", method="none", max_frames=6,
                                              clip_length=4), progress=False)
     from refstream.outputs import encode_rle
 

@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 
 from refstream.errors import ConfigError, RefStreamError
+from refstream.options import JobOptions, ModelOptions, SweepOptions, add_option_arguments, options_from_args
 
+#: the sweep options a run folder records (its ``run.json`` settings); see refstream.options.SweepOptions
+SWEEP_FIELDS = ("placement", "variant", "frames", "stride", "max_frames", "clip_text", "answer", "clip_length")
 SETTINGS = ("dataset", "root", "split", "model", "checkpoint", "placement", "variant", "frames", "stride",
             "max_frames", "clip_text", "answer", "videos", "clip_length")
 
@@ -120,20 +123,15 @@ class BenchRun:
 
         if not methods:
             raise ConfigError("bench run: pass at least one --method (e.g. --method none --method litelvlm)")
-        if not budgets or any(b < 1 for b in budgets):
+        if not budgets:
             raise ConfigError("bench run: pass --budget B (>= 1) at least once")
-        if settings["frames"] < 4 or settings["frames"] % 4:
-            raise ConfigError(f"--frames must be a positive multiple of 4, got {settings['frames']}")
-        if settings.get("clip_length") is not None:
-            from refstream.pipeline import check_clip_length
-
-            check_clip_length(settings["clip_length"])
-        if sam2_pass not in ("run", "video"):
-            raise ConfigError(f"--sam2-pass must be run or video, got {sam2_pass!r}")
-        from refstream.pipeline import make_method
-
+        # the one options model validates the sweep's options, and each method and budget as a job would
+        shared = SweepOptions(**{k: settings[k] for k in SWEEP_FIELDS if settings.get(k) is not None},
+                              decoder=decoder, sam2_pass=sam2_pass)
         for m in methods:
-            make_method(m, settings["variant"])  # fail fast on unknown methods / options
+            for b in budgets:
+                JobOptions(expressions=["-"], method=m, budget=b, **shared.model_dump(exclude={"sam2_pass"}))
+        self.sweep = shared
         self.settings = settings
         self.methods, self.budgets = list(dict.fromkeys(methods)), list(dict.fromkeys(budgets))
         self.combos = {combo_name(m, b): (m, b) for m in self.methods for b in self.budgets}
@@ -146,15 +144,18 @@ class BenchRun:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchRun":
+        """From ``refstream bench run`` arguments (sweep and model options parsed by the one options model)."""
+        shared = options_from_args(SweepOptions, args)
+        model = options_from_args(ModelOptions, args)
         settings = {
             "dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
-            "model": args.model, "checkpoint": args.checkpoint, "placement": args.placement, "variant": args.variant,
-            "frames": args.frames, "stride": args.stride, "max_frames": args.max_frames, "clip_text": args.clip_text,
-            "answer": args.answer, "videos": args.video, "clip_length": args.clip_length,
+            "model": model.model, "checkpoint": model.checkpoint, "videos": args.video,
+            **{k: getattr(shared, k) for k in SWEEP_FIELDS},
         }
         return cls(settings, args.method or [], args.budget or [], args.out, address=args.address,
-                   workers=args.workers, retries=args.retries, device=args.device, num_gpus=args.gpus_per_worker,
-                   decoder=args.decoder, sam2_pass=args.sam2_pass, progress=not args.quiet, score=not args.no_score)
+                   workers=args.workers, retries=args.retries, device=model.device, num_gpus=args.gpus_per_worker,
+                   decoder=shared.decoder, sam2_pass=shared.sam2_pass, progress=not args.quiet,
+                   score=not args.no_score)
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def status_path(self, combo: str, video: str, exp_id: str) -> Path:
@@ -185,10 +186,8 @@ class BenchRun:
             return False
 
     def _options(self) -> dict:
-        s = self.settings
-        return {"variant": s["variant"], "placement": s["placement"], "frames": s["frames"], "stride": s["stride"],
-                "max_frames": s["max_frames"], "decoder": self.decoder, "clip_text": s["clip_text"],
-                "answer": s["answer"], "sam2_pass": self.sam2_pass, "clip_length": s.get("clip_length")}
+        """The :class:`refstream.options.SweepOptions` fields a worker needs (JSON-safe)."""
+        return self.sweep.model_dump()
 
     def _task(self, video: str, units: list[tuple]) -> dict:
         """units: [(Unit, [combo, ...])]"""
@@ -577,27 +576,13 @@ def add_bench_run_parsers(bench_subparsers) -> None:
     p.add_argument("--split", default=None, help="ref-davis17/refytvos: valid; mevis: valid_u (scored here) or valid")
     p.add_argument("--method", action="append", help="repeatable: none, random, litelvlm[:variant], ...")
     p.add_argument("--budget", action="append", type=int, help="repeatable: visual tokens per frame, e.g. 576 196 81")
-    p.add_argument("--model", default="videoglamm", help="tiny | videoglamm | CONFIG.yaml")
-    p.add_argument("--checkpoint", default=None)
     p.add_argument("--out", required=True, help="the run folder (rerun the command to resume)")
     p.add_argument("--address", default=None, help="Ray cluster: auto | ray://HOST:10001 (default: a local one)")
     p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else 1; 0 = no Ray)")
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default 1 when the cluster has GPUs, else 0")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--placement", default="pooled", choices=["pooled", "patch"])
-    p.add_argument("--variant", default="paper", choices=["paper", "official", "context-heavy"])
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--stride", type=int, default=1)
-    p.add_argument("--max-frames", type=int, default=None, help="only the first N frames of each video (scores partial)")
     p.add_argument("--video", action="append", help="repeatable: only these videos")
-    p.add_argument("--clip-length", type=int, default=None, metavar="N",
-                   help="cut each video into clips of N SAM2 frames, each with its own encoder frames, LLM answer "
-                        "and SAM2 state (VideoGLaMM's Ref-DAVIS protocol: 64; default: the whole video as one clip)")
-    p.add_argument("--clip-text", default="question", choices=["question", "expression"])
-    p.add_argument("--answer", default="forced", choices=["forced", "generate"])
-    p.add_argument("--decoder", default="decord", choices=["decord", "pyav"])
-    p.add_argument("--sam2-pass", default="run", choices=["run", "video"],
-                   help="run: one SAM2 pass per (method, budget); video: one pass for the whole sweep")
+    add_option_arguments(p, SweepOptions)
+    add_option_arguments(p, ModelOptions, only=["model", "checkpoint", "device"])
     p.add_argument("--retries", type=int, default=1, help="times a failed unit is retried before it is reported")
     p.add_argument("--no-score", action="store_true")
     p.add_argument("--quiet", action="store_true")

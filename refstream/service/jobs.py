@@ -11,47 +11,24 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field
 
-from refstream.errors import ConfigError, ExpressionError, InputError
+from refstream.errors import InputError
+from refstream.options import JobOptions
+from refstream.outputs import atomic_file
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
 
 
-class JobRequest(BaseModel):
-    """What a client asks for. Field names and meanings follow ``refstream run``."""
+class JobRequest(JobOptions):
+    """What a client asks for: the job's ``input`` plus every :class:`refstream.options.JobOptions` field
+    (expressions, method, budget, variant, placement, frames, clip_length, stride, max_frames, decoder,
+    clip_text, answer) with the same defaults and validation as ``refstream run``. The model, device and
+    precision are the service's (``refstream serve --model``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: str
-    expressions: list[str] = Field(min_length=1)
-    method: str = "litelvlm"
-    variant: str = "paper"
-    budget: int = Field(default=196, ge=1)
-    placement: Literal["pooled", "patch"] = "pooled"
-    frames: int = Field(default=16, ge=4)
-    stride: int = Field(default=1, ge=1)
-    max_frames: int | None = Field(default=None, ge=1)
-    clip_text: Literal["question", "expression"] = "question"
-    answer: Literal["forced", "generate"] = "forced"
-
-    @field_validator("expressions")
-    @classmethod
-    def _non_empty(cls, value: list[str]) -> list[str]:
-        cleaned = [e.strip() for e in value]
-        if any(not e for e in cleaned):
-            raise ValueError('a referring expression is empty: pass --expression "the black swan"')
-        return cleaned
-
-    @field_validator("frames")
-    @classmethod
-    def _multiple_of_four(cls, value: int) -> int:
-        if value % 4:
-            raise ValueError("frames must be a multiple of 4 (InternVideo2 takes 4-frame chunks)")
-        return value
+    input: str = Field(description="path of the video file or frame folder, under the service's allowed roots")
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -61,14 +38,9 @@ class JobRequest(BaseModel):
         """Parse and validate a payload.
 
         Raises:
-            ExpressionError: an empty expression; ConfigError: any other invalid field (named).
+            ExpressionError: an empty expression; ConfigError: any other invalid or unknown field (named).
         """
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            if any(err["loc"][:1] == ("expressions",) for err in exc.errors()):
-                raise ExpressionError(f"invalid job: {exc}") from exc
-            raise ConfigError(f"invalid job: {exc}") from exc
+        return cls.parse(text)
 
 
 def new_job_id() -> str:
@@ -128,7 +100,6 @@ class InputPolicy:
             )
         self.upload_root.mkdir(parents=True, exist_ok=True)
         target = self.upload_root / f"{new_job_id()}{source.suffix}"
-        tmp = target.with_suffix(target.suffix + ".part")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        with source.open("rb") as src, atomic_file(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
         return str(target)

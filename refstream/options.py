@@ -1,0 +1,316 @@
+"""The options model: every option of a RefStream job, defined once, with its default, unit and validation.
+
+One pydantic hierarchy; each field is declared in exactly one class and inherited by everything that
+takes it, so defaults and validation cannot drift between the CLI, the service and the benchmark:
+
+=====================  =================================================================================
+:class:`SharedOptions`  how frames are chosen and how the LLM is asked: the same for every run of a video
+                        (variant, placement, frames, clip_length, stride, max_frames, decoder, clip_text,
+                        answer)
+:class:`JobOptions`     + what one job asks for: ``expressions``, ``method``, ``budget``
+:class:`ModelOptions`   which model, where and how precisely it runs: ``model``, ``checkpoint``, ``device``,
+                        ``dtype``
+:class:`RunOptions`     :class:`JobOptions` + :class:`ModelOptions`: every option of ``refstream run``
+:class:`SweepOptions`   :class:`SharedOptions` + ``sam2_pass``: the options of a benchmark sweep (the sweep
+                        itself names methods and budgets)
+=====================  =================================================================================
+
+``refstream.service.jobs.JobRequest`` extends :class:`JobOptions` with the job's ``input`` (the service owns
+the model). The ``run`` command line is derived from :class:`RunOptions` by :func:`add_option_arguments`
+(flag, type, choices, help text and the one default all come from the field).
+
+A bad option is refused at construction, everywhere the same way: :class:`refstream.errors.ConfigError`
+(or :class:`refstream.errors.ExpressionError` for expressions) whose message names each bad option as its
+command-line flag, the value given and the fix. The pruning ``method`` (``NAME[:OPTION,KEY=VALUE]``) and the
+LiteLVLM ``variant`` are checked against the pruning registry (:mod:`pruning.registry`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pruning.litelvlm import VARIANTS
+from pruning.registry import available_methods, get_method
+from refstream.errors import ConfigError, ExpressionError, RefStreamError
+
+#: the precisions a model can run in; ``auto`` = float32 on the CPU, bfloat16 on CUDA
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """``name[:opt[,key=value...]]`` -> (name, options).
+
+    A bare option is LiteLVLM's variant (``litelvlm:official``); ``key=value`` sets any option
+    (``random:seed=3``, ``visionzip:dominant_ratio=0.8``). Values are parsed as int, then float, else str.
+
+    Raises:
+        ConfigError: an empty name.
+    """
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ConfigError(f"bad --method {spec!r}: expected NAME or NAME:OPTION[,KEY=VALUE...]")
+    options: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            key, value = "variant", item
+        for cast in (int, float):
+            try:
+                value = cast(value)
+                break
+            except ValueError:
+                continue
+        options[key.strip()] = value
+    return name, options
+
+
+def make_method(spec: str, variant: str = "paper"):
+    """A :class:`pruning.registry.PruningMethod` from a ``--method`` spec; ``variant`` fills LiteLVLM's default.
+
+    Raises:
+        ConfigError: an unknown method name or option (the message lists the choices).
+    """
+    method_name, method_options = parse_method_spec(spec)
+    if method_name == "litelvlm":
+        method_options.setdefault("variant", variant)
+    return get_method(method_name, **method_options)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option field (``max_frames`` -> ``--max-frames``; ``expressions`` ->
+    ``--expression``, which is repeated)."""
+    return "--expression" if name == "expressions" else "--" + name.replace("_", "-")
+
+
+def options_error(exc: ValidationError) -> RefStreamError:
+    """One user-facing error for a failed validation: each bad option as ``--flag VALUE: problem and fix``.
+
+    Returns :class:`ExpressionError` when an expression is at fault, else :class:`ConfigError`.
+    """
+    lines, expression = [], False
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else ""
+        expression |= field == "expressions"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"unknown option {field!r} ({flag(field)}): remove it; see refstream run --help")
+        elif field:
+            lines.append(f"{flag(field)} {err.get('input')!r}: {message}")
+        else:
+            lines.append(message)
+    text = "invalid option" + ("s" if len(lines) > 1 else "") + ": " + "; ".join(lines)
+    return ExpressionError(text) if expression else ConfigError(text)
+
+
+class _Options(BaseModel):
+    """Frozen, strict about unknown fields, and raising :class:`RefStreamError` instead of pydantic's error."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise options_error(exc) from None
+
+    @classmethod
+    def parse(cls, data: dict | str | bytes):
+        """Validate a mapping or a JSON document (the service's payloads).
+
+        Raises:
+            ConfigError / ExpressionError: as the constructor, for bad or unknown fields.
+        """
+        try:
+            if isinstance(data, (str, bytes)):
+                return cls.model_validate_json(data)
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise options_error(exc) from None
+
+
+def _positive(value: int | None, fix: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or value < 1):
+        raise ValueError(f"must be an integer >= 1; {fix}")
+    return value
+
+
+class SharedOptions(_Options):
+    """How frames are chosen and the LLM is asked: the same for every run over one video."""
+
+    variant: Literal["paper", "official", "context-heavy"] = Field(
+        "paper", description="LiteLVLM variant: paper, official (the released code's selection) or "
+                             "context-heavy (the paper's 5% similarity-aware variant)")
+    placement: Literal["pooled", "patch"] = Field(
+        "pooled", description="pooled: the budget becomes round(B/4) of the 144 pooled 12x12 cells; "
+                              "patch: B unpooled patches per frame")
+    frames: int = Field(16, description="encoder frames (CLIP and InternVideo2), a multiple of 4")
+    clip_length: int | None = Field(
+        None, description="cut the video into clips of N frames, each with its own encoder frames, LLM answer "
+                          "and SAM2 state (VideoGLaMM's Ref-DAVIS protocol: 64); default: one clip",
+        json_schema_extra={"metavar": "N"})
+    stride: int = Field(1, description="segment every k-th frame (1: every frame)")
+    max_frames: int | None = Field(None, description="segment at most this many frames (default: all)",
+                                   json_schema_extra={"metavar": "N"})
+    decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder")
+    clip_text: Literal["question", "expression"] = Field(
+        "question", description="text given to CLIP for LiteLVLM: the LLM question or the bare expression")
+    answer: Literal["forced", "generate"] = Field(
+        "forced", description='forced: answer "Sure, [SEG]." in one prefill; generate: greedy decoding')
+
+    @field_validator("frames")
+    @classmethod
+    def _frames(cls, value: int) -> int:
+        if isinstance(value, bool) or value < 4 or value % 4:
+            raise ValueError("must be a positive multiple of 4 (InternVideo2 takes 4-frame chunks); VideoGLaMM uses 16")
+        return value
+
+    @field_validator("clip_length")
+    @classmethod
+    def _clip_length(cls, value: int | None) -> int | None:
+        return _positive(value, "VideoGLaMM's Ref-DAVIS protocol uses 64; omit it for one clip")
+
+    @field_validator("stride")
+    @classmethod
+    def _stride(cls, value: int) -> int:
+        return _positive(value, "1 segments every frame")
+
+    @field_validator("max_frames")
+    @classmethod
+    def _max_frames(cls, value: int | None) -> int | None:
+        return _positive(value, "omit it to segment every frame")
+
+
+class JobOptions(SharedOptions):
+    """What one job asks for: the referring expressions, the pruning method and its budget."""
+
+    expressions: list[str] = Field(
+        description="referring expression; repeat for several objects (they share one pruning per frame)",
+        json_schema_extra={"short": "-e", "metavar": "TEXT"})
+    method: str = Field(
+        "litelvlm", description="pruning method: NAME or NAME:OPTION[,KEY=VALUE] (litelvlm:official, "
+                                "random:seed=3); one of " + ", ".join(available_methods()),
+        json_schema_extra={"metavar": "NAME[:OPTS]"})
+    budget: int = Field(196, description="visual tokens kept per frame, of CLIP's 576")
+
+    @field_validator("expressions")
+    @classmethod
+    def _expressions(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError('no referring expression: pass --expression "the black swan"')
+        cleaned = [e.strip() for e in value]
+        if any(not e for e in cleaned):
+            raise ValueError('a referring expression is empty: pass --expression "the black swan"')
+        return cleaned
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, value: int) -> int:
+        return _positive(value, "576 keeps every token; the paper uses 196 and 81")
+
+    @field_validator("method")
+    @classmethod
+    def _method_in_registry(cls, value: str) -> str:
+        try:
+            make_method(value)
+        except RefStreamError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class ModelOptions(_Options):
+    """Which model runs, from which weights, where, and in which precision."""
+
+    model: str = Field("videoglamm", description="tiny | videoglamm | path/to/config.yaml",
+                       json_schema_extra={"metavar": "PRESET|CONFIG"})
+    checkpoint: str | None = Field(None, description="the VideoGLaMM checkpoint folder",
+                                   json_schema_extra={"metavar": "DIR"})
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible, else the CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="model precision: auto = float32 on the CPU, bfloat16 on CUDA")
+
+    @model_validator(mode="after")
+    def _cpu_precision(self):
+        if self.device == "cpu" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"--dtype {self.dtype} needs a CUDA GPU; on the CPU use --dtype float32 (or auto)")
+        return self
+
+
+class RunOptions(JobOptions, ModelOptions):
+    """Every option of ``refstream run`` (and of :meth:`refstream.Segmenter.segment`).
+
+    Raises (at construction):
+        ExpressionError: no expression, or an empty one.
+        ConfigError: any other bad or unknown option, named with its flag and the fix.
+    """
+
+
+class SweepOptions(SharedOptions):
+    """Options of :meth:`refstream.pipeline.Pipeline.run_sweep` shared by every (method, budget) run."""
+
+    sam2_pass: Literal["run", "video"] = Field(
+        "run", description="run: one SAM2 pass per (method, budget); video: one pass for every run")
+
+
+# ------------------------------------------------------------------------------------------- command line
+def _is_optional(annotation) -> tuple[Any, bool]:
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return annotation, False
+
+
+#: the order options are listed in ``--help``: what to segment, how to prune, which frames, which model
+FLAG_ORDER = ("expressions", "method", "variant", "budget", "placement", "frames", "clip_length", "stride",
+              "max_frames", "decoder", "clip_text", "answer", "sam2_pass", "model", "checkpoint", "device", "dtype")
+
+
+def _flag_rank(name: str) -> int:
+    return FLAG_ORDER.index(name) if name in FLAG_ORDER else len(FLAG_ORDER)
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, model: type[_Options], *, only=None, exclude=()) -> None:
+    """Add one ``--flag`` per field of ``model`` to ``parser``: type, choices, help and the default shown come
+    from the field. Arguments default to "not given" so that the model's own default applies.
+
+    Args:
+        only: field names to add (default: every field), in this order.
+        exclude: field names to leave out.
+    """
+    names = list(only) if only is not None else sorted(model.model_fields, key=_flag_rank)
+    for name in names:
+        if name in exclude:
+            continue
+        field = model.model_fields[name]
+        extra = field.json_schema_extra or {}
+        annotation, _ = _is_optional(field.annotation)
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        flags = [flag(name)] + ([extra["short"]] if "short" in extra else [])
+        help_text = field.description or ""
+        if typing.get_origin(annotation) is Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif typing.get_origin(annotation) is list:
+            kwargs["action"] = "append"
+        elif annotation is int:
+            kwargs["type"] = int
+            kwargs["metavar"] = "N"
+        if "metavar" in extra:
+            kwargs["metavar"] = extra["metavar"]
+        if field.is_required():
+            help_text += " (required)"
+        elif field.default is not None:
+            help_text += f" (default {field.default})"
+        kwargs["help"] = help_text.replace("%", "%%")
+        parser.add_argument(*flags, **kwargs)
+
+
+def options_from_args(model: type[_Options], args: argparse.Namespace, **extra):
+    """Build ``model`` from the fields present in ``args`` (plus ``extra``); raises as the constructor."""
+    given = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    given.update(extra)
+    if "expressions" in model.model_fields:
+        given.setdefault("expressions", [])
+    return model(**given)
