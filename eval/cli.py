@@ -7,7 +7,7 @@ Wiring (in ``refstream/cli.py``)::
     if args.command == "eval": return run_eval(args)
 
 Each command prints a table and, with ``--json OUT``, writes the full result (see :mod:`eval.davis` and
-:mod:`eval.mevis` for the JSON keys). Errors are :class:`refstream.errors.RefStreamError` (exit code 2 in
+:mod:`eval.mevis` for the JSON keys). Errors are :class:`refstream_errors.RefStreamError` (exit code 2 in
 ``refstream.cli.main``).
 """
 
@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from refstream.errors import RefStreamError
+from refstream_errors import RefStreamError
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:

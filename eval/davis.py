@@ -45,7 +45,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from eval.metrics import db_statistics, f_from_boundaries, jaccard, prepare_boundary
-from refstream.errors import DatasetLayoutError, RefStreamError
+from refstream_errors import DatasetLayoutError, RefStreamError
 
 VOID_LABEL = 255
 MAX_PROPOSALS = 20

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.metrics import f_measure, jaccard
-from refstream.errors import DatasetLayoutError, RefStreamError
+from refstream_errors import DatasetLayoutError, RefStreamError
 
 SPLITS = ("valid_u", "valid", "train")
 LAYOUT = (

@@ -10,7 +10,7 @@ Expected layout (REFERENCE.md section 3)::
                              Davis17_annot2.txt, Davis17_annot2_full_video.txt
                              lines: <video> <obj_id> "<expression>"  (annot2 files are latin-1)
 
-A wrong layout raises :class:`refstream.errors.DatasetLayoutError` naming the missing part and the
+A wrong layout raises :class:`refstream_errors.DatasetLayoutError` naming the missing part and the
 expected layout.
 
 :class:`RefDavisConverted` reads the same data in ReferFormer's converted layout (github
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refstream.errors import DatasetLayoutError
+from refstream_errors import DatasetLayoutError
 
 ANNOTATION_FILES = ("Davis17_annot1", "Davis17_annot1_full_video", "Davis17_annot2", "Davis17_annot2_full_video")
 # video names the davis_text_annotations files misspell -> the DAVIS folder names

@@ -28,7 +28,7 @@ import json
 import zipfile
 from pathlib import Path
 
-from refstream.errors import DatasetLayoutError
+from refstream_errors import DatasetLayoutError
 
 LAYOUT = (
     "ROOT/meta_expressions/valid/meta_expressions.json ({\"videos\": {vid: {\"expressions\": {exp_id: "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning.clip_features import ClipFrameFeatures
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 PLACEMENTS = ("pooled", "patch")
 

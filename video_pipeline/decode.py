@@ -7,8 +7,8 @@ Entry point: :func:`open_video`. It returns a :class:`VideoSource`:
 
 Every source reads frames as ``uint8`` arrays of shape ``[T, H, W, 3]`` (RGB, original size) and
 streams them with :meth:`VideoSource.iter_chunks` so that a long video never sits in memory whole.
-Bad input raises :class:`refstream.errors.InputError` whose message names the file, the problem and the
-fix; an unknown decoder name raises :class:`refstream.errors.ConfigError`.
+Bad input raises :class:`refstream_errors.InputError` whose message names the file, the problem and the
+fix; an unknown decoder name raises :class:`refstream_errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refstream.errors import ConfigError, InputError
+from refstream_errors import ConfigError, InputError
 
 DECODERS = ("decord", "pyav")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -10,7 +10,7 @@ Resizing runs on uint8 tensors (``torch.nn.functional.interpolate`` with ``antia
 reproduces Pillow's resampling (what the reference pipelines use) to within 1 grey level.
 
 Errors: ``TypeError`` when ``frames`` is not a uint8 numpy array, ``ValueError`` for a wrong shape or a
-bad ``chunk_size``, :class:`refstream.errors.ConfigError` for an unknown ``sam2_preprocess`` style.
+bad ``chunk_size``, :class:`refstream_errors.ConfigError` for an unknown ``sam2_preprocess`` style.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 CLIP_SIZE = 336
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from refstream.errors import WeightsNotFoundError
+from refstream_errors import WeightsNotFoundError
 
 __all__ = [
     "CheckpointFileMissingError",

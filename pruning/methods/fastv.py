@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from pruning.registry import PruningMethod, Selection, register, unit_layout
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 QUERIES = ("last", "seg")
 

@@ -25,7 +25,7 @@ import numbers
 import torch
 
 from pruning.registry import PruningMethod, Selection, register, unit_layout
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 
 def random_units(

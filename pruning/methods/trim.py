@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from pruning.registry import PruningMethod, Selection, check_placement, register, to_units, unit_layout
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 DIRECTIONS = ("high", "low")
 
