@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from pruning.registry import PruningMethod, Selection, register, unit_layout
+from pruning.base import PruningMethod, Selection, register, unit_layout
 from refstream_errors import ConfigError
 
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from pruning.registry import PruningMethod, Selection, check_placement, register, to_units, unit_layout
+from pruning.base import PruningMethod, Selection, check_placement, register, to_units, unit_layout
 from refstream_errors import ConfigError
 
 DIRECTIONS = ("high", "low")
