@@ -30,12 +30,14 @@ that the text files misspell (``clasic-car``, ``dog-scale``, ``motor-bike``), as
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from refstream_errors import DatasetLayoutError
 
@@ -104,8 +106,6 @@ class _FramesAndMasks:
 
     def mask(self, video: str, frame: str) -> np.ndarray | None:
         """uint8 [H, W] palette mask (object ids, 255 = void) of a frame, or None when it has no annotation."""
-        from PIL import Image
-
         path = self.masks / video / f"{frame}.png"
         if not path.is_file():
             return None
@@ -161,8 +161,6 @@ class RefDavisConverted(_FramesAndMasks):
     layout = CONVERTED_LAYOUT
 
     def __init__(self, root: str | Path, split: str = "valid"):
-        import json
-
         self.root = Path(root)
         self.images = self.root / split / "JPEGImages"
         self.masks = self.root / split / "Annotations"

@@ -23,7 +23,7 @@ def test_streamed_masks_equal_the_in_process_pipeline(ray_local, blackswan_dir):
     from pruning.registry import get_method
     from video_pipeline.plan import plan_frames
     from video_pipeline.preprocess import sam2_preprocess
-    from workers.gpu_worker import gpu_worker_class
+    from refstream.service.gpu_worker import gpu_worker_class
 
     ray = ray_local
     pipeline = Pipeline(load_model_config("tiny"), "cpu")
@@ -64,7 +64,7 @@ def test_mask_stream_is_throttled_by_backpressure_and_the_worker_beats_in_redis(
 
     from refstream.service.queue import connect
     from refstream.service.worker import heartbeats
-    from workers.gpu_worker import gpu_worker_class
+    from refstream.service.gpu_worker import gpu_worker_class
 
     ray = ray_local
     worker = gpu_worker_class(num_gpus=0).remote(
