@@ -20,8 +20,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import CLIPConfig, CLIPModel, InternVLVisionConfig, Phi3Config, Phi3ForCausalLM, Sam2VideoConfig
-from transformers import Sam2VideoModel
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    InternVLVisionConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Sam2VideoConfig,
+    Sam2VideoModel,
+)
 
 from refstream_errors import ConfigError, WeightsNotFoundError
 from workers.checkpoint import CheckpointFileMissingError, CheckpointMismatchError
@@ -62,7 +69,7 @@ def _read_layout(folder: Path) -> dict:
 
 
 def refstream_folder_problems(folder: Path) -> list[str]:
-    """Missing pieces of a folder written by :func:`save_refstream_folder` (empty when complete)."""
+    """Missing pieces of a folder written by :func:`workers.convert.save_refstream_folder` (empty when complete)."""
     problems = []
     index = folder / INDEX_FILE
     if not index.is_file():
@@ -79,7 +86,8 @@ def refstream_folder_problems(folder: Path) -> list[str]:
 
 
 def load_refstream_folder(config: ModelConfig, folder: str | Path, dtype: torch.dtype | None = torch.float32):
-    """Load a folder written by :func:`save_refstream_folder`: meta-device build, mmap'd safetensors, strict.
+    """Load a folder written by :func:`workers.convert.save_refstream_folder`: meta-device build, mmap'd
+    safetensors, strict.
 
     Raises:
         CheckpointMismatchError: missing / unexpected keys or wrong shapes (RefStream key names).
