@@ -7,7 +7,7 @@ Wiring (in ``refstream/cli.py``)::
     if args.command == "eval": return run_eval(args)
 
 Each command prints a table and, with ``--json OUT``, writes the full result (see :mod:`eval.davis` and
-:mod:`eval.mevis` for the JSON keys). Errors are :class:`refstream.errors.RefStreamError` (exit code 2 in
+:mod:`eval.mevis` for the JSON keys). Errors are :class:`refstream_errors.RefStreamError` (exit code 2 in
 ``refstream.cli.main``).
 """
 
@@ -18,7 +18,9 @@ import json
 import time
 from pathlib import Path
 
-from refstream.errors import RefStreamError
+from eval.davis import evaluate_davis, evaluate_ref_davis17
+from eval.mevis import evaluate_mevis
+from refstream_errors import RefStreamError
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,20 +82,17 @@ def run_eval(args: argparse.Namespace) -> int:
         raise RefStreamError("--workers must be at least 1")
     started = time.perf_counter()
     if args.benchmark == "davis":
-        from eval.davis import evaluate_davis
 
         result = evaluate_davis(args.davis_root, args.results, task=args.task, subset=args.subset,
                                 missing_as_empty=args.missing_as_empty, workers=args.workers)
         title = f"DAVIS-2017 {args.task}, {args.subset}: {len(result['per_object'])} objects"
         lines = _davis_table(title, result, args.per_object)
     elif args.benchmark == "ref-davis17":
-        from eval.davis import evaluate_ref_davis17
 
         result = evaluate_ref_davis17(args.davis_root, args.results, missing_as_empty=args.missing_as_empty,
                                       workers=args.workers)
         lines = _ref_davis_table(result, args.per_object)
     elif args.benchmark == "mevis":
-        from eval.mevis import evaluate_mevis
 
         result = evaluate_mevis(args.split_root, args.results, missing_as_empty=args.missing_as_empty,
                                 workers=args.workers)

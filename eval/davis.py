@@ -38,14 +38,17 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from PIL import Image
 
 from eval.metrics import db_statistics, f_from_boundaries, jaccard, prepare_boundary
-from refstream.errors import DatasetLayoutError, RefStreamError
+from refstream_errors import DatasetLayoutError, RefStreamError
 
 VOID_LABEL = 255
 MAX_PROPOSALS = 20
@@ -73,8 +76,6 @@ def read_indexed_png(path: Path) -> np.ndarray:
     Raises:
         RefStreamError: unreadable file or a colour (3-D) image.
     """
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             array = np.array(image)
@@ -253,6 +254,7 @@ def score_sequence_unsupervised(labels: np.ndarray, void: np.ndarray, pred: np.n
     Returns:
         one :class:`ObjectScores` per GT object, in the toolkit's order (matched pairs sorted by proposal).
     """
+    # lazy: scipy.optimize takes ~0.5 s to import and only multi-object matching needs it
     from scipy.optimize import linear_sum_assignment
 
     n_gt = int(labels[0].max())
@@ -345,8 +347,6 @@ def _num(x: float) -> float | None:
 
 
 def _mean(values: list[float]) -> float:
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         return float(np.mean(values)) if values else math.nan
@@ -378,8 +378,6 @@ def summarize(objects: list[ObjectScores]) -> dict:
 def _run_map(fn: Callable, items: list, workers: int) -> list:
     if workers <= 1 or len(items) <= 1:
         return [fn(item) for item in items]
-    from concurrent.futures import ProcessPoolExecutor
-
     with ProcessPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(fn, items))
 

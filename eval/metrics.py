@@ -127,7 +127,7 @@ def _disk_rectangles(radius: int) -> tuple[np.ndarray, ...]:
     Row ``dy`` of the disk spans ``|dx| <= isqrt(r^2 - dy^2)``, a width that does not grow with ``|dy|``,
     so the rectangles ``|dx| <= w(d), |dy| <= d`` for the ``d`` where ``w`` drops cover exactly the disk.
     """
-    import cv2
+    import cv2  # lazy: OpenCV takes ~0.15 s to import; only the boundary measure needs it
 
     widths = [math.isqrt(radius * radius - d * d) for d in range(radius + 1)]
     rects = []
@@ -139,7 +139,7 @@ def _disk_rectangles(radius: int) -> tuple[np.ndarray, ...]:
 
 def _dilate(img: np.ndarray, radius: float) -> np.ndarray:
     """``cv2.dilate(img, disk(radius))`` (pixels outside the image do not contribute)."""
-    import cv2
+    import cv2  # lazy: see _disk_rectangles
 
     if radius == int(radius) and 1 <= radius <= 256:
         rects = _disk_rectangles(int(radius))

@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from pycocotools import mask as cocomask
 
 from eval.metrics import f_measure, jaccard
-from refstream.errors import DatasetLayoutError, RefStreamError
+from refstream_errors import DatasetLayoutError, RefStreamError
 
 SPLITS = ("valid_u", "valid", "train")
 LAYOUT = (
@@ -104,8 +107,6 @@ class MevisSplit:
 
     def gt_masks(self, video: str, exp_id: str) -> np.ndarray:
         """uint8 [T, H, W] GT of an expression: the union (uint8 sum) of its anno_ids' masks per frame."""
-        from pycocotools import mask as cocomask
-
         masks = self.mask_dict()
         frames = self.frames(video)
         anno_ids = [str(a) for a in self.meta[video]["expressions"][exp_id].get("anno_id", [])]
@@ -128,8 +129,6 @@ class MevisSplit:
 
     def frame_size(self, video: str) -> tuple[int, int]:
         """(H, W) of a video's first JPEG frame."""
-        from PIL import Image
-
         first = self.root / "JPEGImages" / video / f"{self.frames(video)[0]}.jpg"
         if not first.is_file():
             raise DatasetLayoutError(f"{first}: frame not found. Expected {LAYOUT}.")
@@ -139,7 +138,7 @@ class MevisSplit:
 
 def read_gray_png(path: Path) -> np.ndarray:
     """A prediction PNG as the official script reads it: ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)``."""
-    import cv2
+    import cv2  # lazy: OpenCV takes ~0.15 s to import; only reading prediction PNGs needs it
 
     array = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if array is None:
@@ -233,8 +232,6 @@ def evaluate_mevis(split_root: str | Path, pred: str | Path, missing_as_empty: b
                 "(or pass --missing-as-empty to score missing frames as empty masks).")
     items = [(pred, vid, exp_id, missing_as_empty) for vid in split.videos() for exp_id in split.expressions(vid)]
     if workers > 1 and len(items) > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
                                  initargs=(str(split.root),)) as pool:
             scored = list(pool.map(_score_in_worker, items, chunksize=4))

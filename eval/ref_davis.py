@@ -1,6 +1,6 @@
 """Reader for Ref-DAVIS-17 in the original layout: DAVIS-2017 + ``davis_text_annotations``.
 
-Expected layout (REFERENCE.md section 3)::
+Expected layout (docs/design.md, evaluation protocols)::
 
     ROOT/
       DAVIS/JPEGImages/480p/<video>/<frame>.jpg
@@ -10,7 +10,7 @@ Expected layout (REFERENCE.md section 3)::
                              Davis17_annot2.txt, Davis17_annot2_full_video.txt
                              lines: <video> <obj_id> "<expression>"  (annot2 files are latin-1)
 
-A wrong layout raises :class:`refstream.errors.DatasetLayoutError` naming the missing part and the
+A wrong layout raises :class:`refstream_errors.DatasetLayoutError` naming the missing part and the
 expected layout.
 
 :class:`RefDavisConverted` reads the same data in ReferFormer's converted layout (github
@@ -30,14 +30,16 @@ that the text files misspell (``clasic-car``, ``dog-scale``, ``motor-bike``), as
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from refstream.errors import DatasetLayoutError
+from refstream_errors import DatasetLayoutError
 
 ANNOTATION_FILES = ("Davis17_annot1", "Davis17_annot1_full_video", "Davis17_annot2", "Davis17_annot2_full_video")
 # video names the davis_text_annotations files misspell -> the DAVIS folder names
@@ -104,8 +106,6 @@ class _FramesAndMasks:
 
     def mask(self, video: str, frame: str) -> np.ndarray | None:
         """uint8 [H, W] palette mask (object ids, 255 = void) of a frame, or None when it has no annotation."""
-        from PIL import Image
-
         path = self.masks / video / f"{frame}.png"
         if not path.is_file():
             return None
@@ -161,8 +161,6 @@ class RefDavisConverted(_FramesAndMasks):
     layout = CONVERTED_LAYOUT
 
     def __init__(self, root: str | Path, split: str = "valid"):
-        import json
-
         self.root = Path(root)
         self.images = self.root / split / "JPEGImages"
         self.masks = self.root / split / "Annotations"

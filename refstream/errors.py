@@ -1,38 +1,28 @@
-"""Errors that reach the user.
+"""Errors that reach the user (re-exported from the leaf module :mod:`refstream_errors`).
 
-Every error a user can cause (bad input file, empty expression, missing weights, wrong dataset layout)
-is a :class:`RefStreamError`. The CLI prints its message and exits with code 2; the message names the
-problem *and* the fix, in the style of LitServe's errors.
+The classes live in ``refstream_errors`` so that the lower packages (``workers``, ``pruning``,
+``video_pipeline``, ``eval``) can raise them without importing ``refstream``; these are the same class
+objects, so ``except refstream.errors.InputError`` catches an error raised as ``refstream_errors.InputError``.
 """
 
 from __future__ import annotations
 
+from refstream_errors import (
+    ConfigError,
+    DatasetLayoutError,
+    ExpressionError,
+    InputError,
+    RefStreamError,
+    SequenceTooLongError,
+    WeightsNotFoundError,
+)
 
-class RefStreamError(Exception):
-    """A user-facing error: bad input or configuration. The CLI exits with :attr:`exit_code` (2)."""
-
-    exit_code = 2
-
-
-class InputError(RefStreamError):
-    """The input video or frame folder is missing, empty, corrupt or unsupported."""
-
-
-class ExpressionError(RefStreamError):
-    """A referring expression is empty or otherwise unusable."""
-
-
-class ConfigError(RefStreamError):
-    """A model preset, config file or option combination is invalid."""
-
-
-class WeightsNotFoundError(RefStreamError):
-    """Model weights are not where the configuration says they are."""
-
-
-class SequenceTooLongError(RefStreamError):
-    """The LLM input sequence would exceed the model's maximum positions."""
-
-
-class DatasetLayoutError(RefStreamError):
-    """A dataset folder does not have the expected layout (the message shows the layout)."""
+__all__ = [
+    "ConfigError",
+    "DatasetLayoutError",
+    "ExpressionError",
+    "InputError",
+    "RefStreamError",
+    "SequenceTooLongError",
+    "WeightsNotFoundError",
+]

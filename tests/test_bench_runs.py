@@ -297,7 +297,7 @@ def test_refytvos_synthetic_layout_zip(shared_data, tmp_path):
 
 def test_cuda_error_exits_the_actor_process(monkeypatch):
     """A CUDA error inside a unit ends the worker process (so Ray restarts the actor); other errors do not."""
-    import workers.actor as actor
+    import refstream.bench.actor as actor
 
     worker = object.__new__(actor.BenchWorker)
     worker.pipeline, worker.run_dir, worker.tasks_done = None, "x", 0

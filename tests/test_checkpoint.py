@@ -34,7 +34,7 @@ from workers.checkpoint import (
     sam2_state_dict_to_original,
     write_official_checkpoint,
 )
-from workers.sam2_decoder import Sam2VideoDecoder, full_sam2_video_config, tiny_sam2_video_config
+from workers.sam2_decoder import Sam2VideoDecoder, sam2_video_config
 
 IV2_FILE = "InternVideo2-tiny.pt"
 
@@ -128,12 +128,12 @@ def rewrite_shards(ckpt: Path, edit) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ key mapping
-@pytest.mark.parametrize("make", [tiny_sam2_video_config, full_sam2_video_config], ids=["tiny", "hiera-l"])
-def test_sam2_mapping_round_trip(make):
+@pytest.mark.parametrize("preset", ["tiny", "videoglamm"], ids=["tiny", "hiera-l"])
+def test_sam2_mapping_round_trip(preset):
     from transformers import Sam2VideoModel
 
     with torch.device("meta"):
-        sam2 = Sam2VideoModel(make())
+        sam2 = Sam2VideoModel(sam2_video_config(load_model_config(preset).sam2))
     hf = sam2.state_dict()
     original = sam2_state_dict_to_original(hf)
     assert len(original) == len(hf) + 4 - 1 - 1  # point_embed -> 4 rows; shared pe dropped (duplicate)

@@ -27,7 +27,9 @@ class TestPresets:
         assert isinstance(cfg, ModelConfig)
         assert cfg.name == "tiny"
         assert cfg.random_weights is True
-        assert cfg.clip.weights is None and cfg.internvideo2.size == "tiny" and cfg.sam2.size == "tiny"
+        assert cfg.clip.weights is None and cfg.internvideo2.weights is None and cfg.sam2.weights is None
+        assert (cfg.internvideo2.hidden_size, cfg.internvideo2.num_hidden_layers) == (64, 2)
+        assert (cfg.sam2.image_size, cfg.sam2.hiera.embed_dim_per_stage) == (256, [32, 64, 128, 256])
         assert cfg.llm["vocab_size"] == 265
         assert cfg.llm["max_position_embeddings"] == 4096
         assert cfg.seg_dim == 128
@@ -40,6 +42,22 @@ class TestPresets:
         assert cfg.llm["vocab_size"] == 32012 and cfg.llm["hidden_size"] == 3072
         assert (cfg.seg_dim, cfg.num_frames, cfg.clip_pool, cfg.internvideo2_pool) == (256, 16, 12, 8)
         assert cfg.checkpoint is None
+
+    def test_videoglamm_preset_has_the_released_sizes(self):
+        cfg = load_model_config("videoglamm")
+        iv2, sam2 = cfg.internvideo2, cfg.sam2
+        assert (iv2.hidden_size, iv2.num_hidden_layers, iv2.num_attention_heads, iv2.intermediate_size) == (
+            1408, 39, 16, 6144)
+        assert sam2.image_size == 1024 and sam2.hiera.blocks_per_stage == [2, 6, 36, 4]
+        assert sam2.hiera.global_attention_blocks == [23, 33, 43]
+
+    def test_both_modules_share_one_schema(self):
+        """refstream.config re-exports workers.config: one class, so isinstance checks agree."""
+        import refstream.config
+        import workers.config
+
+        for name in ("ModelConfig", "Sam2Spec", "InternVideo2Spec", "load_model_config", "CONFIG_DIR", "PRESETS"):
+            assert getattr(refstream.config, name) is getattr(workers.config, name)
 
     def test_checkpoint_override(self, tmp_path):
         cfg = load_model_config("videoglamm", checkpoint=str(tmp_path / "ckpt"))
@@ -92,8 +110,48 @@ class TestErrors:
 
     def test_bad_literal_is_named(self, tmp_path):
         data = tiny_data()
-        data["sam2"]["size"] = "huge"
-        with pytest.raises(ConfigError, match="size"):
+        data["sam2"]["init"] = "huge"
+        with pytest.raises(ConfigError, match="init"):
+            load_model_config(str(write_yaml(tmp_path / "m.yaml", data)))
+
+    @pytest.mark.parametrize("part", ["sam2", "internvideo2"])
+    def test_old_size_switch_says_what_replaces_it(self, tmp_path, part):
+        data = tiny_data()
+        data[part]["size"] = "tiny"
+        with pytest.raises(ConfigError) as info:
+            load_model_config(str(write_yaml(tmp_path / "m.yaml", data)))
+        assert f"{part}.size" in str(info.value) and "configs/tiny.yaml" in str(info.value)
+
+    @pytest.mark.parametrize("part, field, value, message", [
+        ("internvideo2", "hidden_size", 0, "greater than 0"),
+        ("internvideo2", "hidden_size", "wide", "hidden_size"),
+        ("internvideo2", "num_attention_heads", 5, "not a multiple of num_attention_heads"),
+        ("sam2", "image_size", 200, "multiple of 64"),
+        ("sam2", "memory_encoder_output_channels", 48, "memory_encoder_output_channels"),
+    ])
+    def test_invalid_size_is_refused(self, tmp_path, part, field, value, message):
+        data = tiny_data()
+        data[part][field] = value
+        with pytest.raises(ConfigError, match=message) as info:
+            load_model_config(str(write_yaml(tmp_path / "m.yaml", data)))
+        assert str(tmp_path / "m.yaml") in str(info.value) and field in str(info.value)
+
+    @pytest.mark.parametrize("field, value, message", [
+        ("embed_dim_per_stage", [32, 64, 128], "at least 4"),
+        ("hidden_size", 48, "embed_dim_per_stage"),
+        ("global_attention_blocks", [9], "outside the 5 blocks"),
+        ("num_attention_heads_per_stage", [1, 3, 2, 4], "not a multiple of its 3 heads"),
+    ])
+    def test_invalid_hiera_is_refused(self, tmp_path, field, value, message):
+        data = tiny_data()
+        data["sam2"]["hiera"][field] = value
+        with pytest.raises(ConfigError, match=message):
+            load_model_config(str(write_yaml(tmp_path / "m.yaml", data)))
+
+    def test_incomplete_size_section_is_refused(self, tmp_path):
+        data = tiny_data()
+        del data["sam2"]["mask_decoder"]
+        with pytest.raises(ConfigError, match="mask_decoder"):
             load_model_config(str(write_yaml(tmp_path / "m.yaml", data)))
 
     def test_missing_required_name(self, tmp_path):
@@ -138,6 +196,9 @@ class TestCustomYaml:
     def test_minimal_yaml_uses_defaults(self, tmp_path):
         cfg = load_model_config(str(write_yaml(tmp_path / "min.yml", {"name": "m"})))
         assert cfg.name == "m" and cfg.random_weights is False and cfg.seed == 0
+        # a left-out size section is the released model's (configs/videoglamm.yaml)
+        full = load_model_config("videoglamm")
+        assert cfg.sam2 == full.sam2 and cfg.internvideo2 == full.internvideo2
         assert cfg.question == "What is {expression} in this video? Please respond with segmentation masks."
         assert cfg.forced_answer == "Sure, [SEG]."
 
@@ -147,3 +208,28 @@ class TestCustomYaml:
         path = write_yaml(tmp_path / "c.yaml", data)
         assert load_model_config(str(path)).checkpoint == "/from/file"
         assert load_model_config(str(path), checkpoint="/from/cli").checkpoint == "/from/cli"
+
+
+class TestSizesFromYaml:
+    """The SAM2 and InternVideo2 sizes are read from the YAML file: change one and the model follows."""
+
+    def test_changed_widths_build_a_model_of_those_widths(self, tmp_path):
+        from workers.build import build_model
+        from workers.stats import build_skeleton
+
+        data = tiny_data()
+        data["internvideo2"].update(hidden_size=96, num_hidden_layers=3)
+        data["sam2"]["hiera"].update(hidden_size=48, embed_dim_per_stage=[48, 96, 192, 384])
+        data["sam2"]["mask_decoder"]["mlp_dim"] = 512
+        cfg = load_model_config(str(write_yaml(tmp_path / "wide.yaml", data)))
+        model = build_model(cfg)
+        assert model.internvideo2.hidden_size == 96 and len(model.internvideo2.host.encoder.layer) == 3
+        assert model.mm_projector[0].in_features == 96
+        backbone = model.sam2.config.vision_config
+        assert backbone.backbone_config.embed_dim_per_stage == [48, 96, 192, 384]
+        assert backbone.backbone_channel_list == [384, 192, 96, 48]
+        assert model.sam2.config.mask_decoder_config.mlp_dim == 512
+        # the meta-device skeleton (model-info, flops) reads the same sizes
+        skeleton = build_skeleton(cfg)
+        assert skeleton["internvideo2"].hidden_size == 96
+        assert skeleton["sam2"].config.vision_config.backbone_config.hidden_size == 48

@@ -1,4 +1,8 @@
-"""The VideoGLaMM worker actor: pruned tokens + a stream of frame references in, masks per frame out."""
+"""The VideoGLaMM worker: pruned tokens + a stream of frames in, masks per frame out.
+
+:func:`workers.gpu_worker.segment_clip` is the model step (no Ray); :mod:`refstream.service.gpu_worker` wraps
+it as a Ray actor with frame references, heartbeats and restarts.
+"""
 
 from __future__ import annotations
 
@@ -11,26 +15,12 @@ from refstream.pipeline import Pipeline, RunOptions
 from refstream.outputs import decode_rle
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024)
-    yield ray
-    ray.shutdown()
-
-
-def test_streamed_masks_equal_the_in_process_pipeline(ray_local, blackswan_dir):
+def clip_inputs(pipeline, blackswan_dir, options):
+    """What the CLIP + pruning side (an encoder actor) hands the worker: tokens [V, H], SAM2 chunks, video size."""
     from pruning.registry import get_method
     from video_pipeline.plan import plan_frames
     from video_pipeline.preprocess import sam2_preprocess
-    from workers.gpu_worker import gpu_worker_class
 
-    ray = ray_local
-    pipeline = Pipeline(load_model_config("tiny"), "cpu")
-    options = RunOptions(expressions=["the black swan", "the water"], model="tiny", max_frames=6, budget=81)
-    expected = pipeline.run(blackswan_dir, options, progress=False)
-
-    # The CLIP + pruning side (what a CLIP actor does), here in the driver.
     method = get_method("litelvlm")
     with pipeline.open_source(blackswan_dir) as source:
         plan = plan_frames(source.num_frames, 16, 1, 6)
@@ -40,9 +30,54 @@ def test_streamed_masks_equal_the_in_process_pipeline(ray_local, blackswan_dir):
         tokens = torch.cat([pipeline.model.clip_tokens(video.clip.hidden, selection, "pooled").flatten(0, 1),
                             pipeline.internvideo2_tokens(video).flatten(0, 1)])
         size = pipeline.model.sam2.config.image_size
-        chunks = [ray.put(sam2_preprocess(frames, style=pipeline.sam2_style, size=size))
+        chunks = [sam2_preprocess(frames, style=pipeline.sam2_style, size=size)
                   for _, frames in source.iter_chunks(plan.sam2_indices, chunk_size=4)]
-        video_size = (source.height, source.width)
+        return tokens, chunks, (source.height, source.width)
+
+
+def test_segment_clip_without_ray_equals_the_pipeline(blackswan_dir):
+    from workers.gpu_worker import segment_clip
+
+    pipeline = Pipeline(load_model_config("tiny"), "cpu")
+    options = RunOptions(expressions=["the black swan", "the water"], model="tiny", max_frames=6, budget=81)
+    expected = pipeline.run(blackswan_dir, options, progress=False)
+    tokens, chunks, video_size = clip_inputs(pipeline, blackswan_dir, options)
+    out = list(segment_clip(pipeline.model, tokens, options.expressions, video_size, iter(chunks),
+                            report_answers=True))
+    assert out[0][0] == -1 and len(out[0][1]["answers"]) == 2 and out[0][1]["fastv_kept"] is None
+    assert [i for i, _ in out[1:]] == list(range(6))
+    for i, masks in out[1:]:
+        for k in range(2):
+            assert np.array_equal(masks[k], decode_rle(expected.masks[k][i]))
+
+
+def test_is_cuda_error():
+    from workers.gpu_worker import is_cuda_error
+
+    assert is_cuda_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_cuda_error(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert not is_cuda_error(ValueError("bad input"))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
+
+
+def test_streamed_masks_equal_the_in_process_pipeline(ray_local, blackswan_dir):
+    from refstream.service.gpu_worker import gpu_worker_class
+
+    ray = ray_local
+    pipeline = Pipeline(load_model_config("tiny"), "cpu")
+    options = RunOptions(expressions=["the black swan", "the water"], model="tiny", max_frames=6, budget=81)
+    expected = pipeline.run(blackswan_dir, options, progress=False)
+
+    # The CLIP + pruning side (what a CLIP actor does), here in the driver; the chunks go as object references.
+    tokens, tensors, video_size = clip_inputs(pipeline, blackswan_dir, options)
+    chunks = [ray.put(chunk) for chunk in tensors]
 
     worker = gpu_worker_class(num_gpus=0).remote("tiny", device="cpu")
     assert ray.get(worker.health.remote())["device"] == "cpu"
@@ -64,7 +99,7 @@ def test_mask_stream_is_throttled_by_backpressure_and_the_worker_beats_in_redis(
 
     from refstream.service.queue import connect
     from refstream.service.worker import heartbeats
-    from workers.gpu_worker import gpu_worker_class
+    from refstream.service.gpu_worker import gpu_worker_class
 
     ray = ray_local
     worker = gpu_worker_class(num_gpus=0).remote(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings
 
 from refstream.errors import ConfigError
+from workers.config import load_model_config
 from workers.internvideo2 import (
     CheckpointKeysError,
     InternVideo2Encoder,
@@ -25,6 +26,10 @@ from workers.internvideo2 import (
     convert_internvideo2_state_dict,
     internvideo2_vision_config,
 )
+
+# The sizes of the two presets (configs/tiny.yaml, configs/videoglamm.yaml).
+TINY = load_model_config("tiny").internvideo2
+FULL = load_model_config("videoglamm").internvideo2
 
 # Tiny original geometry: same as the 1B model (224 px, patch 14, 4 frames) with a small width.
 DIM, HEADS, MLP, DEPTH, FRAMES, PATCH, SIZE = 64, 4, 128, 3, 4, 14, 224
@@ -121,7 +126,7 @@ def _reference_forward(sd: dict[str, torch.Tensor], video: torch.Tensor, run_blo
 @pytest.fixture(scope="module")
 def tiny_loaded() -> tuple[InternVideo2Encoder, dict[str, torch.Tensor]]:
     sd = _original_state_dict()
-    enc = build_internvideo2(internvideo2_vision_config("tiny"), seed=1)
+    enc = build_internvideo2(internvideo2_vision_config(TINY), seed=1)
     enc.load_original_state_dict(_stage2_checkpoint(sd))
     return enc, sd
 
@@ -130,7 +135,7 @@ def tiny_loaded() -> tuple[InternVideo2Encoder, dict[str, torch.Tensor]]:
 
 
 def test_full_config_matches_internvideo2_1b():
-    cfg = internvideo2_vision_config("full")
+    cfg = internvideo2_vision_config(FULL)
     dims = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size)
     assert dims == (1408, 39, 16, 6144)
     assert tuple(cfg.image_size) == (896, 224) and tuple(cfg.patch_size) == (14, 14)
@@ -140,7 +145,7 @@ def test_full_config_matches_internvideo2_1b():
 
 
 def test_tiny_config_keeps_geometry():
-    cfg = internvideo2_vision_config("tiny")
+    cfg = internvideo2_vision_config(TINY)
     assert tuple(cfg.image_size) == (896, 224) and tuple(cfg.patch_size) == (14, 14)
     dims = (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size)
     assert dims == (DIM, DEPTH - 1, HEADS, MLP)
@@ -149,14 +154,22 @@ def test_tiny_config_keeps_geometry():
     assert enc.host.embeddings.position_embeddings.shape == (1, 1 + TOKENS, DIM)
 
 
-def test_unknown_size_is_config_error():
-    with pytest.raises(ConfigError, match="unknown"):
-        internvideo2_vision_config("huge")
+def test_unknown_size_is_config_error(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("name: m\ninternvideo2: {size: huge}\n")
+    with pytest.raises(ConfigError, match="internvideo2.size .* is no longer a field"):
+        load_model_config(str(path))
+
+
+def test_sizes_come_from_the_spec():
+    cfg = internvideo2_vision_config(TINY.model_copy(update={"hidden_size": 96, "num_hidden_layers": 3}))
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads) == (96, 3, HEADS)
+    assert build_internvideo2(cfg).hidden_size == 96
 
 
 def test_full_param_count_on_meta_device():
     with torch.device("meta"):
-        enc = build_internvideo2(internvideo2_vision_config("full"))
+        enc = build_internvideo2(internvideo2_vision_config(FULL))
     n = sum(p.numel() for p in enc.parameters())
     d, f, layers = 1408, 6144, 39
     # q, k, v (no bias), proj, fc1, fc2, then 4 RMSNorm weights + 2 LayerScales
@@ -172,7 +185,7 @@ def test_full_param_count_on_meta_device():
 @pytest.mark.parametrize("wrapper", ["model", "module"])
 def test_parity_with_original_block_math(wrapper):
     sd = _original_state_dict(seed=3)
-    enc = build_internvideo2(internvideo2_vision_config("tiny"), seed=7)
+    enc = build_internvideo2(internvideo2_vision_config(TINY), seed=7)
     enc.load_original_state_dict(_stage2_checkpoint(sd, wrapper))
     frames = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
@@ -198,7 +211,7 @@ def test_last_block_is_dropped_and_matters(tiny_loaded):
     # Changing the dropped block's weights changes nothing.
     other = dict(sd)
     other[f"blocks.{DEPTH - 1}.mlp.fc1.weight"] = torch.randn(MLP, DIM)
-    enc2 = build_internvideo2(internvideo2_vision_config("tiny"))
+    enc2 = build_internvideo2(internvideo2_vision_config(TINY))
     enc2.load_original_state_dict(other)
     with torch.no_grad():
         assert torch.equal(enc2(frames), ours)
@@ -260,7 +273,7 @@ def test_forward_rejects_bad_input(tiny_loaded):
 
 
 def test_build_is_seeded_frozen_eval_and_keeps_global_rng():
-    cfg = internvideo2_vision_config("tiny")
+    cfg = internvideo2_vision_config(TINY)
     state = torch.random.get_rng_state()
     a, b, c = build_internvideo2(cfg, seed=0), build_internvideo2(cfg, seed=0), build_internvideo2(cfg, seed=1)
     assert torch.equal(torch.random.get_rng_state(), state)
@@ -272,7 +285,7 @@ def test_build_is_seeded_frozen_eval_and_keeps_global_rng():
 
 
 def test_build_rejects_final_norm_config():
-    cfg = internvideo2_vision_config("tiny")
+    cfg = internvideo2_vision_config(TINY)
     cfg.use_mean_pooling = False
     with pytest.raises(ConfigError, match="use_mean_pooling"):
         build_internvideo2(cfg)
@@ -284,7 +297,7 @@ def test_build_rejects_final_norm_config():
 def test_converter_keys_and_shapes():
     sd = _original_state_dict(dtype=torch.bfloat16)
     out = convert_internvideo2_state_dict(_stage2_checkpoint(sd))
-    host = InternVideo2VisionModel(internvideo2_vision_config("tiny"))
+    host = InternVideo2VisionModel(internvideo2_vision_config(TINY))
     assert set(out) == set(host.state_dict())
     assert out["embeddings.patch_embeddings.projection.weight"].shape == (DIM, 3, PATCH, PATCH)
     qkv = sd["blocks.1.attn.qkv.weight"]
@@ -322,4 +335,4 @@ def test_converter_rejects_bad_tensors():
     sd = _original_state_dict()
     sd["pos_embed"] = torch.zeros(1, 1 + 2 * TOKENS, DIM)  # an 8-frame table does not fit the f4 model
     with pytest.raises(ConfigError, match="position_embeddings"):
-        build_internvideo2(internvideo2_vision_config("tiny")).load_original_state_dict(sd)
+        build_internvideo2(internvideo2_vision_config(TINY)).load_original_state_dict(sd)

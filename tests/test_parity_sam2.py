@@ -12,8 +12,8 @@ init="test")`` converted with :func:`workers.checkpoint.sam2_state_dict_to_origi
 64x64 low-resolution logits per frame (its video-resolution output is exactly their bilinear resize,
 ``_get_orig_video_res_output``; checked at generation: difference 0.0), so this test compares at 854x480.
 
-Why :func:`parity_sam2_video_config` and not ``tiny_sam2_video_config``: the original hard-codes some sizes
-that the tiny config shrinks: mask decoder ``mlp_dim=2048, num_heads=8, iou_head_hidden_dim=256``
+Why :func:`parity_sam2_video_config` and not the ``tiny`` preset's SAM2 as is: the original hard-codes some
+sizes that the tiny config shrinks: mask decoder ``mlp_dim=2048, num_heads=8, iou_head_hidden_dim=256``
 (``sam2_base.py`` ``_build_sam_heads`` l. 222-227), the memory fuser's ``CXBlock`` hidden ``4 * dim``
 (``memory_encoder.py`` l. 92-96) and Hiera heads doubling per stage (``head_mul=2``).
 
@@ -44,7 +44,8 @@ from transformers import Sam2VideoConfig
 
 from helpers import load_golden
 from video_pipeline.preprocess import sam2_preprocess
-from workers.sam2_decoder import Sam2VideoDecoder, build_sam2, tiny_sam2_video_config
+from workers.config import Sam2Spec, load_model_config
+from workers.sam2_decoder import Sam2VideoDecoder, build_sam2, sam2_video_config
 
 GOLDEN = Path(__file__).parent / "golden" / "sam2_parity"
 TOL_BF16 = 5e-4  # bf16 memory storage in both implementations (measured 1.07e-4), see module doc
@@ -55,15 +56,15 @@ MIN_AGREEMENT = 0.9999
 def parity_sam2_video_config(image_size: int = 256) -> Sam2VideoConfig:
     """Tiny SAM2 2.0 config whose shapes the original VideoGLaMM SAM2 code can also build.
 
-    ``tiny_sam2_video_config`` with what the original hard-codes: mask decoder MLP 2048, 8 heads, IoU head
-    hidden 256; memory fuser hidden ``4 * 128``; Hiera heads ``[1, 2, 4, 8]``.
+    The ``tiny`` preset's SAM2 sizes (``configs/tiny.yaml``) with what the original hard-codes: mask decoder MLP
+    2048, 8 heads, IoU head hidden 256; memory fuser hidden ``4 * 128``; Hiera heads ``[1, 2, 4, 8]``.
     """
-    config = tiny_sam2_video_config(image_size)
-    config.vision_config.backbone_config.num_attention_heads_per_stage = [1, 2, 4, 8]
-    decoder = config.mask_decoder_config
-    decoder.mlp_dim, decoder.num_attention_heads, decoder.iou_head_hidden_dim = 2048, 8, 256
-    config.memory_fuser_intermediate_dim = 4 * config.memory_fuser_embed_dim
-    return config
+    data = load_model_config("tiny").sam2.model_dump()
+    data["image_size"] = image_size
+    data["hiera"]["num_attention_heads_per_stage"] = [1, 2, 4, 8]
+    data["mask_decoder"].update(mlp_dim=2048, num_attention_heads=8, iou_head_hidden_dim=256)
+    data["memory_fuser_intermediate_dim"] = 4 * data["memory_fuser_embed_dim"]
+    return sam2_video_config(Sam2Spec(**data))
 
 
 def parity_model(seed: int):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from pruning import litelvlm
+from pruning.base import _REGISTRY
 from pruning.clip_features import ClipFrameFeatures
 from pruning.registry import (
-    _REGISTRY,
     PLACEMENTS,
     PruningMethod,
     Selection,
@@ -274,3 +274,15 @@ class TestLiteLVLMFullSize:
         assert sorted(flagged) == sorted(torch.argsort(sim)[:8].tolist())
         assert len(set(sel.indices[0].tolist())) == 16
         assert sel.indices[0].tolist() == sorted(sel.indices[0].tolist())  # raster order (paper)
+
+
+def test_methods_register_through_the_base_module():
+    """The interface lives in pruning.base (no registry <-> methods cycle); registry re-exports it."""
+    import pruning.base
+    import pruning.registry
+
+    for name in ("PruningMethod", "Selection", "register", "cells_for_budget", "unit_layout", "to_units"):
+        assert getattr(pruning.registry, name) is getattr(pruning.base, name)
+    assert set(available_methods()) == set(pruning.base.registered())
+    assert {"none", "litelvlm", "fastv", "visionzip", "vispruner", "trim", "prumerge", "random"} <= set(
+        available_methods())

@@ -12,20 +12,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from transformers import Sam2VideoInferenceSession, Sam2VideoModel
 
-from refstream.errors import WeightsNotFoundError
+from refstream.errors import ConfigError, WeightsNotFoundError
+from workers.config import load_model_config
 from workers.sam2_decoder import (
     SAM2_HIERA_LARGE_ID,
-    TINY_IMAGE_SIZE,
     Sam2VideoDecoder,
     build_sam2,
-    full_sam2_video_config,
     load_sam2,
     sam2_image_size,
-    tiny_sam2_video_config,
+    sam2_video_config,
 )
+
+#: The SAM2 sizes of the two presets (configs/tiny.yaml: 256 px input; configs/videoglamm.yaml: Hiera-L).
+TINY = load_model_config("tiny").sam2
+FULL = load_model_config("videoglamm").sam2
+TINY_IMAGE_SIZE = TINY.image_size
 
 VIDEO_SIZE = (480, 854)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -62,7 +67,7 @@ def frames(frames24: list[torch.Tensor]) -> list[torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def model() -> Sam2VideoModel:
-    return build_sam2(tiny_sam2_video_config(), seed=0, init="test")
+    return build_sam2(sam2_video_config(TINY), seed=0, init="test")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def _run(decoder, frames, seg):
 def test_tiny_config_is_small_and_sets_input_size(model, decoder):
     n = sum(p.numel() for p in model.parameters())
     assert 1e6 < n < 5e6
-    assert decoder.image_size == TINY_IMAGE_SIZE == sam2_image_size(model.config)
+    assert decoder.image_size == TINY_IMAGE_SIZE == sam2_image_size(model.config) == 256
     assert decoder.seg_dim == 128
     cfg = model.config
     assert cfg.num_maskmem == 7 and cfg.max_object_pointers_in_encoder == 16
@@ -93,7 +98,7 @@ def test_tiny_config_is_small_and_sets_input_size(model, decoder):
 
 
 def test_full_config_param_count_on_meta():
-    cfg = full_sam2_video_config()
+    cfg = sam2_video_config(FULL)
     with torch.device("meta"):
         full = Sam2VideoModel(cfg)
     n = sum(p.numel() for p in full.parameters())
@@ -104,9 +109,22 @@ def test_full_config_param_count_on_meta():
     assert not cfg.enable_occlusion_spatial_embedding
 
 
-def test_tiny_config_rejects_bad_size():
-    with pytest.raises(ValueError):
-        tiny_sam2_video_config(200)
+def test_tiny_config_rejects_bad_size(tmp_path):
+    data = load_model_config("tiny").model_dump()
+    data["sam2"]["image_size"] = 200
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        load_model_config(str(path))
+
+
+def test_sizes_come_from_the_spec():
+    """A changed size in the config gives a model of that size (nothing is fixed in Python)."""
+    spec = TINY.model_copy(update={"image_size": 128, "fpn_hidden_size": 64})
+    cfg = sam2_video_config(spec)
+    assert sam2_image_size(cfg) == 128 and cfg.vision_config.fpn_hidden_size == 64
+    assert cfg.vision_config.backbone_feature_sizes == [[32, 32], [16, 16], [8, 8]]
+    assert cfg.memory_attention_rope_feat_sizes == [8, 8]
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -127,14 +145,14 @@ def test_one_mask_per_frame_in_order_at_video_size(decoder, frames, segs):
 
 
 def test_deterministic_same_seed_same_inputs(frames, segs):
-    a = Sam2VideoDecoder(build_sam2(tiny_sam2_video_config(), seed=0, init="test"))
-    b = Sam2VideoDecoder(build_sam2(tiny_sam2_video_config(), seed=0, init="test"))
+    a = Sam2VideoDecoder(build_sam2(sam2_video_config(TINY), seed=0, init="test"))
+    b = Sam2VideoDecoder(build_sam2(sam2_video_config(TINY), seed=0, init="test"))
     for (pa, qa), (pb, qb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert pa == pb and torch.equal(qa, qb)
     out_a, out_b = _run(a, frames[:4], segs[0]), _run(b, frames[:4], segs[0])
     for (ia, la), (ib, lb) in zip(out_a, out_b):
         assert ia == ib and torch.equal(la, lb)
-    c = build_sam2(tiny_sam2_video_config(), seed=1, init="test")
+    c = build_sam2(sam2_video_config(TINY), seed=1, init="test")
     assert not torch.equal(c.mask_decoder.iou_token.weight, a.model.mask_decoder.iou_token.weight)
 
 
@@ -334,7 +352,7 @@ def test_load_sam2_roundtrip(tmp_path, model):
 
 
 def test_load_sam2_warns_on_sam21_style_checkpoint(tmp_path):
-    cfg = tiny_sam2_video_config()
+    cfg = sam2_video_config(TINY)
     cfg.enable_temporal_pos_encoding_for_object_pointers = True
     build_sam2(cfg, seed=0).save_pretrained(tmp_path / "sam21")
     with pytest.warns(UserWarning, match="SAM 2.1"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refstream.errors import ConfigError, InputError
+from refstream_errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)

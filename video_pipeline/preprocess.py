@@ -10,7 +10,7 @@ Resizing runs on uint8 tensors (``torch.nn.functional.interpolate`` with ``antia
 reproduces Pillow's resampling (what the reference pipelines use) to within 1 grey level.
 
 Errors: ``TypeError`` when ``frames`` is not a uint8 numpy array, ``ValueError`` for a wrong shape or a
-bad ``chunk_size``, :class:`refstream.errors.ConfigError` for an unknown ``sam2_preprocess`` style.
+bad ``chunk_size``, :class:`refstream_errors.ConfigError` for an unknown ``sam2_preprocess`` style.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 CLIP_SIZE = 336
+#: CLIP's per-channel RGB mean and std on [0, 1] pixels (``image_mean`` / ``image_std`` of the
+#: ``CLIPImageProcessor`` of openai/clip-vit-large-patch14-336): THE copy RefStream uses (preprocessing here,
+#: un-normalising for pictures in ``refstream``).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 INTERNVIDEO_SIZE = 224
@@ -133,9 +136,11 @@ def internvideo_preprocess(frames: np.ndarray, *, chunk_size: int = 16) -> torch
     Source: ``VideoTrainProcessor.frames2tensor`` in mbzuai-oryx/VideoGLaMM @
     6b15b1e7f75009d0e1a858ac08e28021c4faaf11, ``VideoGLaMM/model/videogpt_plus/model/internvideo/utils.py``:
     ``cv2.resize(x, (224, 224))`` (default ``INTER_LINEAR``: half-pixel centres, no antialiasing, uint8
-    output) on RGB frames, then ``(x / 255 - mean) / std``. Compared with OpenCV 5.0 ``cv2.resize`` on a
-    DAVIS frame: max 1 grey level (0.0175 after normalisation) on ~11% of the values (OpenCV's
-    fixed-point weights), not checked in the tests because OpenCV is not a dependency.
+    output) on RGB frames, then ``(x / 255 - mean) / std``. Compared with ``cv2.resize`` of
+    opencv-python-headless (a dependency of RefStream) on DAVIS and bedroom frames: at most 1 grey level
+    (0.0175 after normalisation) on ~10% of the values (OpenCV's fixed-point weights), checked in
+    ``tests/test_video_pipeline.py``. The resize itself stays in torch so that frames are processed in
+    batched chunks with the other encoders' preprocessing.
     """
 
     def run(x: torch.Tensor) -> torch.Tensor:

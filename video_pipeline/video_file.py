@@ -1,7 +1,7 @@
 """Video-file sources: container validation with PyAV, then exact frame reads with PyAV or decord.
 
 Frame ``i`` is the ``i``-th frame in presentation order (sorted by pts), as decord numbers frames.
-``av`` and ``decord`` are imported inside functions so that importing this module stays cheap.
+``decord`` is imported only when a :class:`DecordVideo` is opened (see there).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import bisect
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import numpy as np
 
-from video_pipeline.decode import VideoSource, input_error
+from video_pipeline.source import VideoSource, input_error
 
 _OVERSHOOT = object()
 REENCODE = "re-download the file, or re-encode it: ffmpeg -i <in> -c:v libx264 -pix_fmt yuv420p <out>.mp4"
@@ -51,8 +52,6 @@ def probe(path: Path) -> ContainerInfo:
         InputError: not a container FFmpeg can read, no video stream, no frames, the first frame does not
             decode, or the file is truncated/corrupt (fewer packets than the container index lists).
     """
-    import av
-
     def open_container():
         try:
             return av.open(str(path), metadata_errors="ignore")
@@ -152,8 +151,6 @@ class PyAVVideo(_FileSource):
         self._open()
 
     def _open(self) -> None:
-        import av
-
         if self._container is not None:
             self._container.close()
         try:
@@ -164,8 +161,6 @@ class PyAVVideo(_FileSource):
         self._stream.thread_type = "AUTO"
 
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
-        import av
-
         out = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
         for k, i in enumerate(indices):
             try:
@@ -238,6 +233,7 @@ class DecordVideo(_FileSource):
     """
 
     def __init__(self, path: Path, info: ContainerInfo):
+        # lazy: decord loads its own FFmpeg build (~0.1 s); runs with decoder="pyav" never need it
         import decord
 
         super().__init__(path, info)
@@ -254,7 +250,7 @@ class DecordVideo(_FileSource):
             self.frame_names = self.frame_names[: self.num_frames]
 
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
-        import decord
+        import decord  # lazy, see __init__ (already loaded there: a dictionary lookup)
 
         try:
             batch = self._reader.get_batch(indices)

@@ -1,4 +1,4 @@
-"""Build VideoGLaMM from a :class:`refstream.config.ModelConfig`: seeded random weights or the released weights.
+"""Build VideoGLaMM from a :class:`workers.config.ModelConfig`: seeded random weights or the released weights.
 
 Random weights (``random_weights: true``, the ``tiny`` preset): every part is built from its config with
 a fixed seed, so two builds are identical, and the tokenizers are the byte-level stand-ins of
@@ -34,12 +34,39 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM, Sam2VideoModel
 
-from refstream.config import ModelConfig
-from refstream.errors import WeightsNotFoundError
+from refstream_errors import WeightsNotFoundError
+from workers.checkpoint import (
+    IGNORED_PREFIXES,
+    IV2_PREFIX,
+    OFFICIAL_INDEX,
+    OFFICIAL_SINGLE,
+    SAM2_PREFIX,
+    CheckpointFileMissingError,
+    CheckpointMismatchError,
+    convert_sam2_state_dict,
+    llm_config_from_checkpoint,
+    official_key,
+    refstream_key,
+)
+from workers.config import ModelConfig
+from workers.internvideo2 import (
+    CheckpointKeysError,
+    build_internvideo2,
+    convert_internvideo2_state_dict,
+    internvideo2_vision_config,
+)
+from workers.loading import cast_state_dict, materialize_meta_buffers
+from workers.refstream_folder import LAYOUT_FILE, load_refstream_folder, refstream_folder_problems
+from workers.sam2_decoder import SAM2_HIERA_LARGE_ID, build_sam2, load_sam2, sam2_video_config
+from workers.tokenizers import load_tokenizer, tiny_clip_tokenizer, tiny_llm_tokenizer
+from workers.videoglamm import VideoGLaMM
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("REFSTREAM_HOME", Path.home() / ".cache" / "refstream")) / "VideoGLaMM"
 TINY_NOTE = "Or run with --model tiny: the same architecture with random weights (masks without meaning)."
@@ -82,7 +109,7 @@ def build_model(config: ModelConfig, device: str | torch.device = "cpu", dtype: 
     if config.random_weights:
         model = _build_random(config)
     else:
-        model = _build_released(config, dtype)  # tensors are cast while loading: no float32 copy of a bf16 model
+        model = build_released(config, dtype)  # tensors are cast while loading: no float32 copy of a bf16 model
     for name in PARTS[parts] or ():
         setattr(model, name, None)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -97,12 +124,8 @@ def build_clip(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
     Raises:
         WeightsNotFoundError: released CLIP weights not found locally.
     """
-    from transformers import CLIPModel
-
-    from workers.tokenizers import load_tokenizer, tiny_clip_tokenizer
-
     if config.random_weights or config.clip.weights is None:
-        clip = _seeded(config.seed, lambda: CLIPModel(_clip_config(config)))
+        clip = _seeded(config.seed, lambda: CLIPModel(clip_config(config)))
         tokenizer = tiny_clip_tokenizer()
     else:
         if not _locally_available(config.clip.weights):
@@ -115,34 +138,24 @@ def build_clip(config: ModelConfig, device: str | torch.device = "cpu", dtype: t
     return clip.to(device=device, dtype=dtype).eval().requires_grad_(False), tokenizer
 
 
-def _clip_config(config: ModelConfig):
-    from transformers import CLIPConfig
-
+def clip_config(config: ModelConfig) -> CLIPConfig:
+    """The ``CLIPConfig`` of ``config.clip`` (vision and text towers as given, ``projection_dim``)."""
     return CLIPConfig(
         text_config=dict(config.clip.text), vision_config=dict(config.clip.vision), projection_dim=config.clip.projection_dim
     )
 
 
-def _llm_config(config: ModelConfig):
-    from transformers import Phi3Config
-
+def phi3_config(config: ModelConfig) -> Phi3Config:
+    """The ``Phi3Config`` of ``config.llm`` (its keyword arguments)."""
     return Phi3Config(**config.llm)
 
 
 def _build_random(config: ModelConfig):
-    from transformers import CLIPModel, Phi3ForCausalLM
-
-    from workers.internvideo2 import build_internvideo2, internvideo2_vision_config
-    from workers.sam2_decoder import build_sam2, full_sam2_video_config, tiny_sam2_video_config
-    from workers.tokenizers import tiny_clip_tokenizer, tiny_llm_tokenizer
-    from workers.videoglamm import VideoGLaMM
-
     seed = config.seed
-    clip = _seeded(seed, lambda: CLIPModel(_clip_config(config)))
-    internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2.size), seed=seed + 1)
-    llm = _seeded(seed + 2, lambda: Phi3ForCausalLM(_llm_config(config)))
-    sam2_config = tiny_sam2_video_config() if config.sam2.size == "tiny" else full_sam2_video_config()
-    sam2 = build_sam2(sam2_config, seed=seed + 3, init=config.sam2.init)
+    clip = _seeded(seed, lambda: CLIPModel(clip_config(config)))
+    internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2), seed=seed + 1)
+    llm = _seeded(seed + 2, lambda: Phi3ForCausalLM(phi3_config(config)))
+    sam2 = build_sam2(sam2_video_config(config.sam2), seed=seed + 3, init=config.sam2.init)
     llm_tok, clip_tok = tiny_llm_tokenizer(), tiny_clip_tokenizer()
     _check_vocab(llm, llm_tok)
     return _seeded(seed + 4, lambda: VideoGLaMM(config, clip, internvideo2, llm, sam2, llm_tok, clip_tok))
@@ -177,8 +190,6 @@ def _internvideo2_path(config: ModelConfig, folder: Path) -> Path | None:
     if not path.is_file() and not Path(ref).is_absolute() and len(parts) in (2, 3) and all(parts):
         repo, filename = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else IV2_FILENAME)
         try:
-            from huggingface_hub import try_to_load_from_cache
-
             cached = try_to_load_from_cache(repo, filename)
         except Exception:  # noqa: BLE001 - not a valid repo id: keep the path
             cached = None
@@ -189,8 +200,6 @@ def _internvideo2_path(config: ModelConfig, folder: Path) -> Path | None:
 
 def _official_weight_map(folder: Path) -> dict[str, str] | None:
     """``weight_map`` of the official index (or of a single ``pytorch_model.bin``: None); None when unreadable."""
-    from workers.checkpoint import OFFICIAL_INDEX
-
     try:
         weight_map = json.loads((folder / OFFICIAL_INDEX).read_text())["weight_map"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -206,9 +215,6 @@ def missing_weights(config: ModelConfig) -> list[str]:
     In the official folder, SAM2 comes from ``model.visual_model.*`` when the index lists such keys (else from
     ``config.sam2.weights``) and InternVideo2 from its ``.pt`` (else from ``model.vision_tower.vision_encoder.*``).
     """
-    from workers.checkpoint import IV2_PREFIX, OFFICIAL_INDEX, OFFICIAL_SINGLE, SAM2_PREFIX
-    from workers.convert import LAYOUT_FILE, refstream_folder_problems
-
     folder = resolve_checkpoint(config)
     problems = []
     if folder.is_dir() and (folder / LAYOUT_FILE).is_file():
@@ -251,14 +257,25 @@ def _locally_available(ref: str) -> bool:
     if Path(ref).expanduser().is_dir():
         return True
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         return isinstance(try_to_load_from_cache(ref, "config.json"), str)
     except Exception:  # noqa: BLE001 - any hub error means "not available offline"
         return False
 
 
-def _build_released(config: ModelConfig, dtype: torch.dtype | None = torch.float32):
+def build_released(config: ModelConfig, dtype: torch.dtype | None = torch.float32):
+    """VideoGLaMM from released weights: a ``refstream convert`` folder, else the official download folder.
+
+    Args:
+        config: the model config (``checkpoint`` names the folder; the base weights come from its parts).
+        dtype: parameter dtype the tensors are cast to while loading (None keeps each file's dtype).
+
+    Returns:
+        the model on the CPU (not yet in eval mode or moved; :func:`build_model` does that).
+
+    Raises:
+        WeightsNotFoundError: files are missing (all of them listed, with where to get them);
+        CheckpointMismatchError / CheckpointFileMissingError (both WeightsNotFoundError): see the module docstring.
+    """
     problems = missing_weights(config)
     folder = resolve_checkpoint(config)
     if problems:
@@ -269,17 +286,9 @@ def _build_released(config: ModelConfig, dtype: torch.dtype | None = torch.float
             f"(OpenGVLab/InternVideo2-Stage2_1B-224p-f4) inside it; download {config.clip.weights} and "
             f"{config.sam2.weights} with `huggingface-cli download <id>` on a machine with internet. {TINY_NOTE}"
         )
-    from workers.convert import LAYOUT_FILE, load_refstream_folder
-
     if (folder / LAYOUT_FILE).is_file():
         return load_refstream_folder(config, folder, dtype)
     return _load_released(config, folder, dtype)
-
-
-def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    if dtype is None:
-        return state
-    return {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v for k, v in state.items()}
 
 
 def _load_released(config: ModelConfig, folder: Path, dtype: torch.dtype | None = torch.float32):
@@ -295,17 +304,6 @@ def _load_released(config: ModelConfig, folder: Path, dtype: torch.dtype | None 
         CheckpointFileMissingError: a shard listed in the index is missing.
         WeightsNotFoundError: a base model or tokenizer is missing or unreadable.
     """
-    from transformers import Phi3Config, Phi3ForCausalLM, Sam2VideoModel
-
-    from workers.checkpoint import (
-        IGNORED_PREFIXES, IV2_PREFIX, SAM2_PREFIX, CheckpointMismatchError, convert_sam2_state_dict,
-        llm_config_from_checkpoint, official_key, refstream_key,
-    )
-    from workers.internvideo2 import build_internvideo2, internvideo2_vision_config
-    from workers.sam2_decoder import full_sam2_video_config, tiny_sam2_video_config
-    from workers.tokenizers import load_tokenizer
-    from workers.videoglamm import VideoGLaMM
-
     try:
         raw = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -340,11 +338,10 @@ def _load_released(config: ModelConfig, folder: Path, dtype: torch.dtype | None 
         raise WeightsNotFoundError(f"{folder / 'config.json'} has vocab_size {llm_config.vocab_size} but the tokenizer "
                                    f"has {len(llm_tok)} tokens (VideoGLaMM: 32012 with [SEG] = 32011)")
 
-    sam2_config = tiny_sam2_video_config() if config.sam2.size == "tiny" else full_sam2_video_config()
     with torch.device("meta"):
         llm = Phi3ForCausalLM(llm_config)
-        sam2 = Sam2VideoModel(sam2_config) if sam2_src else None
-        internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2.size))
+        sam2 = Sam2VideoModel(sam2_video_config(config.sam2)) if sam2_src else None
+        internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2))
     if sam2 is not None:
         converted = convert_sam2_state_dict(sam2_src, sam2.state_dict(), what=f"SAM2 ({SAM2_PREFIX}*) in {folder}",
                                             prefix=SAM2_PREFIX)
@@ -366,16 +363,13 @@ def _load_released(config: ModelConfig, folder: Path, dtype: torch.dtype | None 
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(where, missing, unexpected, mismatched,
                                       hint=f"Is it the VideoGLaMM release ({VIDEOGLAMM_SOURCE}) for this --model config?")
-    model.load_state_dict(_cast(own, dtype), strict=False, assign=True)
+    model.load_state_dict(cast_state_dict(own, dtype), strict=False, assign=True)
     materialize_meta_buffers(model)
     return model
 
 
 def _internvideo2_state(config: ModelConfig, folder: Path, tower: dict, encoder) -> dict[str, torch.Tensor]:
     """InternVideo2 host state dict: from the ``.pt`` when present (as the original's inference), else the tower."""
-    from workers.checkpoint import IV2_PREFIX, CheckpointMismatchError
-    from workers.internvideo2 import CheckpointKeysError, convert_internvideo2_state_dict
-
     path = _internvideo2_path(config, folder)
     layers = encoder.host.config.num_hidden_layers
     if path is not None and path.is_file():
@@ -394,51 +388,15 @@ def _internvideo2_state(config: ModelConfig, folder: Path, tower: dict, encoder)
     bad = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
            for k, v in converted.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
-        raise CheckpointMismatchError(what, mismatched=bad, hint=f"internvideo2.size is {config.internvideo2.size!r}")
+        raise CheckpointMismatchError(what, mismatched=bad,
+                                      hint=f"Do the internvideo2 sizes of the model config (hidden_size "
+                                           f"{config.internvideo2.hidden_size}, num_hidden_layers "
+                                           f"{config.internvideo2.num_hidden_layers}) match these weights?")
     return converted
-
-
-def materialize_meta_buffers(model: torch.nn.Module) -> None:
-    """Recompute buffers left on the meta device (non-persistent ones: rotary ``inv_freq``, position ids).
-
-    Each module holding one is rebuilt on the CPU from its own ``config`` (``type(m)(m.config)``, under a
-    private RNG), or from its nearest ancestor's config when it keeps none, and its buffers are copied over. Afterwards no parameter or buffer may be on the meta device.
-
-    Raises:
-        RuntimeError: a meta tensor could not be rebuilt or remains (named).
-    """
-    modules = dict(model.named_modules())
-    for name, module in modules.items():
-        metas = [b for b, t in module.named_buffers(recurse=False) if t is not None and t.is_meta]
-        if not metas:
-            continue
-        # the module's own config, else the nearest ancestor's (e.g. CLIPTextEmbeddings keeps none)
-        parts = name.split(".") if name else []
-        configs = [getattr(modules[".".join(parts[:i])], "config", None) for i in range(len(parts), -1, -1)]
-        fresh = None
-        for cfg in (c for c in configs if c is not None and not isinstance(c, dict)):
-            try:
-                with torch.device("cpu"), torch.random.fork_rng(devices=[]):
-                    candidate = type(module)(cfg)
-            except Exception:  # noqa: BLE001 - not this module's config; try the next ancestor's
-                continue
-            if all(candidate._buffers.get(b) is not None
-                   and candidate._buffers[b].shape == module._buffers[b].shape for b in metas):
-                fresh = candidate
-                break
-        if fresh is None:
-            raise RuntimeError(f"cannot rebuild meta buffers {metas} of {name or 'the model'} ({type(module).__name__})")
-        for buffer in metas:
-            module._buffers[buffer] = fresh._buffers[buffer]
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors left on the meta device after loading: {left[:20]}")
 
 
 def _torch_load(path: Path, what: str) -> dict:
     """``torch.load(weights_only=True)`` (memory-mapped when the file allows it) of a mapping of tensors."""
-    import pickle
-
     try:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -467,10 +425,6 @@ def _read_sharded_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
         CheckpointFileMissingError: the index or a listed shard is missing (files named).
         CheckpointMismatchError: index and shards disagree (keys named).
     """
-    from workers.checkpoint import (
-        OFFICIAL_INDEX, OFFICIAL_SINGLE, CheckpointFileMissingError, CheckpointMismatchError,
-    )
-
     index_path = folder / OFFICIAL_INDEX
     if not index_path.is_file():
         if (folder / OFFICIAL_SINGLE).is_file():
@@ -502,10 +456,6 @@ def _read_sharded_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
 
 def _load_clip(ref: str, dtype: torch.dtype | None):
     """``CLIPModel`` (vision + text towers and heads) from a local folder or the HF cache, strictly."""
-    from transformers import CLIPModel
-
-    from workers.checkpoint import CheckpointMismatchError
-
     if not _locally_available(ref):
         raise WeightsNotFoundError(
             f"CLIP weights {ref!r} are neither a local folder nor in the Hugging Face cache: "
@@ -522,11 +472,6 @@ def _load_clip(ref: str, dtype: torch.dtype | None):
 
 def _load_sam2_strict(ref: str | None, dtype: torch.dtype | None):
     """``Sam2VideoModel`` from ``facebook/sam2-hiera-large-hf`` (folder or cached id), strictly."""
-    from transformers import Sam2VideoModel
-
-    from workers.checkpoint import CheckpointMismatchError
-    from workers.sam2_decoder import SAM2_HIERA_LARGE_ID, load_sam2
-
     ref = ref or SAM2_HIERA_LARGE_ID
     try:
         sam2, info = Sam2VideoModel.from_pretrained(ref, local_files_only=True, dtype=dtype or "auto",

@@ -1,7 +1,7 @@
 """``refstream convert SRC DST``: the official VideoGLaMM folder -> RefStream's own safetensors layout.
 
 The official download (pickle ``.bin`` shards in the original module names, plus CLIP, InternVideo2 and SAM2
-base weights found elsewhere) is loaded once, strictly, through :func:`workers.build._load_released`, and
+base weights found elsewhere) is loaded once, strictly, through :func:`workers.build.build_released`, and
 written as one self-contained folder that loads by memory-mapping with no key renaming:
 
 ``DST/refstream.json``
@@ -28,8 +28,21 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from refstream.errors import ConfigError, WeightsNotFoundError
+from refstream_errors import ConfigError
+from workers.build import build_released
+from workers.config import ModelConfig, load_model_config
+from workers.refstream_folder import (
+    CLIP_TOKENIZER_DIR,
+    FORMAT,
+    INDEX_FILE,
+    LAYOUT_FILE,
+    LLM_TOKENIZER_DIR,
+    VERSION,
+    load_refstream_folder,
+    refstream_folder_problems,
+)
 
 __all__ = [
     "FORMAT",
@@ -42,12 +55,6 @@ __all__ = [
     "save_refstream_folder",
 ]
 
-FORMAT = "refstream-videoglamm"
-VERSION = 1
-LAYOUT_FILE = "refstream.json"
-INDEX_FILE = "model.safetensors.index.json"
-LLM_TOKENIZER_DIR = "llm_tokenizer"
-CLIP_TOKENIZER_DIR = "clip_tokenizer"
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -75,8 +82,6 @@ def save_refstream_folder(model, dst: str | Path, *, dtype: torch.dtype | None =
     Returns:
         the ``refstream.json`` content.
     """
-    from safetensors.torch import save_file
-
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
@@ -131,88 +136,8 @@ def save_refstream_folder(model, dst: str | Path, *, dtype: torch.dtype | None =
     return layout
 
 
-# ============================================================================================ read
-def _read_layout(folder: Path) -> dict:
-    try:
-        layout = json.loads((folder / LAYOUT_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise WeightsNotFoundError(f"cannot read {folder / LAYOUT_FILE} ({exc}); re-run `refstream convert`") from exc
-    if layout.get("format") != FORMAT or int(layout.get("version", 0)) > VERSION:
-        raise WeightsNotFoundError(f"{folder / LAYOUT_FILE} is not a RefStream v{VERSION} layout "
-                                   f"(format {layout.get('format')!r}, version {layout.get('version')!r})")
-    return layout
-
-
-def refstream_folder_problems(folder: Path) -> list[str]:
-    """Missing pieces of a folder written by :func:`save_refstream_folder` (empty when complete)."""
-    problems = []
-    index = folder / INDEX_FILE
-    if not index.is_file():
-        return [f"{index} is missing; re-run `refstream convert`"]
-    try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError):
-        return [f"{index} is not a valid index; re-run `refstream convert`"]
-    problems += [f"shard {folder / s} (listed in {INDEX_FILE}) is missing" for s in shards if not (folder / s).is_file()]
-    for sub in (LLM_TOKENIZER_DIR, CLIP_TOKENIZER_DIR):
-        if not (folder / sub).is_dir():
-            problems.append(f"tokenizer folder {folder / sub} is missing")
-    return problems
-
-
-def load_refstream_folder(config, folder: str | Path, dtype: torch.dtype | None = torch.float32):
-    """Load a folder written by :func:`save_refstream_folder`: meta-device build, mmap'd safetensors, strict.
-
-    Raises:
-        CheckpointMismatchError: missing / unexpected keys or wrong shapes (RefStream key names).
-        CheckpointFileMissingError: a shard listed in the index is missing.
-    """
-    from safetensors import safe_open
-    from transformers import CLIPConfig, CLIPModel, InternVLVisionConfig, Phi3Config, Phi3ForCausalLM, Sam2VideoConfig
-    from transformers import Sam2VideoModel
-
-    from workers.build import _cast, materialize_meta_buffers
-    from workers.checkpoint import CheckpointFileMissingError, CheckpointMismatchError
-    from workers.internvideo2 import build_internvideo2
-    from workers.tokenizers import load_tokenizer
-    from workers.videoglamm import VideoGLaMM
-
-    folder = Path(folder)
-    layout = _read_layout(folder)
-    if int(layout.get("seg_dim", config.seg_dim)) != config.seg_dim:
-        raise ConfigError(f"{folder} was converted with seg_dim {layout['seg_dim']} but the model config says {config.seg_dim}")
-    problems = refstream_folder_problems(folder)
-    if problems:
-        raise CheckpointFileMissingError("; ".join(problems), [p.split(" ")[1] for p in problems if p.startswith("shard ")])
-    weight_map = json.loads((folder / INDEX_FILE).read_text())["weight_map"]
-    llm_tok = load_tokenizer(folder / LLM_TOKENIZER_DIR, "VideoGLaMM (Phi-3 with [SEG])", "Re-run `refstream convert`.")
-    clip_tok = load_tokenizer(folder / CLIP_TOKENIZER_DIR, "CLIP", "Re-run `refstream convert`.")
-    with torch.device("meta"):
-        clip = CLIPModel(CLIPConfig.from_dict(layout["clip_config"]))
-        internvideo2 = build_internvideo2(InternVLVisionConfig.from_dict(layout["internvideo2_config"]))
-        llm = Phi3ForCausalLM(Phi3Config.from_dict(layout["llm_config"]))
-        sam2 = Sam2VideoModel(Sam2VideoConfig.from_dict(layout["sam2_config"]))
-        model = VideoGLaMM(config, clip, internvideo2, llm, sam2, llm_tok, clip_tok)
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        with safe_open(str(folder / shard), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                state[key] = f.get_tensor(key)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k])}"
-                  for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k])]
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(f"the converted checkpoint in {folder}", missing, unexpected, mismatched,
-                                      hint="Re-run `refstream convert`.")
-    model.load_state_dict(_cast(state, dtype), strict=True, assign=True)
-    materialize_meta_buffers(model)
-    return model
-
-
 # ============================================================================================ convert
-def convert_checkpoint(config, src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
+def convert_checkpoint(config: ModelConfig, src: str | Path, dst: str | Path, *, dtype: torch.dtype | None = None,
                        shard_bytes: int = 4 << 30, overwrite: bool = False) -> dict:
     """Load the official folder ``src`` (with ``config``'s base weights) and write ``dst`` in RefStream's layout.
 
@@ -220,8 +145,6 @@ def convert_checkpoint(config, src: str | Path, dst: str | Path, *, dtype: torch
         WeightsNotFoundError (or a subclass): ``src`` or a base model is missing or does not match.
         ConfigError: ``dst`` is not empty and ``overwrite`` is False, or ``dst`` is ``src``.
     """
-    from workers.build import _build_released
-
     src, dst = Path(src).expanduser(), Path(dst).expanduser()
     if src.resolve() == dst.resolve():
         raise ConfigError(f"convert: DST must differ from SRC ({src})")
@@ -233,7 +156,7 @@ def convert_checkpoint(config, src: str | Path, dst: str | Path, *, dtype: torch
                 old.unlink()
             for sub in (LLM_TOKENIZER_DIR, CLIP_TOKENIZER_DIR):
                 shutil.rmtree(dst / sub, ignore_errors=True)
-    model = _build_released(config.model_copy(update={"checkpoint": str(src), "random_weights": False}), dtype)
+    model = build_released(config.model_copy(update={"checkpoint": str(src), "random_weights": False}), dtype)
     return save_refstream_folder(model, dst, dtype=dtype, shard_bytes=shard_bytes, source=str(src))
 
 
@@ -263,8 +186,6 @@ def run_convert(args: argparse.Namespace) -> int:
     Raises:
         RefStreamError: (ConfigError / WeightsNotFoundError and subclasses) for the CLI to print (exit code 2).
     """
-    from refstream.config import load_model_config
-
     try:
         shard_bytes = _parse_size(args.shard_size)
     except ValueError:

@@ -45,7 +45,8 @@ from torch import Tensor, nn
 from transformers import InternVLVisionConfig, InternVLVisionModel
 from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings
 
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
+from workers.config import InternVideo2Spec
 
 __all__ = [
     "FRAMES_PER_CHUNK",
@@ -101,7 +102,7 @@ _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 class CheckpointKeysError(ConfigError, KeyError):
     """An InternVideo2 checkpoint does not have the expected parameter names.
 
-    Both a :class:`refstream.errors.ConfigError` (CLI exit code 2) and a :class:`KeyError`.
+    Both a :class:`refstream_errors.ConfigError` (CLI exit code 2) and a :class:`KeyError`.
 
     Attributes:
         missing: original-checkpoint key names (without the ``vision_encoder.`` prefix) that are needed
@@ -119,26 +120,27 @@ class CheckpointKeysError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def internvideo2_vision_config(size: str = "full") -> InternVLVisionConfig:
+def internvideo2_vision_config(spec: InternVideo2Spec) -> InternVLVisionConfig:
     """Config of the transformers host for the InternVideo2 temporal encoder.
 
     Args:
-        size: ``"full"``: InternVideo2-Stage2-1B-224p-f4 as run by VideoGLaMM (hidden 1408, 39 layers =
-            blocks 0..38 of the original 40, 16 heads, MLP 6144, RMSNorm eps 1e-6, QK RMSNorm, qkv
-            without bias, LayerScale init 1e-5 as in the original). ``"tiny"``: same geometry (896x224
-            image = 4 stacked 224x224 frames, patch 14, 256 tokens per frame, 1 + 1024 positions) with
-            hidden 64, 2 layers, 4 heads, MLP 128 and LayerScale init 0.1 (so random blocks matter),
-            for tests.
+        spec: the sizes (``internvideo2`` of a model config: hidden size, layers, heads, MLP width, LayerScale
+            init; ``configs/videoglamm.yaml`` holds InternVideo2-Stage2-1B-224p-f4 as run by VideoGLaMM,
+            ``configs/tiny.yaml`` a 64-wide, 2-layer version for tests). Fixed for every size: 896x224 image =
+            4 stacked 224x224 frames, patch 14, 256 tokens per frame, 1 + 1024 positions, RMSNorm eps 1e-6,
+            QK RMSNorm, qkv without bias, exact GELU.
 
     Returns:
         An ``InternVLVisionConfig`` with ``image_size=(896, 224)`` (height, width), ``patch_size=(14, 14)``,
         ``norm_type="rms_norm"``, ``use_qk_norm=True``, ``use_mean_pooling=True`` (the host's final
         norm is then ``nn.Identity``) and absolute position embeddings.
-
-    Raises:
-        ConfigError: unknown ``size``.
     """
-    common = dict(
+    return InternVLVisionConfig(
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        intermediate_size=spec.intermediate_size,
+        layer_scale_init_value=spec.layer_scale_init_value,
         image_size=(FRAMES_PER_CHUNK * FRAME_SIZE, FRAME_SIZE),
         patch_size=(PATCH_SIZE, PATCH_SIZE),
         num_channels=3,
@@ -154,25 +156,6 @@ def internvideo2_vision_config(size: str = "full") -> InternVLVisionConfig:
         attention_dropout=0.0,
         projection_dropout=0.0,
     )
-    if size == "full":
-        return InternVLVisionConfig(
-            hidden_size=1408,
-            num_hidden_layers=39,
-            num_attention_heads=16,
-            intermediate_size=6144,
-            layer_scale_init_value=1e-5,
-            **common,
-        )
-    if size == "tiny":
-        return InternVLVisionConfig(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=128,
-            layer_scale_init_value=0.1,
-            **common,
-        )
-    raise ConfigError(f"unknown InternVideo2 config size {size!r}; use 'full' or 'tiny'")
 
 
 class _LearnedPositionEmbeddings(InternVLVisionEmbeddings):

@@ -56,126 +56,94 @@ from transformers import (
     Sam2VisionConfig,
 )
 
-from refstream.errors import WeightsNotFoundError
+from refstream_errors import WeightsNotFoundError
+from workers.config import Sam2Spec
 
 __all__ = [
     "SAM2_HIERA_LARGE_ID",
-    "TINY_IMAGE_SIZE",
     "Sam2Stream",
     "Sam2VideoDecoder",
     "build_sam2",
-    "full_sam2_video_config",
     "load_sam2",
     "sam2_image_size",
-    "tiny_sam2_video_config",
+    "sam2_video_config",
 ]
 
 #: Hugging Face id of the SAM 2.0 Hiera-L video model that VideoGLaMM uses (``sam2_hiera_large.pt`` converted).
 SAM2_HIERA_LARGE_ID = "facebook/sam2-hiera-large-hf"
 
-#: Input size (pixels, square) of :func:`tiny_sam2_video_config`; the full model takes 1024.
-TINY_IMAGE_SIZE = 256
-
 
 # --------------------------------------------------------------------------------------------------- configs
-def full_sam2_video_config() -> Sam2VideoConfig:
-    """Config of ``facebook/sam2-hiera-large-hf`` (SAM 2.0 Hiera-L, 224.4 M parameters), written out.
+def sam2_video_config(spec: Sam2Spec) -> Sam2VideoConfig:
+    """The ``Sam2VideoConfig`` of a model config's ``sam2`` sizes (``configs/*.yaml``), SAM **2.0** flags set.
 
-    Values: the Hiera-L trunk of ``sam2_configs/sam2_hiera_l.yaml`` (VideoGLaMM @ 6b15b1e, same as
-    facebookresearch/sam2 @ 2b90b9f ``sam2/configs/sam2/sam2_hiera_l.yaml``): embed 144, heads 2 (doubling per stage), stages
-    ``[2, 6, 36, 4]``, global attention blocks ``[23, 33, 43]``, window specs ``[8, 4, 16, 8]``, background
-    position size ``[7, 7]``, FPN channels ``[1152, 576, 288, 144]`` -> 256; everything else is the
-    transformers 5.23 ``Sam2VideoConfig`` default (1024 px input, 7 mask memories, up to 16 object pointers,
-    memory attention 4 layers x 256, memory encoder 64 channels, ...). SAM **2.0** differs from the 2.1
+    ``configs/videoglamm.yaml`` holds ``facebook/sam2-hiera-large-hf`` (SAM 2.0 Hiera-L, 224.4 M parameters):
+    the Hiera-L trunk of ``sam2_configs/sam2_hiera_l.yaml`` (VideoGLaMM @ 6b15b1e, same as
+    facebookresearch/sam2 @ 2b90b9f ``sam2/configs/sam2/sam2_hiera_l.yaml``): embed 144, heads 2 (doubling per
+    stage), stages ``[2, 6, 36, 4]``, global attention blocks ``[23, 33, 43]``, window specs ``[8, 4, 16, 8]``,
+    background position size ``[7, 7]``, FPN channels ``[1152, 576, 288, 144]`` -> 256, and the transformers
+    5.23 ``Sam2VideoConfig`` defaults for the rest (1024 px input, memory attention 4 layers x 256, memory
+    encoder 64 channels, ...). ``configs/tiny.yaml`` holds a 2.7 M-parameter version for CPU tests with the
+    same code paths (Hiera of width 32-256 with 5 blocks, hidden size 128, 2 memory-attention layers, 256 px).
+
+    Fixed for every size (what makes it SAM 2.0, as VideoGLaMM uses it): SAM **2.0** differs from the 2.1
     defaults in two flags (transformers ``sam2_video/convert_sam2_video_to_hf.py``, and the yaml's
     ``add_tpos_enc_to_obj_ptrs: false`` / no ``no_obj_embed_spatial``):
-    ``enable_temporal_pos_encoding_for_object_pointers=False`` and ``enable_occlusion_spatial_embedding=False``.
-    VideoGLaMM's yaml gives the memory-attention RoPE ``feat_sizes: [32, 32]`` but its ``RoPEAttention``
-    recomputes the frequencies for the actual 64x64 map (``sam2/modeling/sam/transformer.py`` l. 301-302), so
-    transformers' ``memory_attention_rope_feat_sizes=[64, 64]`` (upstream's value) is equivalent.
-
-    Returns:
-        Sam2VideoConfig; ``Sam2VideoModel(cfg)`` has 224,430,130 parameters (checked on the meta device).
-    """
-    backbone = Sam2HieraDetConfig(
-        hidden_size=144,
-        num_attention_heads=2,
-        embed_dim_per_stage=[144, 288, 576, 1152],
-        num_attention_heads_per_stage=[2, 4, 8, 16],
-        blocks_per_stage=[2, 6, 36, 4],
-        global_attention_blocks=[23, 33, 43],
-        window_positional_embedding_background_size=[7, 7],
-        window_size_per_stage=[8, 4, 16, 8],
-    )
-    vision = Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[1152, 576, 288, 144])
-    return Sam2VideoConfig(
-        vision_config=vision,
-        prompt_encoder_config=Sam2VideoPromptEncoderConfig(),
-        mask_decoder_config=Sam2VideoMaskDecoderConfig(),
-        enable_temporal_pos_encoding_for_object_pointers=False,
-        enable_occlusion_spatial_embedding=False,
-    )
-
-
-def tiny_sam2_video_config(image_size: int = TINY_IMAGE_SIZE) -> Sam2VideoConfig:
-    """A 2.7 M-parameter SAM2 video config for CPU tests, with the same code paths as the full model.
-
-    Same flags as :func:`full_sam2_video_config` (SAM 2.0: no pointer temporal encoding, no occlusion
-    embedding; multimask on anchor and tracked frames; 7 mask memories; 16 object pointers) but a 4-stage
-    Hiera of width 32-256 (5 blocks), hidden size 128 for prompt encoder / mask decoder / FPN / memory
-    attention (2 layers) / memory encoder, memory channels 64 (transformers 5.23 needs 64 there and multiples
-    of 64 for the hidden sizes; ``window_positional_embedding_background_size`` must be a list).
+    ``enable_temporal_pos_encoding_for_object_pointers=False`` and ``enable_occlusion_spatial_embedding=False``;
+    multimask on anchor and tracked frames, 7 mask memories, 16 object pointers (transformers defaults).
+    Derived from ``image_size`` S: feature maps ``S/4, S/8, S/16``, the prompt encoder's input S with 16 px
+    patches, and the memory-attention RoPE size ``S/16`` (VideoGLaMM's yaml gives ``feat_sizes: [32, 32]`` but
+    its ``RoPEAttention`` recomputes the frequencies for the actual map, ``sam2/modeling/sam/transformer.py``
+    l. 301-302, so transformers' ``[64, 64]`` at 1024 px is equivalent); the FPN input channels are the Hiera
+    stage widths, deepest first.
 
     Args:
-        image_size: square input size in pixels (multiple of 64, default 256 = :data:`TINY_IMAGE_SIZE`;
-            1024 works but costs ~1-3 s per frame on this CPU because memory attention is quadratic in
-            ``(image_size/16)**2``). Feature maps are ``image_size/4, /8, /16``; the low-resolution mask
-            logits are ``image_size/4``. Frames fed to the decoder must have this size.
+        spec: the ``sam2`` section of a :class:`workers.config.ModelConfig` (validated: ``image_size`` a
+            multiple of 64, consistent Hiera stages).
 
     Returns:
-        Sam2VideoConfig with ``config.image_size == image_size``.
-
-    Raises:
-        ValueError: ``image_size`` is not a positive multiple of 64.
+        Sam2VideoConfig with ``config.image_size == spec.image_size``; frames fed to the decoder must have this
+        size, and the low-resolution mask logits are ``image_size / 4``.
     """
-    if image_size <= 0 or image_size % 64:
-        raise ValueError(f"tiny SAM2 image_size must be a positive multiple of 64, got {image_size}")
-    s, hidden = image_size, 128
+    s, hiera = spec.image_size, spec.hiera
     backbone = Sam2HieraDetConfig(
-        hidden_size=32,
-        num_attention_heads=1,
+        hidden_size=hiera.hidden_size,
+        num_attention_heads=hiera.num_attention_heads,
         image_size=[s, s],
-        embed_dim_per_stage=[32, 64, 128, 256],
-        num_attention_heads_per_stage=[1, 1, 2, 4],
-        blocks_per_stage=[1, 1, 2, 1],
-        global_attention_blocks=[3],
-        window_positional_embedding_background_size=[4, 4],
-        window_size_per_stage=[8, 4, 8, 4],
+        embed_dim_per_stage=list(hiera.embed_dim_per_stage),
+        num_attention_heads_per_stage=list(hiera.num_attention_heads_per_stage),
+        blocks_per_stage=list(hiera.blocks_per_stage),
+        global_attention_blocks=list(hiera.global_attention_blocks),
+        window_positional_embedding_background_size=list(hiera.window_positional_embedding_background_size),
+        window_size_per_stage=list(hiera.window_size_per_stage),
     )
     vision = Sam2VisionConfig(
         backbone_config=backbone,
-        backbone_channel_list=[256, 128, 64, 32],
+        backbone_channel_list=list(reversed(hiera.embed_dim_per_stage)),
         backbone_feature_sizes=[[s // 4, s // 4], [s // 8, s // 8], [s // 16, s // 16]],
-        fpn_hidden_size=hidden,
+        fpn_hidden_size=spec.fpn_hidden_size,
     )
+    decoder = spec.mask_decoder
     return Sam2VideoConfig(
         vision_config=vision,
         image_size=s,
-        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=hidden, image_size=s, patch_size=16),
+        prompt_encoder_config=Sam2VideoPromptEncoderConfig(hidden_size=spec.prompt_encoder_hidden_size, image_size=s,
+                                                           patch_size=16),
         mask_decoder_config=Sam2VideoMaskDecoderConfig(
-            hidden_size=hidden, mlp_dim=256, num_attention_heads=4, iou_head_hidden_dim=hidden
+            hidden_size=decoder.hidden_size, mlp_dim=decoder.mlp_dim, num_attention_heads=decoder.num_attention_heads,
+            iou_head_hidden_dim=decoder.iou_head_hidden_dim,
         ),
         enable_temporal_pos_encoding_for_object_pointers=False,
         enable_occlusion_spatial_embedding=False,
-        memory_attention_hidden_size=hidden,
-        memory_attention_num_layers=2,
-        memory_attention_feed_forward_hidden_size=256,
+        memory_attention_hidden_size=spec.memory_attention_hidden_size,
+        memory_attention_num_layers=spec.memory_attention_num_layers,
+        memory_attention_feed_forward_hidden_size=spec.memory_attention_feed_forward_hidden_size,
         memory_attention_rope_feat_sizes=[s // 16, s // 16],
-        memory_encoder_hidden_size=hidden,
-        memory_encoder_output_channels=64,
-        mask_downsampler_embed_dim=hidden,
-        memory_fuser_embed_dim=hidden,
-        memory_fuser_intermediate_dim=256,
+        memory_encoder_hidden_size=spec.memory_encoder_hidden_size,
+        memory_encoder_output_channels=spec.memory_encoder_output_channels,
+        mask_downsampler_embed_dim=spec.mask_downsampler_embed_dim,
+        memory_fuser_embed_dim=spec.memory_fuser_embed_dim,
+        memory_fuser_intermediate_dim=spec.memory_fuser_intermediate_dim,
     )
 
 
@@ -206,7 +174,7 @@ def build_sam2(
     """A randomly initialised ``Sam2VideoModel`` in eval mode (for tests and shape/timing checks).
 
     Args:
-        config: e.g. :func:`tiny_sam2_video_config` or :func:`full_sam2_video_config`.
+        config: e.g. :func:`sam2_video_config` of a preset's ``sam2`` sizes.
         seed: seeds the initialisation (same seed -> identical weights) without touching the global RNG
             state; ``None`` uses the current global RNG.
         dtype: parameter dtype (a ``torch.dtype``).

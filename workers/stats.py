@@ -12,7 +12,7 @@ multiply-add) by running each stage on meta tensors of the right shapes:
 - SAM2 per frame: the Hiera image encoder at 1024 px plus memory attention over a full memory bank
   (7 mask memories of 64x64 tokens and 16 object pointers of 4 tokens).
 
-Reference figures (REFERENCE.md section 2): CLIP 0.38 TFLOPs/frame, InternVideo2 2.25 per 4-frame chunk,
+Reference figures (docs/design.md, from the released architectures): CLIP 0.38 TFLOPs/frame, InternVideo2 2.25 per 4-frame chunk,
 SAM2 1.83 + 0.61 per frame, LLM prefill 29.0 at the unpruned 3,378-token sequence.
 """
 
@@ -20,29 +20,32 @@ from __future__ import annotations
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPModel, Phi3ForCausalLM, Sam2VideoModel
 
-#: Text tokens of the default prompt with the Phi-3 tokenizer (3,378 - 3,328 visual; REFERENCE.md section 2).
+from pruning.registry import cells_for_budget
+from workers.build import clip_config, phi3_config
+from workers.config import ModelConfig
+from workers.internvideo2 import build_internvideo2, internvideo2_vision_config
+from workers.sam2_decoder import sam2_video_config
+from workers.videoglamm import mlp2x_gelu
+
+#: Text tokens of the default prompt with the Phi-3 tokenizer (3,378 - 3,328 visual; docs/design.md).
 PHI3_PROMPT_TOKENS = 50
 
 
-def build_skeleton(config):
+def build_skeleton(config: ModelConfig):
     """The VideoGLaMM modules of ``config`` on the meta device (shapes only): a dict of module name -> module.
+
+    The sizes are the preset's (``configs/*.yaml``: ``clip``, ``internvideo2``, ``llm``, ``sam2`` sections).
 
     Keys: ``clip`` (CLIPModel), ``internvideo2``, ``llm`` (Phi3ForCausalLM), ``sam2`` (Sam2VideoModel),
     ``image_mm_projector``, ``mm_projector``, ``text_hidden_fcs``.
     """
-    from transformers import CLIPModel, Phi3ForCausalLM, Sam2VideoModel
-
-    from workers.build import _clip_config, _llm_config
-    from workers.internvideo2 import build_internvideo2, internvideo2_vision_config
-    from workers.sam2_decoder import full_sam2_video_config, tiny_sam2_video_config
-    from workers.videoglamm import mlp2x_gelu
-
     with torch.device("meta"):
-        clip = CLIPModel(_clip_config(config))
-        internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2.size))
-        llm = Phi3ForCausalLM(_llm_config(config))
-        sam2 = Sam2VideoModel(full_sam2_video_config() if config.sam2.size == "full" else tiny_sam2_video_config())
+        clip = CLIPModel(clip_config(config))
+        internvideo2 = build_internvideo2(internvideo2_vision_config(config.internvideo2))
+        llm = Phi3ForCausalLM(phi3_config(config))
+        sam2 = Sam2VideoModel(sam2_video_config(config.sam2))
         hidden = llm.config.hidden_size
         return {
             "clip": clip,
@@ -87,8 +90,6 @@ def _flops(fn) -> int:
 
 def visual_layout(config, frames: int, method: str, budget: int, placement: str) -> dict:
     """CLIP tokens per frame into the LLM, and the FastV keep, for a method / budget / placement."""
-    from pruning.registry import cells_for_budget
-
     grid = config.clip_pool * 2  # 24 patches per side
     all_units = grid * grid if placement == "patch" else config.clip_pool**2
     keep = min(budget, grid * grid) if placement == "patch" else cells_for_budget(budget, config.clip_pool**2)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refstream.errors import WeightsNotFoundError
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from refstream_errors import WeightsNotFoundError
 
 #: Special tokens of the Phi-3 chat template plus VideoGLaMM's grounding token.
 PHI3_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|system|>", "<|end|>", "<|user|>", "<|assistant|>")
@@ -25,9 +28,6 @@ def _byte_level_tokenizer(special_tokens: tuple[str, ...], **named_tokens: str):
     Returns a ``transformers.PreTrainedTokenizerFast``; ``named_tokens`` (bos_token=..., eos_token=...,
     pad_token=..., unk_token=...) name roles among the special tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: ord(ch))
     vocab = {symbol: i for i, symbol in enumerate(byte_symbols)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
@@ -53,8 +53,6 @@ def tiny_clip_tokenizer():
 
     As in CLIP, [EOS] is the highest id and doubles as padding; sequences are wrapped as [SOS] text [EOS].
     """
-    from tokenizers import processors
-
     tokenizer = _byte_level_tokenizer(
         CLIP_SPECIAL_TOKENS, bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     )
@@ -72,8 +70,6 @@ def load_tokenizer(name_or_path: str | Path, what: str, hint: str):
     Raises:
         WeightsNotFoundError: naming ``what`` was looked for and ``hint`` (where to get it).
     """
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -1,6 +1,6 @@
 """VideoGLaMM assembled from transformers hosts, with pruned CLIP tokens.
 
-Architecture (github mbzuai-oryx/VideoGLaMM @ 6b15b1e; REFERENCE.md section 2):
+Architecture (github mbzuai-oryx/VideoGLaMM @ 6b15b1e; docs/design.md):
 
 - spatial encoder: ``CLIPModel`` (ViT-L/14-336), ``hidden_states[-2][:, 1:]``, 576 patches per frame;
 - temporal encoder: InternVideo2-1B on ``InternVLVisionModel`` (:mod:`workers.internvideo2`), 256 tokens
@@ -36,8 +36,11 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
-from refstream.errors import ExpressionError, SequenceTooLongError
+from pruning.methods.fastv import fastv_decode_step, fastv_prefill
+from pruning.registry import Selection
+from refstream_errors import ExpressionError, SequenceTooLongError
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -90,7 +93,7 @@ class VideoGLaMM(nn.Module):
     """VideoGLaMM with LiteLVLM-ready inputs. Build it with :func:`workers.build.build_model`.
 
     Args:
-        config: the :class:`refstream.config.ModelConfig` it was built from.
+        config: the :class:`workers.config.ModelConfig` it was built from.
         clip: ``transformers.CLIPModel``.
         internvideo2: :class:`workers.internvideo2.InternVideo2Encoder`.
         llm: ``transformers.Phi3ForCausalLM`` with ``[SEG]`` in its vocabulary.
@@ -144,8 +147,6 @@ class VideoGLaMM(nn.Module):
         """
         if placement not in ("pooled", "patch"):
             raise ValueError(f"unknown placement {placement!r}: use 'pooled' or 'patch'")
-        from pruning.registry import Selection
-
         patches = hidden[:, 1:].to(self.dtype)
         if isinstance(kept, torch.Tensor):
             kept = Selection(kept, torch.zeros_like(kept, dtype=torch.bool), "", 0)
@@ -284,8 +285,6 @@ class VideoGLaMM(nn.Module):
             layers = self.llm.config.num_hidden_layers
             return [SegAnswer(e, embeddings[i], forced, [lengths[i]] * layers) for i, e in enumerate(expressions)]
 
-        from pruning.methods.fastv import fastv_prefill
-
         (image_start,) = prefix_lengths  # the prompt before <image> does not depend on the expression
         query = seg_positions if fastv.query == "seg" else None  # None: each sequence's last token
         result = fastv_prefill(self.llm.model, batch, lengths, image_start, fastv, query_index=query)
@@ -297,8 +296,6 @@ class VideoGLaMM(nn.Module):
         ]
 
     def _generate(self, visual: torch.Tensor, expression: str, fastv=None) -> SegAnswer:
-        from transformers import DynamicCache
-
         prefix, suffix = self.prompt_ids(expression)
         tok = self.llm_tokenizer
         stop = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")) if i is not None}
@@ -312,8 +309,6 @@ class VideoGLaMM(nn.Module):
                 out = self.llm.model(inputs_embeds=inputs, past_key_values=cache, use_cache=True)
                 return out.last_hidden_state[0, -1]
         else:
-            from pruning.methods.fastv import fastv_decode_step, fastv_prefill
-
             # prune once in the prefill (ranked by the last prompt token); decode on the pruned KV cache
             result, state = fastv_prefill(
                 self.llm.model, inputs, [inputs.shape[1]], len(prefix), fastv, cache=DynamicCache()

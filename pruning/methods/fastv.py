@@ -60,12 +60,13 @@ every CLIP token, [F, T]).
 from __future__ import annotations
 
 import numbers
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 
-from pruning.registry import PruningMethod, Selection, register, unit_layout
-from refstream.errors import ConfigError
+from pruning.base import PruningMethod, Selection, register, unit_layout
+from refstream_errors import ConfigError
 
 QUERIES = ("last", "seg")
 
@@ -206,8 +207,6 @@ def attention_allowed(q_pos, q_valid, k_pos, k_valid, window: int | None) -> tor
 
 def _rope(module):
     """Phi-3's ``apply_rotary_pos_emb`` from the module that defines the attention layer."""
-    import sys
-
     return sys.modules[type(module).__module__].apply_rotary_pos_emb
 
 

@@ -59,9 +59,9 @@ import torch
 import torch.nn.functional as F
 
 from pruning.attention import full_width_cls_attention
+from pruning.base import PruningMethod, Selection, check_placement, register, to_units, unit_layout
 from pruning.methods.trim import iqr_outliers  # noqa: F401  (the originals' adaptive rule, re-exported)
-from pruning.registry import PruningMethod, Selection, check_placement, register, to_units, unit_layout
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 #: Neighbours merged into each selected token (hard-coded ``k=int(32)`` in the original, L156).
 NEIGHBOURS = 32

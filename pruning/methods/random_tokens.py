@@ -24,8 +24,8 @@ import numbers
 
 import torch
 
-from pruning.registry import PruningMethod, Selection, register, unit_layout
-from refstream.errors import ConfigError
+from pruning.base import PruningMethod, Selection, register, unit_layout
+from refstream_errors import ConfigError
 
 
 def random_units(

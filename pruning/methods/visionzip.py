@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from pruning.attention import cls_attention, head_mean_keys
-from pruning.registry import PruningMethod, Selection, register, to_units, unit_layout
-from refstream.errors import ConfigError
+from pruning.base import PruningMethod, Selection, register, to_units, unit_layout
+from refstream_errors import ConfigError
 
 #: VisionZip's README split for 64 tokens (54 dominant + 10 contextual); also gives 108+20 and 162+30.
 DEFAULT_DOMINANT_RATIO = 54 / 64

@@ -50,9 +50,9 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from pruning.base import PruningMethod, Selection, register, to_units, unit_layout
 from pruning.methods.visionzip import penultimate_cls_scores
-from pruning.registry import PruningMethod, Selection, register, to_units, unit_layout
-from refstream.errors import ConfigError
+from refstream_errors import ConfigError
 
 #: Tokens dropped per duplicate-removal round (hard-coded in the official code).
 MAX_DROP_PER_ROUND = 8

@@ -16,7 +16,7 @@ Run folder ``RUN`` (everything written atomically; rerunning the command resumes
                                                   and MeViS valid (<vid>/<exp_id>/<frame>.png)
     RUN/summary.json, RUN/failures.json
 
-Work is spread over Ray actors (:mod:`workers.actor`) one video at a time: a video's decoded frames, CLIP
+Work is spread over Ray actors (:mod:`refstream.bench.actor`) one video at a time: a video's decoded frames, CLIP
 features, InternVideo2 tokens and text embeddings are computed once for all its expressions, methods and
 budgets; per (method, budget) its expressions share one SAM2 pass. A failed unit is retried (``--retries``,
 alone in a new task), then recorded as failed, listed at the end, and the command exits 1.
@@ -72,7 +72,7 @@ def merge_objects(probs: np.ndarray, obj_ids, background: float = 0.1) -> np.nda
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from workers.actor import atomic_write_bytes
+    from refstream.bench.actor import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
 
@@ -287,7 +287,7 @@ class BenchRun:
 
     def _execute_local(self, tasks: list[dict], pending: int, failures: dict) -> None:
         """In this process, without Ray (``--workers 0``)."""
-        from workers.actor import BenchWorker
+        from refstream.bench.actor import BenchWorker
 
         worker = BenchWorker(self._worker_config(), str(self.out))
         queue = [(t, 1) for t in tasks]
@@ -303,7 +303,7 @@ class BenchRun:
     def _execute_ray(self, tasks: list[dict], pending: int, failures: dict) -> None:
         import ray
 
-        from workers.actor import WorkerConfig, make_worker_class
+        from refstream.bench.actor import WorkerConfig, make_worker_class
 
         started_ray = False
         if not ray.is_initialized():
@@ -407,7 +407,7 @@ class BenchRun:
 
     def _assemble_ref_davis(self, combo: str) -> None:
         from refstream.bench.datasets import Unit  # noqa: F401
-        from workers.actor import PROB_SCALE, atomic_write_bytes
+        from refstream.bench.actor import PROB_SCALE, atomic_write_bytes
 
         groups: dict[tuple[str, str], list] = {}
         for u in self.dataset.units:

@@ -11,9 +11,9 @@ Three pools, each actor with ``max_restarts=-1`` (Ray restarts a crashed actor; 
 * :class:`EncoderActor` (``--encoders``): CLIP (+ text), pruning, InternVideo2 and the projectors: the
   LLM-ready visual tokens [V, H] of the clip, the token selection (for ``tokens.png``) and timings. Methods
   that prune inside the LLM (FastV, ``selection.stage == "llm"``) send every CLIP token and their settings.
-* :class:`workers.gpu_worker.VideoGLaMMWorker` (``--workers``, ``num_gpus=1`` on CUDA): the LLM once (FastV
+* :class:`refstream.service.gpu_worker.VideoGLaMMWorker` (``--workers``, ``num_gpus=1`` on CUDA): the LLM once (FastV
   inside it when asked), then the SAM2 stream; it PULLS the chunks from the decode actor
-  (:class:`workers.gpu_worker.ChunkFeed`) and streams ``(index, masks)`` back through a Ray streaming
+  (:class:`refstream.service.gpu_worker.ChunkFeed`) and streams ``(index, masks)`` back through a Ray streaming
   generator with backpressure: at most :data:`MASKS_AHEAD` frames' masks wait for the coordinator.
 
 The queue consumer is a light coordinator in the ``serve`` process: ``jobs_in_flight`` threads (default two
@@ -270,7 +270,7 @@ class Pools:
                  chunk_size: int = 8, redis_url: str | None = None, prefix: str = "refstream"):
         import ray
 
-        from workers.gpu_worker import VideoGLaMMWorker
+        from refstream.service.gpu_worker import VideoGLaMMWorker
 
         def beat(name: str) -> dict | None:
             return {"redis_url": redis_url, "prefix": prefix, "name": name} if redis_url else None
@@ -396,7 +396,7 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
         progress.check()
         for stage, seconds in encoded["timings"].items():
             timer.seconds[stage] += seconds
-        from workers.gpu_worker import ChunkFeed
+        from refstream.service.gpu_worker import ChunkFeed
 
         height, width = meta["height"], meta["width"]
         stream = worker.segment_stream.options(

@@ -24,6 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+
+from refstream.config import load_model_config
+from refstream.pipeline import Pipeline, SweepOptions
+from workers.gpu_worker import is_cuda_error
 
 #: Ref-DAVIS: probabilities at or below this are background when objects are merged (and are stored as 0)
 BACKGROUND_PROB = 0.1
@@ -57,21 +63,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def png_bytes(array: np.ndarray) -> bytes:
     """A 2-D uint8 array as PNG bytes (grayscale)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def is_cuda_error(exc: BaseException) -> bool:
-    """A CUDA failure that leaves the context unusable (not an out-of-memory, which is recoverable)."""
-    import torch
-
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return False
-    text = f"{type(exc).__name__}: {exc}"
-    return any(s in text for s in ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cudaError", "AcceleratorError"))
 
 
 def unit_files(task: dict, combo: str, exp_id: str) -> list[str]:
@@ -133,10 +127,6 @@ def _failed(task: dict, combo: str, exp_id: str, error: str) -> dict:
 
 
 def _sweep(pipeline, task: dict, units: list[dict], run_dir: Path) -> list[dict]:
-    from refstream.pipeline import SweepOptions
-
-    import torch
-
     video = task["video"]
     combos = [c for c in task["runs"] if any(c in u["combos"] for u in units)]
     run_units = [[u for u in units if c in u["combos"]] for c in combos]
@@ -215,9 +205,6 @@ class BenchWorker:
     """
 
     def __init__(self, config: dict, run_dir: str):
-        from refstream.config import load_model_config
-        from refstream.pipeline import Pipeline
-
         self.config = WorkerConfig(**config)
         self.run_dir = run_dir
         started = time.perf_counter()
@@ -227,8 +214,6 @@ class BenchWorker:
 
     def health(self) -> dict:
         """Liveness and device state; a CUDA failure here exits the process (Ray restarts the actor)."""
-        import torch
-
         info = {"ok": True, "pid": os.getpid(), "device": str(self.pipeline.device), "model": self.pipeline.config.name,
                 "load_seconds": round(self.load_seconds, 3), "tasks_done": self.tasks_done}
         if self.pipeline.device.type == "cuda":
@@ -260,7 +245,7 @@ def resolve_num_gpus(config: WorkerConfig) -> float:
         return float(config.num_gpus)
     if config.device == "cpu":
         return 0.0
-    import ray
+    import ray  # lazy: Ray is only loaded in processes that run actors
 
     return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
@@ -268,7 +253,7 @@ def resolve_num_gpus(config: WorkerConfig) -> float:
 def make_worker_class(config: WorkerConfig):
     """``ray.remote(BenchWorker)`` with the resources of ``config`` and ``max_restarts`` (tasks are not
     retried by Ray: the driver resubmits failed units itself)."""
-    import ray
+    import ray  # lazy: Ray is only loaded in processes that run actors
 
     return ray.remote(BenchWorker).options(
         num_gpus=resolve_num_gpus(config), num_cpus=config.num_cpus, max_restarts=config.max_restarts,
