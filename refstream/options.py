@@ -141,9 +141,10 @@ def _positive(value: int | None, fix: str) -> int | None:
 class SharedOptions(_Options):
     """How frames are chosen and the LLM is asked: the same for every run over one video."""
 
-    variant: Literal["paper", "official", "context-heavy"] = Field(
+    variant: str = Field(
         "paper", description="LiteLVLM variant: paper, official (the released code's selection) or "
-                             "context-heavy (the paper's 5% similarity-aware variant)")
+                             "context-heavy (the paper's 5% similarity-aware variant)",
+        json_schema_extra={"choices": list(VARIANTS)})
     placement: Literal["pooled", "patch"] = Field(
         "pooled", description="pooled: the budget becomes round(B/4) of the 144 pooled 12x12 cells; "
                               "patch: B unpooled patches per frame")
@@ -160,6 +161,13 @@ class SharedOptions(_Options):
         "question", description="text given to CLIP for LiteLVLM: the LLM question or the bare expression")
     answer: Literal["forced", "generate"] = Field(
         "forced", description='forced: answer "Sure, [SEG]." in one prefill; generate: greedy decoding')
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, value: str) -> str:
+        if value not in VARIANTS:  # the variants pruning.litelvlm implements
+            raise ValueError(f"unknown LiteLVLM variant; choose one of: {', '.join(VARIANTS)}")
+        return value
 
     @field_validator("frames")
     @classmethod
@@ -292,6 +300,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, model: type[_Options],
         help_text = field.description or ""
         if typing.get_origin(annotation) is Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
+        elif "choices" in extra:
+            kwargs["choices"] = list(extra["choices"])
         elif typing.get_origin(annotation) is list:
             kwargs["action"] = "append"
         elif annotation is int:

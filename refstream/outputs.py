@@ -96,6 +96,34 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dump_options: Any) -
         json.dump(data, fh, **dump_options)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_file`, creating the missing parent folders."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`atomic_file`, creating the missing parent folders."""
+    write_bytes_atomic(path, text.encode())
+
+
+def logits_to_mask(logits, size: tuple[int, int]) -> np.ndarray:
+    """SAM2 mask logits -> the object's binary mask, the one rule of every writer: ``logit > 0``.
+
+    Args:
+        logits: float [H, W] (torch tensor or numpy), or None for an answer without [SEG].
+        size: (H, W), the frame size, for an all-background mask when ``logits`` is None.
+
+    Returns:
+        bool [H, W].
+    """
+    if logits is None:
+        return np.zeros(size, dtype=bool)
+    values = logits.numpy() if hasattr(logits, "numpy") else np.asarray(logits)
+    return values > 0
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, in MiB (Linux ``ru_maxrss`` is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

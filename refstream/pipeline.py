@@ -31,13 +31,11 @@ from pruning.clip_features import ClipFeatureExtractor
 from refstream.config import ModelConfig, load_model_config
 from refstream.errors import ConfigError, ExpressionError
 from refstream.explain import clip_views
-from refstream.options import JobOptions, RunOptions, SweepOptions, make_method, parse_method_spec  # noqa: F401
-from refstream.outputs import (  # noqa: F401  (JobResult, STAGES, ... are re-exported for callers)
-    RANDOM_WEIGHTS_NOTE, STAGES, JobResult, JobWriter, encode_rle, job_result, peak_rss_mb,
-)
+from refstream.options import JobOptions, RunOptions, SweepOptions, make_method
+from refstream.outputs import JobResult, JobWriter, encode_rle, job_result, logits_to_mask
 from video_pipeline.decode import open_video
 from video_pipeline.plan import FramePlan, encoder_positions, plan_frames
-from video_pipeline.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess, internvideo_preprocess, sam2_preprocess
+from video_pipeline.preprocess import clip_preprocess, internvideo_preprocess, sam2_preprocess
 from workers.build import build_model
 from workers.sam2_decoder import Sam2VideoDecoder
 
@@ -625,7 +623,6 @@ class JobStream:
             if on_open is not None:
                 on_open(source)
             plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
-            empty = np.zeros((source.height, source.width), dtype=bool)
             for clip_index, clip in enumerate(clip_plans(plan, options.clip_length, options.frames)):
                 answer = self._answer_clip(source, clip, method)
                 start = len(self.frame_names) - len(clip.sam2_indices)
@@ -633,7 +630,7 @@ class JobStream:
                 for position, frame, logits in pipeline.iter_logits(source, clip, answer.answers, self.timer,
                                                                     progress, desc):
                     with self.timer("sam2"):
-                        masks = np.stack([empty if lg is None else (lg > 0).numpy() for lg in logits])
+                        masks = np.stack([logits_to_mask(lg, (self.height, self.width)) for lg in logits])
                     yield FrameMasks(position=start + position, frame_index=clip.sam2_indices[position],
                                      name=self.frame_names[start + position], frame=frame, masks=masks)
 

@@ -15,7 +15,8 @@ import torch
 from refstream.config import load_model_config
 from refstream.errors import ConfigError
 from refstream.outputs import decode_rle
-from refstream.pipeline import Pipeline, RunOptions, SweepOptions, clip_plans
+from refstream.options import RunOptions, SweepOptions
+from refstream.pipeline import Pipeline, clip_plans
 from video_pipeline.plan import plan_frames
 
 

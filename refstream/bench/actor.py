@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from refstream.config import load_model_config
-from refstream.pipeline import Pipeline, SweepOptions
+from refstream.api import load
+from refstream.options import SweepOptions
+from refstream.outputs import logits_to_mask, write_bytes_atomic
 from workers.gpu_worker import is_cuda_error
 
 #: Ref-DAVIS: probabilities at or below this are background when objects are merged (and are stored as 0)
@@ -49,16 +50,6 @@ class WorkerConfig:
     num_gpus: float | None = None
     num_cpus: float = 1
     max_restarts: int = 3
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -156,7 +147,7 @@ def _sweep(pipeline, task: dict, units: list[dict], run_dir: Path) -> list[dict]
                     q = np.where(p > BACKGROUND_PROB, np.round(p * PROB_SCALE), 0).astype(np.uint16)
                 probs[r][i].append(q)
             else:
-                mask = np.zeros(size, np.uint8) if lg is None else np.where(lg.numpy() > 0, 255, 0).astype(np.uint8)
+                mask = logits_to_mask(lg, size).astype(np.uint8) * 255
                 pending.append((run_dir / "predictions" / combos[r] / video / unit["exp_id"] / f"{name}.png",
                                 png_bytes(mask)))
 
@@ -176,7 +167,7 @@ def _sweep(pipeline, task: dict, units: list[dict], run_dir: Path) -> list[dict]
     result = pipeline.run_sweep(task["path"], [], runs, on_run_frame, options=options, on_run_done=on_run_done,
                                 on_run_start=on_run_start)
     for path, data in pending:  # only once every run succeeded: a failed task leaves no partial unit
-        atomic_write_bytes(path, data)
+        write_bytes_atomic(path, data)
     shared = sum(result.shared_seconds.values())
     n_unit_runs = sum(len(us) for us in run_units)
     records = []
@@ -208,7 +199,7 @@ class BenchWorker:
         self.config = WorkerConfig(**config)
         self.run_dir = run_dir
         started = time.perf_counter()
-        self.pipeline = Pipeline(load_model_config(self.config.model, self.config.checkpoint), self.config.device)
+        self.pipeline = load(self.config.model, checkpoint=self.config.checkpoint, device=self.config.device).pipeline
         self.load_seconds = time.perf_counter() - started
         self.tasks_done = 0
 

@@ -32,12 +32,23 @@ import os
 import re
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
+from eval.davis import evaluate_ref_davis17
+from eval.mevis import MevisSplit, _score_one
+from eval.refytvos import RefYTVOS, make_submission_zip
+from refstream.bench.actor import PROB_SCALE, BenchWorker, WorkerConfig, make_worker_class
+from refstream.bench.datasets import load_dataset
 from refstream.errors import ConfigError, RefStreamError
 from refstream.options import JobOptions, ModelOptions, SweepOptions, add_option_arguments, options_from_args
+from refstream.outputs import atomic_file, write_bytes_atomic, write_text_atomic
+from video_pipeline.decode import open_video
+from video_pipeline.plan import plan_frames
 
 #: the sweep options a run folder records (its ``run.json`` settings); see refstream.options.SweepOptions
 SWEEP_FIELDS = ("placement", "variant", "frames", "stride", "max_frames", "clip_text", "answer", "clip_length")
@@ -71,14 +82,8 @@ def merge_objects(probs: np.ndarray, obj_ids, background: float = 0.1) -> np.nda
     return np.where(top > background, obj_ids[best], 0).astype(dtype)
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    from refstream.bench.actor import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
-
-
 def _write_json(path: Path, data) -> None:
-    _atomic_text(path, json.dumps(data, indent=1, default=_json_default) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(x):
@@ -91,7 +96,6 @@ def _json_default(x):
 
 def _indexed_png(labels: np.ndarray) -> bytes:
     """An indexed (palette) PNG with the DAVIS palette."""
-    from PIL import Image
 
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
     palette = []
@@ -119,7 +123,6 @@ class BenchRun:
                  address: str | None = None, workers: int | None = None, retries: int = 1, device: str = "auto",
                  num_gpus: float | None = None, decoder: str = "decord", sam2_pass: str = "run",
                  progress: bool = True, score: bool = True):
-        from refstream.bench.datasets import load_dataset
 
         if not methods:
             raise ConfigError("bench run: pass at least one --method (e.g. --method none --method litelvlm)")
@@ -276,7 +279,6 @@ class BenchRun:
                                    runs={c: task["runs"][c] for c in retry[unit["exp_id"]]}), attempt + 1))
 
     def _bar(self, total: int):
-        from tqdm import tqdm
 
         return tqdm(total=total, desc="units", unit="unit", disable=not self.progress, file=sys.stderr,
                     smoothing=0.1, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining} ETA, {rate_fmt}]{postfix}")
@@ -287,7 +289,6 @@ class BenchRun:
 
     def _execute_local(self, tasks: list[dict], pending: int, failures: dict) -> None:
         """In this process, without Ray (``--workers 0``)."""
-        from refstream.bench.actor import BenchWorker
 
         worker = BenchWorker(self._worker_config(), str(self.out))
         queue = [(t, 1) for t in tasks]
@@ -301,9 +302,7 @@ class BenchRun:
                 self._handle(task, records, error, attempt, queue, failures, bar)
 
     def _execute_ray(self, tasks: list[dict], pending: int, failures: dict) -> None:
-        import ray
-
-        from refstream.bench.actor import WorkerConfig, make_worker_class
+        import ray  # lazy: Ray is loaded only when a sweep runs on it (``--workers 0`` runs in this process)
 
         started_ray = False
         if not ray.is_initialized():
@@ -354,7 +353,7 @@ class BenchRun:
 
     def _replace_if_dead(self, actor, cls, config):
         """Keep an actor Ray is restarting; replace one that is gone for good (restarts used up)."""
-        import ray
+        import ray  # lazy: see _execute_ray
 
         try:
             ray.get(actor.health.remote(), timeout=600)
@@ -406,8 +405,6 @@ class BenchRun:
         return result
 
     def _assemble_ref_davis(self, combo: str) -> None:
-        from refstream.bench.datasets import Unit  # noqa: F401
-        from refstream.bench.actor import PROB_SCALE, atomic_write_bytes
 
         groups: dict[tuple[str, str], list] = {}
         for u in self.dataset.units:
@@ -430,11 +427,9 @@ class BenchRun:
                 folder = self.out / "predictions" / combo / run / video
                 for t, name in enumerate(frames):
                     labels = merge_objects(stacked[:, t], ids, 0.1)
-                    atomic_write_bytes(folder / f"{name}.png", _indexed_png(labels))
+                    write_bytes_atomic(folder / f"{name}.png", _indexed_png(labels))
 
     def _video_frames(self, video: str) -> tuple[list[str], tuple[int, int]]:
-        from video_pipeline.decode import open_video
-        from video_pipeline.plan import plan_frames
 
         s = self.settings
         with open_video(self.dataset.video_paths[video], self.decoder) as src:
@@ -444,13 +439,11 @@ class BenchRun:
     def _score(self, combo: str, missing_as_empty: bool) -> dict:
         pred = self.out / "predictions" / combo
         if self.dataset.name == "ref-davis17":
-            from eval.davis import evaluate_ref_davis17
 
             res = evaluate_ref_davis17(self.dataset.root, pred, missing_as_empty=missing_as_empty,
                                        sequences=self.dataset.videos())
             return {"J": res["J"]["mean"], "F": res["F"]["mean"], "J&F": res["J&F"],
                     "runs": {k: v["J&F"] for k, v in res["runs"].items()}}
-        from eval.mevis import MevisSplit, _score_one
 
         split = MevisSplit(self.dataset.root)
         per = {}
@@ -466,28 +459,21 @@ class BenchRun:
         return {"J": j, "F": f, "J&F": (j + f) / 2, "per_expression": per}
 
     def _zip(self, combo: str, complete: bool) -> Path:
-        import zipfile
-
         pred = self.out / "predictions" / combo
         out = self.out / "submissions" / f"{combo}.zip"
         if self.dataset.name == "refytvos" and complete and set(self.dataset.videos()) >= set(self._all_valid()):
-            from eval.refytvos import RefYTVOS, make_submission_zip
 
             return make_submission_zip(RefYTVOS(self.dataset.root), pred, out)
         prefix = "Annotations/" if self.dataset.name == "refytvos" else ""
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with atomic_file(out, "wb") as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for u in self.dataset.units:
                 folder = pred / u.video / u.exp_id
                 for f in sorted(folder.glob("*.png")) if folder.is_dir() else []:
                     zf.write(f, f"{prefix}{u.video}/{u.exp_id}/{f.name}")
-        os.replace(tmp, out)
         return out
 
     def _all_valid(self) -> list[str]:
-        from eval.refytvos import RefYTVOS
-
         return RefYTVOS(self.dataset.root).valid_videos()
 
 
@@ -606,8 +592,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         rows = report_rows(results)
         md, table = report_markdown(rows), report_csv(rows)
         first = Path(args.runs[0])
-        _atomic_text(Path(args.markdown) if args.markdown else first / "report.md", md)
-        _atomic_text(Path(args.csv) if args.csv else first / "report.csv", table)
+        write_text_atomic(Path(args.markdown) if args.markdown else first / "report.md", md)
+        write_text_atomic(Path(args.csv) if args.csv else first / "report.csv", table)
         print(md)
         return 0
     raise ConfigError(f"unknown bench command {which!r}")
