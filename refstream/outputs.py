@@ -1,7 +1,7 @@
 """What ``refstream run`` writes: COCO RLE masks, an overlay video, a picture of the kept tokens.
 
 - ``masks.json``: COCO RLE per frame and expression (pycocotools; masks Fortran-ordered uint8, ``counts``
-  decoded to str for JSON, REFERENCE.md section 5).
+  decoded to str for JSON; docs/design.md, section Failure modes).
 - ``overlay.mp4``: H.264 via PyAV, each expression's mask blended in its own colour.
 - ``tokens.png``: one encoder frame (the 336x336 CLIP view) with the kept tokens drawn as boxes,
   similarity-aware red and context-aware green, as the paper's Figure 5.
