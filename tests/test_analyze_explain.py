@@ -79,7 +79,7 @@ def test_parse_method_spec():
 
 
 def test_explain_cli_grid(blackswan_dir, tmp_path, capsys):
-    out = tmp_path / "grid.png"
+    out = tmp_path / "not-yet" / "grid.png"  # the folder is created, as README's `--out out/explain.png` needs
     code = main(["explain", str(blackswan_dir), "-e", "the black swan", "--method", "litelvlm", "--method",
                  "litelvlm:official", "--method", "none", "--budget", "81", "--model", "tiny", "--rows", "3",
                  "--out", str(out)])
