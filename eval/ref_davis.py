@@ -1,6 +1,6 @@
 """Reader for Ref-DAVIS-17 in the original layout: DAVIS-2017 + ``davis_text_annotations``.
 
-Expected layout (docs/design.md, evaluation protocols)::
+Expected layout (docs/design.md, section Evaluation)::
 
     ROOT/
       DAVIS/JPEGImages/480p/<video>/<frame>.jpg

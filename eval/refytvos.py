@@ -13,8 +13,8 @@ challenge split into the 202 Refer-YouTube-VOS *valid* videos and 305 *test* vid
 derive the valid split as the valid meta's videos minus those of ``meta_expressions/test/
 meta_expressions.json`` and assert 202. The test meta file is not available on this machine, so
 :data:`VALID_VIDEOS` embeds the 202 ids: two independent public repositories that hard-code the list
-give the same 202 ids, all of them in the 507 of the valid meta (the challenge's
-``meta_expressions/valid/meta_expressions.json``), with 834 expressions, the published size of the valid split. When the
+give the same 202 ids, all of them in the 507 of the valid meta (``examples/refytvos/
+valid_meta_expressions.json``), with 834 expressions, the published size of the valid split. When the
 test meta file is present, :meth:`RefYTVOS.valid_videos` derives the split from it as ReferFormer does
 and checks it against :data:`VALID_VIDEOS`.
 

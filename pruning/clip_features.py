@@ -1,6 +1,6 @@
 """CLIP ViT-L/14-336 features for VideoGLaMM and LiteLVLM, from one vision forward per batch of frames.
 
-What LiteLVLM needs (docs/design.md; the released code's ``register_attn_hooks`` and
+What LiteLVLM needs (docs/design.md, section LiteLVLM; the released code's ``register_attn_hooks`` and
 ``sim_aware_pruning``, github sejong-rcv/LiteLVLM @ 5896153,
 ``model/llava/model/multimodal_encoder/clip_encoder.py``) and what VideoGLaMM feeds its projector
 (``hidden_states[-2][:, 1:]``) come out of the same forward:

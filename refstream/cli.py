@@ -126,7 +126,7 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--texts", type=int, default=1, help="number of texts (expressions) for the text tower")
     b.add_argument("--repeats", type=int, default=5, help="timed repeats of each selection (median)")
     b.add_argument("--forward-repeats", type=int, default=2, help="CLIP forwards per configuration (min)")
-    b.add_argument("--video", default=None, help="frames from this video (default: ../shared/data/videos/bedroom.mp4 "
+    b.add_argument("--video", default=None, help="frames from this video (default: examples/bedroom.mp4 "
                    "when present, else random pixels)")
     b.add_argument("--json", default=None, metavar="FILE")
     b.add_argument("--quiet", action="store_true")
@@ -158,7 +158,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         return main_bench_metrics(args)
     if args.video is None:
-        default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "videos" / "bedroom.mp4"
+        default = Path(__file__).resolve().parents[1] / "examples" / "bedroom.mp4"
         args.video = str(default) if default.is_file() else None
     return main_bench_pruning(args)
 

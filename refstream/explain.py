@@ -145,4 +145,5 @@ def _save_grid(out, views, columns, row_positions, frame_numbers, budget, scale:
                 scale=scale, merged=sel.merged[pos].cpu().numpy(),
             )
             canvas.paste(tile, (label_w + c * (side + pad), y))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # --out out/explain.png in a fresh clone
     canvas.save(out)

@@ -1,7 +1,7 @@
 """What a job writes, and the one writer every pipeline uses.
 
 - ``masks.json``: COCO RLE per frame and expression (pycocotools; masks Fortran-ordered uint8, ``counts``
-  decoded to str for JSON; the COCO RLE format, docs/design.md section "Outputs").
+  decoded to str for JSON; docs/design.md, section Failure modes).
 - ``overlay.mp4``: H.264 via PyAV, each expression's mask blended in its own colour.
 - ``tokens.png``: one encoder frame (the 336x336 CLIP view) with the kept tokens drawn as boxes,
   similarity-aware red and context-aware green, as the paper's Figure 5.

@@ -1,31 +1,38 @@
-"""Shared pytest fixtures: paths to the real data in ../shared/data."""
+"""Shared pytest fixtures: paths into the repository's bundled ``examples/`` data and a real redis-server.
+
+The data (provenance in ``examples/SOURCES.md``) ships with the repository, so no test skips for it: a
+missing example file is a failure, reported by :func:`examples_dir`.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("REFSTREAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+EXAMPLES = REPO / "examples"
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def examples_dir() -> Path:
+    """``<repo>/examples``; fails (never skips) when the bundled data is missing."""
+    if not (EXAMPLES / "SOURCES.md").is_file():
+        pytest.fail(f"the bundled example data is missing: {EXAMPLES} (it is tracked in git; restore it with "
+                    f"`git checkout -- examples`)")
+    return EXAMPLES
 
 
 @pytest.fixture(scope="session")
-def bedroom_mp4(shared_data: Path) -> Path:
-    return shared_data / "videos" / "bedroom.mp4"
+def bedroom_mp4(examples_dir: Path) -> Path:
+    """``examples/bedroom.mp4``: 960x540, 30 fps, 200 frames, H.264 (from facebookresearch/sam2)."""
+    return examples_dir / "bedroom.mp4"
 
 
 @pytest.fixture(scope="session")
-def blackswan_dir(shared_data: Path) -> Path:
-    return shared_data / "ref-davis17-mini" / "DAVIS" / "JPEGImages" / "480p" / "blackswan"
+def blackswan_dir(examples_dir: Path) -> Path:
+    """The 50 DAVIS ``blackswan`` JPEG frames (854x480) in the Ref-DAVIS-17 layout."""
+    return examples_dir / "ref-davis17-mini" / "DAVIS" / "JPEGImages" / "480p" / "blackswan"
 
 
 class RedisServer:

@@ -83,12 +83,12 @@ class Serves:
 
 
 def serves_fixture():
-    """The ``serves`` fixture (a :class:`Serves` on the test's redis-server, allow-list = the shared data, logs
+    """The ``serves`` fixture (a :class:`Serves` on the test's redis-server, allow-list = the examples folder, logs
     in the test's tmp_path; every process under it is cleaned up after the test)."""
 
     @pytest.fixture
-    def serves(redis_server, shared_data, tmp_path):
-        s = Serves(redis_server.url, shared_data, tmp_path)
+    def serves(redis_server, examples_dir, tmp_path):
+        s = Serves(redis_server.url, examples_dir, tmp_path)
         yield s
         s.cleanup()
 

@@ -42,8 +42,8 @@ def test_read_text_annotations_latin1_and_quotes(tmp_path):
         read_text_annotations(path)
 
 
-def test_ref_davis_reader(shared_data, tmp_path):
-    d = RefDavis(shared_data / "ref-davis17-mini")
+def test_ref_davis_reader(examples_dir, tmp_path):
+    d = RefDavis(examples_dir / "ref-davis17-mini")
     assert d.videos() == ["blackswan"] and len(d.frames("blackswan")) == 50
     assert set(np.unique(d.mask("blackswan", "00000"))) == {0, 1}
     assert d.expressions("Davis17_annot2")[0].text == "black swan with a red beak"
@@ -51,8 +51,8 @@ def test_ref_davis_reader(shared_data, tmp_path):
         RefDavis(tmp_path)
 
 
-def test_analyze_reversal_cli(shared_data, tmp_path, capsys):
-    code = main(["analyze", "reversal", "--davis-root", str(shared_data / "ref-davis17-mini"), "--out", str(tmp_path),
+def test_analyze_reversal_cli(examples_dir, tmp_path, capsys):
+    code = main(["analyze", "reversal", "--davis-root", str(examples_dir / "ref-davis17-mini"), "--out", str(tmp_path),
                  "--model", "tiny", "--frames-per-video", "5", "--quiet"])
     assert code == 0
     summary = json.loads((tmp_path / "reversal.json").read_text())
@@ -79,7 +79,7 @@ def test_parse_method_spec():
 
 
 def test_explain_cli_grid(blackswan_dir, tmp_path, capsys):
-    out = tmp_path / "grid.png"
+    out = tmp_path / "not-yet" / "grid.png"  # the folder is created, as README's `--out out/explain.png` needs
     code = main(["explain", str(blackswan_dir), "-e", "the black swan", "--method", "litelvlm", "--method",
                  "litelvlm:official", "--method", "none", "--budget", "81", "--model", "tiny", "--rows", "3",
                  "--out", str(out)])

@@ -46,13 +46,13 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def ref_davis(shared_data) -> Path:
-    return shared_data / "ref-davis17-mini"
+def ref_davis(examples_dir) -> Path:
+    return examples_dir / "ref-davis17-mini"
 
 
 @pytest.fixture(scope="module")
-def mevis_root(shared_data) -> Path:
-    return shared_data / "mevis-mini"
+def mevis_root(examples_dir) -> Path:
+    return examples_dir / "mevis-mini"
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
@@ -261,7 +261,7 @@ def test_mevis_valid_u_scored(mevis_root, tmp_path):
     assert len(list((out / "predictions" / "litelvlm_81" / "blackswan" / "3").glob("*.png"))) == 4
 
 
-def test_refytvos_synthetic_layout_zip(shared_data, tmp_path):
+def test_refytvos_synthetic_layout_zip(examples_dir, tmp_path):
     """Refer-YouTube-VOS: a tiny layout with frames for one valid video; predictions for every listed frame,
     zipped as Annotations/<vid>/<exp_id>/<frame>.png."""
     from PIL import Image
@@ -269,7 +269,7 @@ def test_refytvos_synthetic_layout_zip(shared_data, tmp_path):
     root = tmp_path / "ytvos"
     meta_dir = root / "meta_expressions" / "valid"
     meta_dir.mkdir(parents=True)
-    real = json.loads((shared_data / "refytvos" / "valid_meta_expressions.json").read_text())
+    real = json.loads((examples_dir / "refytvos" / "valid_meta_expressions.json").read_text())
     vid = "0062f687f1"
     info = real["videos"][vid]
     info["frames"] = info["frames"][:5]

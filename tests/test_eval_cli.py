@@ -8,7 +8,7 @@ perturbed predictions of the real ``ref-davis17-mini`` / ``mevis-mini`` data sco
 Regenerate with (needs opencv-python-headless, scikit-image, scipy, tqdm, pycocotools)::
 
     python tests/test_eval_cli.py --davis-official /path/to/davis2017-evaluation \\
-        --mevis-official /path/to/MeViS [--shared-data ../shared/data]
+        --mevis-official /path/to/MeViS [--examples examples]
 """
 
 from __future__ import annotations
@@ -207,10 +207,10 @@ def test_void_is_excluded_in_unsupervised_only(golden):
 
 # ----------------------------------------------------------------------- real data: Ref-DAVIS-17
 
-def _ref_davis_results(shared_data: Path, dest: Path, runs, shift=(0, 0)) -> Path:
+def _ref_davis_results(examples_dir: Path, dest: Path, runs, shift=(0, 0)) -> Path:
     from PIL import Image
 
-    gt_dir = shared_data / "ref-davis17-mini" / "DAVIS" / "Annotations_unsupervised" / "480p" / "blackswan"
+    gt_dir = examples_dir / "ref-davis17-mini" / "DAVIS" / "Annotations_unsupervised" / "480p" / "blackswan"
     for run_index, run in enumerate(runs):
         for png in sorted(gt_dir.glob("*.png")):
             labels = np.array(Image.open(png))
@@ -221,10 +221,10 @@ def _ref_davis_results(shared_data: Path, dest: Path, runs, shift=(0, 0)) -> Pat
 
 
 @pytest.mark.parametrize("runs", [RUNS_ANNO, RUNS_TEXT])
-def test_ref_davis17_perfect_from_gt(shared_data, tmp_path, capsys, runs):
-    results = _ref_davis_results(shared_data, tmp_path / "res", runs)
+def test_ref_davis17_perfect_from_gt(examples_dir, tmp_path, capsys, runs):
+    results = _ref_davis_results(examples_dir, tmp_path / "res", runs)
     out = tmp_path / "out" / "ref.json"
-    assert cli(["eval", "ref-davis17", "--davis-root", str(shared_data / "ref-davis17-mini"),
+    assert cli(["eval", "ref-davis17", "--davis-root", str(examples_dir / "ref-davis17-mini"),
                 "--results", str(results), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["J&F"] == 1.0 and result["J"]["mean"] == 1.0 and result["F"]["mean"] == 1.0
@@ -233,11 +233,11 @@ def test_ref_davis17_perfect_from_gt(shared_data, tmp_path, capsys, runs):
     assert "Ref-DAVIS-17" in printed and runs[3] in printed and "mean" in printed
 
 
-def test_ref_davis17_perturbed_matches_official(shared_data, golden, tmp_path):
+def test_ref_davis17_perturbed_matches_official(examples_dir, golden, tmp_path):
     real = golden["real"]["ref_davis17"]
-    results = _ref_davis_results(shared_data, tmp_path / "res", RUNS_ANNO, shift=tuple(real["shift"]))
+    results = _ref_davis_results(examples_dir, tmp_path / "res", RUNS_ANNO, shift=tuple(real["shift"]))
     out = tmp_path / "ref.json"
-    assert cli(["eval", "ref-davis17", "--davis-root", str(shared_data / "ref-davis17-mini"),
+    assert cli(["eval", "ref-davis17", "--davis-root", str(examples_dir / "ref-davis17-mini"),
                 "--results", str(results), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     for run, official in real["runs"].items():
@@ -249,19 +249,19 @@ def test_ref_davis17_perturbed_matches_official(shared_data, golden, tmp_path):
     assert result["J&F"] < 0.95
 
 
-def test_ref_davis17_incomplete_runs(shared_data, tmp_path, capsys):
-    results = _ref_davis_results(shared_data, tmp_path / "res", RUNS_ANNO[:3])
-    assert cli(["eval", "ref-davis17", "--davis-root", str(shared_data / "ref-davis17-mini"),
+def test_ref_davis17_incomplete_runs(examples_dir, tmp_path, capsys):
+    results = _ref_davis_results(examples_dir, tmp_path / "res", RUNS_ANNO[:3])
+    assert cli(["eval", "ref-davis17", "--davis-root", str(examples_dir / "ref-davis17-mini"),
                 "--results", str(results)]) == 2
     err = capsys.readouterr().err
     assert "anno_3" in err and "Davis17_annot1" in err
 
 
-def test_davis_missing_frames_listed_and_missing_as_empty(shared_data, tmp_path, capsys):
-    results = _ref_davis_results(shared_data, tmp_path / "res", ["run"])
+def test_davis_missing_frames_listed_and_missing_as_empty(examples_dir, tmp_path, capsys):
+    results = _ref_davis_results(examples_dir, tmp_path / "res", ["run"])
     for name in ("00003.png", "00017.png"):
         (results / "run" / "blackswan" / name).unlink()
-    root = str(shared_data / "ref-davis17-mini")
+    root = str(examples_dir / "ref-davis17-mini")
     assert cli(["eval", "davis", "--davis-root", root, "--results", str(results / "run")]) == 2
     err = capsys.readouterr().err
     assert "2 prediction file(s) missing" in err and "blackswan/00003.png" in err and "blackswan/00017.png" in err
@@ -289,10 +289,10 @@ def test_mevis_matches_official_script(golden, tmp_path):
         assert abs(ours[key] - official[key]) <= TOL
 
 
-def _mevis_predictions(shared_data: Path, dest: Path, shift=(0, 0)) -> Path:
+def _mevis_predictions(examples_dir: Path, dest: Path, shift=(0, 0)) -> Path:
     from eval.mevis import MevisSplit
 
-    split = MevisSplit(shared_data / "mevis-mini" / "valid_u")
+    split = MevisSplit(examples_dir / "mevis-mini" / "valid_u")
     for vid in split.videos():
         for k, exp_id in enumerate(split.expressions(vid)):
             gt = split.gt_masks(vid, exp_id)
@@ -302,9 +302,9 @@ def _mevis_predictions(shared_data: Path, dest: Path, shift=(0, 0)) -> Path:
     return dest
 
 
-def test_mevis_real_perfect_perturbed_and_missing(shared_data, golden, tmp_path, capsys):
-    split = str(shared_data / "mevis-mini" / "valid_u")
-    perfect = _mevis_predictions(shared_data, tmp_path / "perfect")
+def test_mevis_real_perfect_perturbed_and_missing(examples_dir, golden, tmp_path, capsys):
+    split = str(examples_dir / "mevis-mini" / "valid_u")
+    perfect = _mevis_predictions(examples_dir, tmp_path / "perfect")
     out = tmp_path / "m.json"
     assert cli(["eval", "mevis", "--split-root", split, "--results", str(perfect), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -313,7 +313,7 @@ def test_mevis_real_perfect_perturbed_and_missing(shared_data, golden, tmp_path,
     assert "MeViS valid_u: 4 expressions" in capsys.readouterr().out
 
     real = golden["real"]["mevis"]
-    shifted = _mevis_predictions(shared_data, tmp_path / "shifted", shift=tuple(real["shift"]))
+    shifted = _mevis_predictions(examples_dir, tmp_path / "shifted", shift=tuple(real["shift"]))
     assert cli(["eval", "mevis", "--split-root", split, "--results", str(shifted), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     for name, (j, f) in real["per_expression"].items():
@@ -333,10 +333,10 @@ def test_mevis_real_perfect_perturbed_and_missing(shared_data, golden, tmp_path,
     assert result["per_expression"]["blackswan_2"][0] < j2
 
 
-def test_mevis_wrong_layouts(shared_data, tmp_path, capsys):
+def test_mevis_wrong_layouts(examples_dir, tmp_path, capsys):
     # the MeViS root instead of the split folder
     (tmp_path / "mevis").mkdir()
-    shutil.copytree(shared_data / "mevis-mini" / "valid_u", tmp_path / "mevis" / "valid_u",
+    shutil.copytree(examples_dir / "mevis-mini" / "valid_u", tmp_path / "mevis" / "valid_u",
                     ignore=shutil.ignore_patterns("JPEGImages"))
     assert cli(["eval", "mevis", "--split-root", str(tmp_path / "mevis"), "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -349,14 +349,14 @@ def test_mevis_wrong_layouts(shared_data, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ DAVIS layouts
 
-def test_davis_wrong_layouts(shared_data, tmp_path, capsys):
+def test_davis_wrong_layouts(examples_dir, tmp_path, capsys):
     assert cli(["eval", "davis", "--davis-root", str(tmp_path), "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "JPEGImages/480p not found" in err and "Annotations_unsupervised" in err
     # judo: 16 frames but 4 sparse masks -> the missing GT frames are listed
     judo = tmp_path / "judo" / "DAVIS"
-    shutil.copytree(shared_data / "judo" / "images" / "judo", judo / "JPEGImages" / "480p" / "judo")
-    shutil.copytree(shared_data / "judo" / "masks" / "judo", judo / "Annotations_unsupervised" / "480p" / "judo")
+    shutil.copytree(examples_dir / "judo" / "images" / "judo", judo / "JPEGImages" / "480p" / "judo")
+    shutil.copytree(examples_dir / "judo" / "masks" / "judo", judo / "Annotations_unsupervised" / "480p" / "judo")
     (judo / "ImageSets" / "2017").mkdir(parents=True)
     (judo / "ImageSets" / "2017" / "val.txt").write_text("judo\n")
     with pytest.raises(DatasetLayoutError, match=r"16 frames but 4 GT masks; missing 00001.png, 00002.png"):
@@ -407,10 +407,10 @@ def test_davis_workers_give_the_same_result(synthetic_davis):
 
 # --------------------------------------------------------------------------------------- readers
 
-def test_ref_davis_converted_layout(shared_data, tmp_path):
+def test_ref_davis_converted_layout(examples_dir, tmp_path):
     from eval.ref_davis import ANNOTATION_FILES, RefDavis, RefDavisConverted, open_ref_davis, read_text_annotations
 
-    mini = shared_data / "ref-davis17-mini"
+    mini = examples_dir / "ref-davis17-mini"
     root = tmp_path / "ref-davis"
     shutil.copytree(mini / "DAVIS" / "JPEGImages" / "480p" / "blackswan", root / "valid" / "JPEGImages" / "blackswan")
     shutil.copytree(mini / "DAVIS" / "Annotations_unsupervised" / "480p" / "blackswan",
@@ -430,7 +430,7 @@ def test_ref_davis_converted_layout(shared_data, tmp_path):
     assert converted.videos() == ["blackswan"] and len(converted.frames("blackswan")) == 50
     assert np.array_equal(converted.mask("blackswan", "00010"), original.mask("blackswan", "00010"))
     # the DAVIS evaluation reads GT from the converted layout too
-    results = _ref_davis_results(shared_data, tmp_path / "res", ["run"])
+    results = _ref_davis_results(examples_dir, tmp_path / "res", ["run"])
     assert _evaluate(root, results / "run")["J&F"] == 1.0
     with pytest.raises(DatasetLayoutError, match="not a Ref-DAVIS-17 folder"):
         open_ref_davis(tmp_path / "res")
@@ -446,10 +446,10 @@ def test_text_annotation_video_name_fixes(tmp_path):
     assert [e.video for e in read_text_annotations(path)] == ["classic-car", "dogs-scale", "motorbike"]
 
 
-def test_refytvos_valid_split(shared_data, tmp_path):
+def test_refytvos_valid_split(examples_dir, tmp_path):
     from eval.refytvos import VALID_VIDEOS, RefYTVOS, make_submission_zip, missing_submission_frames
 
-    meta_path = shared_data / "refytvos" / "valid_meta_expressions.json"
+    meta_path = examples_dir / "refytvos" / "valid_meta_expressions.json"
     d = RefYTVOS(meta_path)
     valid = d.valid_videos()
     assert len(valid) == 202 and len(d.test_videos()) == 305 and len(d.items()) == 834
@@ -638,7 +638,7 @@ REAL_REF_DAVIS_SHIFT = (4, 9)
 REAL_MEVIS_SHIFT = (2, 3)
 
 
-def regenerate(davis_official: Path, mevis_official: Path, shared_data: Path) -> None:
+def regenerate(davis_official: Path, mevis_official: Path, examples_dir: Path) -> None:
     import platform
     import subprocess
     import tempfile
@@ -689,7 +689,7 @@ def regenerate(davis_official: Path, mevis_official: Path, shared_data: Path) ->
             "mevis": "github henghuiding/MeViS @ 7c0620b9dc0ab7802747957f221674f175c8a47b tools/eval_mevis.py",
         },
         "generated_with": {"python": platform.python_version(), "numpy": np.__version__},
-        "regenerate": "python tests/test_eval_cli.py --davis-official DIR --mevis-official DIR --shared-data DIR",
+        "regenerate": "python tests/test_eval_cli.py --davis-official DIR --mevis-official DIR --examples DIR",
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -708,15 +708,15 @@ def regenerate(davis_official: Path, mevis_official: Path, shared_data: Path) ->
             "official": mevis_official_run(tmp / "valid_u", tmp / "pred"),
         }
         # real data, perturbed
-        results = _ref_davis_results(shared_data, tmp / "real_ref", RUNS_ANNO, shift=REAL_REF_DAVIS_SHIFT)
+        results = _ref_davis_results(examples_dir, tmp / "real_ref", RUNS_ANNO, shift=REAL_REF_DAVIS_SHIFT)
         runs = {}
         for run in RUNS_ANNO:
-            r = davis_official_run(shared_data / "ref-davis17-mini" / "DAVIS", results / run, "unsupervised")
+            r = davis_official_run(examples_dir / "ref-davis17-mini" / "DAVIS", results / run, "unsupervised")
             runs[run] = {k: {letter: r[k][letter][0] for letter in ("M", "R", "D")} for k in ("J", "F")}
         golden["real"] = {"ref_davis17": {"shift": list(REAL_REF_DAVIS_SHIFT), "runs": runs}}
-        pred = _mevis_predictions(shared_data, tmp / "real_mevis", shift=REAL_MEVIS_SHIFT)
+        pred = _mevis_predictions(examples_dir, tmp / "real_mevis", shift=REAL_MEVIS_SHIFT)
         golden["real"]["mevis"] = {"shift": list(REAL_MEVIS_SHIFT),
-                                   **mevis_official_run(shared_data / "mevis-mini" / "valid_u", pred)}
+                                   **mevis_official_run(examples_dir / "mevis-mini" / "valid_u", pred)}
     GOLDEN.write_text(json.dumps(golden, separators=(",", ":")))
     print(f"wrote {GOLDEN}")
 
@@ -725,6 +725,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="regenerate tests/golden/davis_metrics_eval.json")
     parser.add_argument("--davis-official", required=True, type=Path, help="checkout of davis2017-evaluation")
     parser.add_argument("--mevis-official", required=True, type=Path, help="checkout of MeViS")
-    parser.add_argument("--shared-data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    # --shared-data: the name the recorded golden's "regenerate" line uses (the data now ships in examples/)
+    parser.add_argument("--examples", "--shared-data", dest="examples", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "examples", help="the bundled examples folder")
     a = parser.parse_args()
-    regenerate(a.davis_official, a.mevis_official, a.shared_data)
+    regenerate(a.davis_official, a.mevis_official, a.examples)

@@ -19,8 +19,8 @@ from refstream.service.worker import QueueWorker, heartbeats
 
 
 @pytest.fixture
-def data_root(shared_data):
-    return shared_data
+def data_root(examples_dir):
+    return examples_dir
 
 
 def test_jobs_run_like_refstream_run_and_bad_jobs_fail_cleanly(redis_server, data_root, blackswan_dir, tmp_path):

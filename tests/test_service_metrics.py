@@ -40,7 +40,7 @@ def json_logs():
     logger.propagate = True
 
 
-def test_metrics_after_jobs_and_json_logs(redis_server, shared_data, blackswan_dir, tmp_path, json_logs):
+def test_metrics_after_jobs_and_json_logs(redis_server, examples_dir, blackswan_dir, tmp_path, json_logs):
     queue = JobQueue(connect(redis_server.url))
     server, port = start_metrics_server(queue, 0, "127.0.0.1", workers=lambda: 1)
     try:
@@ -57,7 +57,7 @@ def test_metrics_after_jobs_and_json_logs(redis_server, shared_data, blackswan_d
         assert value(before, "refstream_jobs", state="queued") == 4
         assert value(before, "refstream_queue_depth", kind="lag") == 4
 
-        worker = QueueWorker(redis_server.url, model="tiny", device="cpu", allowed_roots=[shared_data], name="w0")
+        worker = QueueWorker(redis_server.url, model="tiny", device="cpu", allowed_roots=[examples_dir], name="w0")
         assert worker.run(max_jobs=3, block_ms=50) == 3
         samples = scrape(port)
     finally:

@@ -35,14 +35,14 @@ def _serve(redis_url, data_root, pools, allowed_roots_extra=(), **kwargs):
     return stop, thread
 
 
-def test_pools_job_equals_refstream_run_with_bounded_chunks(ray_local, redis_server, shared_data, blackswan_dir,
+def test_pools_job_equals_refstream_run_with_bounded_chunks(ray_local, redis_server, examples_dir, blackswan_dir,
                                                             tmp_path):
     ray = ray_local
     pools = []
     # the actors' torch threads = this process's (where `refstream run` runs below): the same numerics
     import torch
 
-    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=10_000,
+    stop, thread = _serve(redis_server.url, examples_dir, pools, lease_ms=10_000,
                           num_cpus=float(torch.get_num_threads()))
     try:
         client = RefStreamClient(redis_server.url)
@@ -89,7 +89,7 @@ def _run_and_compare(served_dir, video, *options):
     return served, direct
 
 
-def test_bad_jobs_among_good_jobs_fail_cleanly_in_pools_mode(ray_local, redis_server, shared_data, blackswan_dir,
+def test_bad_jobs_among_good_jobs_fail_cleanly_in_pools_mode(ray_local, redis_server, examples_dir, blackswan_dir,
                                                              tmp_path):
     """A corrupt video, an input outside the allowed roots and an empty expression (queued by a client that
     skips validation) among good jobs: each bad job fails at once (1 delivery) naming the problem; the good
@@ -113,7 +113,7 @@ def test_bad_jobs_among_good_jobs_fail_cleanly_in_pools_mode(ray_local, redis_se
         input=str(blackswan_dir), expressions=["  "], method="litelvlm", variant="paper", budget=81,
         placement="pooled", frames=16, stride=1, max_frames=4, clip_text="question", answer="forced"))
     good.append(client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81))
-    stop, thread = _serve(redis_server.url, shared_data, pools, allowed_roots_extra=[allowed])
+    stop, thread = _serve(redis_server.url, examples_dir, pools, allowed_roots_extra=[allowed])
     try:
         for job in good:
             status = client.wait(job, timeout_s=120)
@@ -132,14 +132,14 @@ def test_bad_jobs_among_good_jobs_fail_cleanly_in_pools_mode(ray_local, redis_se
 
 @pytest.mark.slow
 @pytest.mark.parametrize("actor", ["worker-0", "decoder-0"])
-def test_killed_actor_mid_job_is_restarted_and_the_job_finishes_once(actor, ray_local, redis_server, shared_data,
+def test_killed_actor_mid_job_is_restarted_and_the_job_finishes_once(actor, ray_local, redis_server, examples_dir,
                                                                      bedroom_mp4):
     """kill -9 the VideoGLaMM actor, or the decode actor it pulls frames from, mid-job: Ray restarts it and
     the job runs again at once on the restarted actor and finishes with every frame, once."""
     from refstream.service.worker import heartbeats
 
     pools = []
-    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=3000)
+    stop, thread = _serve(redis_server.url, examples_dir, pools, lease_ms=3000)
     try:
         client = RefStreamClient(redis_server.url)
         job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=120)
@@ -161,7 +161,7 @@ def test_killed_actor_mid_job_is_restarted_and_the_job_finishes_once(actor, ray_
     assert not thread.is_alive()
 
 
-def test_waiting_jobs_keep_their_lease_cancel_stops_the_stream_and_actors_beat(ray_local, redis_server, shared_data,
+def test_waiting_jobs_keep_their_lease_cancel_stops_the_stream_and_actors_beat(ray_local, redis_server, examples_dir,
                                                                               bedroom_mp4, blackswan_dir):
     """Two jobs on one VideoGLaMM actor with a 1.5 s lease and 3 coordinator slots: the second job waits
     behind the first for longer than the lease while the idle third slot polls for abandoned jobs
@@ -170,7 +170,7 @@ def test_waiting_jobs_keep_their_lease_cancel_stops_the_stream_and_actors_beat(r
     from refstream.service.worker import heartbeats
 
     pools = []
-    stop, thread = _serve(redis_server.url, shared_data, pools, lease_ms=1500, jobs_in_flight=3)
+    stop, thread = _serve(redis_server.url, examples_dir, pools, lease_ms=1500, jobs_in_flight=3)
     try:
         client = RefStreamClient(redis_server.url)
         long_job = client.submit(str(bedroom_mp4), ["the bed"], max_frames=80)

@@ -19,7 +19,7 @@ def full():
 
 def test_parameter_counts_match_the_released_modules(full):
     counts = parameter_counts(full[1])
-    # docs/design.md (meta-device counts of the released architectures).
+    # docs/design.md, section Model size and cost (meta-device counts of the released architectures).
     assert round(counts["clip_vision"] / 1e6, 1) == 303.5
     assert round(counts["clip_text"] / 1e6, 1) == 123.1
     assert round(counts["internvideo2"] / 1e6, 1) == 987.0

@@ -1,6 +1,6 @@
 """Tests for video_pipeline: decoding (decord, PyAV, frame folders), frame plans, preprocessing.
 
-Real files only: the shared bedroom.mp4 and DAVIS blackswan frames, plus small videos and broken files
+Real files only: the bundled examples/bedroom.mp4 and DAVIS blackswan frames, plus small videos and broken files
 written into tmp_path. Cases that could crash a native decoder run in a subprocess.
 """
 

@@ -492,7 +492,7 @@ def llm_config_from_checkpoint(raw: Mapping, base: Mapping | None = None) -> dic
     ``sliding_window`` is converted: the checkpoint was written with transformers 4.41, whose Phi-3 masks
     ``j <= i - w - 1`` (eager / sdpa ``_make_causal_mask``; flash-attention ``window_size=(w, w)``), i.e. lets
     each token see ``w + 1`` positions; transformers 5 lets it see ``w`` (``kv_idx > q_idx - w``). Phi-3-mini's
-    ``2047`` therefore becomes ``2048`` (docs/design.md).
+    ``2047`` therefore becomes ``2048`` (docs/design.md, section VideoGLaMM).
     """
     out = dict(base or {})
     for field in PHI3_CONFIG_FIELDS:

@@ -12,8 +12,8 @@ multiply-add) by running each stage on meta tensors of the right shapes:
 - SAM2 per frame: the Hiera image encoder at 1024 px plus memory attention over a full memory bank
   (7 mask memories of 64x64 tokens and 16 object pointers of 4 tokens).
 
-Reference figures (docs/design.md, from the released architectures): CLIP 0.38 TFLOPs/frame, InternVideo2 2.25 per 4-frame chunk,
-SAM2 1.83 + 0.61 per frame, LLM prefill 29.0 at the unpruned 3,378-token sequence.
+Reference figures (docs/design.md, section Model size and cost): CLIP 0.38 TFLOPs/frame, InternVideo2 2.25
+per 4-frame chunk, SAM2 1.83 + 0.61 per frame, LLM prefill 29.0 at the unpruned 3,378-token sequence.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from workers.internvideo2 import build_internvideo2, internvideo2_vision_config
 from workers.sam2_decoder import sam2_video_config
 from workers.videoglamm import mlp2x_gelu
 
-#: Text tokens of the default prompt with the Phi-3 tokenizer (3,378 - 3,328 visual; docs/design.md).
+#: Text tokens of the default prompt with the Phi-3 tokenizer (3,378 - 3,328 visual tokens; docs/design.md,
+#: section VideoGLaMM).
 PHI3_PROMPT_TOKENS = 50
 
 

@@ -1,6 +1,6 @@
 """VideoGLaMM assembled from transformers hosts, with pruned CLIP tokens.
 
-Architecture (github mbzuai-oryx/VideoGLaMM @ 6b15b1e; docs/design.md):
+Architecture (github mbzuai-oryx/VideoGLaMM @ 6b15b1e; docs/design.md, section VideoGLaMM):
 
 - spatial encoder: ``CLIPModel`` (ViT-L/14-336), ``hidden_states[-2][:, 1:]``, 576 patches per frame;
 - temporal encoder: InternVideo2-1B on ``InternVLVisionModel`` (:mod:`workers.internvideo2`), 256 tokens

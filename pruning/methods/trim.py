@@ -20,7 +20,7 @@ As merge weights [F, K, T]: a one-hot row per kept unit and a final row of ``1 /
 unselected units. ``Selection.gather`` applies them to per-unit tokens; ``merged_features`` applies them
 to the (pooled) layer -2 hidden states.
 
-Direction: a documented discrepancy. LiteLVLM (the paper; docs/design.md) describes TRIM as
+Direction: a documented discrepancy. The LiteLVLM paper (sections 1 and 5.2) describes TRIM as
 keeping tokens with HIGH visual-text similarity, and the RefStream issue asks for that; it is the default
 (``direction="high"``) so that LiteLVLM's TRIM numbers can be reproduced. The official code keeps the
 LOWEST similarity: it ranks ``softmax(-s)`` (L89-90) and takes its top-k (L111); its first version

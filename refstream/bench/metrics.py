@@ -7,8 +7,8 @@ side (alternating repeats, best of N), and checks that both give the same values
 ``--official`` only ours is timed. Target (RefStream issue "Evaluation"): F at 480x854 at least 1.5x
 the official code.
 
-Cases: the real ``blackswan`` GT (``../shared/data/ref-davis17-mini``, 50 frames) against shifted
-(small and large), dilated and eroded copies of itself; when that data is absent, synthetic blobs.
+Cases: the real ``blackswan`` GT (``examples/ref-davis17-mini`` in a repository checkout, 50 frames) against
+shifted (small and large), dilated and eroded copies of itself; when that data is absent, synthetic blobs.
 Two stress cases follow: a near-full-frame object (the crop cannot shrink) and dense random noise.
 
 Run: ``python -m refstream.bench.metrics [--official DIR] [--repeats 5] [--json FILE]``.
@@ -32,7 +32,7 @@ from eval.metrics import f_measure
 
 SHAPE = (480, 854)
 TARGET = 1.5
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the bundled data of a repository checkout
 
 
 def environment(official_dir: Path | None = None) -> dict:
@@ -75,7 +75,7 @@ def make_cases(frames: int = 50, seed: int = 0) -> dict[str, tuple[np.ndarray, n
     import cv2
 
     rng = np.random.default_rng(seed)
-    gt_dir = SHARED / "ref-davis17-mini" / "DAVIS" / "Annotations_unsupervised" / "480p" / "blackswan"
+    gt_dir = EXAMPLES / "ref-davis17-mini" / "DAVIS" / "Annotations_unsupervised" / "480p" / "blackswan"
     pngs = sorted(gt_dir.glob("*.png"))[:frames]
     if pngs:
         from PIL import Image

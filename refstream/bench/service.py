@@ -39,8 +39,8 @@ from refstream.bench import cpu_name
 
 TARGET = 0.85
 LATENCY_REPEATS = 3  # first-mask latency: median of this many single jobs on an idle system
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-DEFAULT_VIDEO = SHARED / "ref-davis17-mini" / "DAVIS" / "JPEGImages" / "480p" / "blackswan"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the bundled data of a repository checkout
+DEFAULT_VIDEO = EXAMPLES / "ref-davis17-mini" / "DAVIS" / "JPEGImages" / "480p" / "blackswan"
 
 
 # ---------------------------------------------------------------------------------------------- helpers

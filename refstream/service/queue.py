@@ -9,7 +9,7 @@ Keys (``prefix`` defaults to ``refstream``):
 ``{prefix}:dead``         dead-letter stream: jobs that failed ``max_deliveries`` times, with their last error
 ``{prefix}:metrics``      hash of counters and histograms for Prometheus (see :mod:`refstream.service.metrics`)
 
-Delivery (REFERENCE.md section 5): a worker takes an entry with ``XREADGROUP``; it stays pending until
+Delivery (docs/design.md, section Service delivery): a worker takes an entry with ``XREADGROUP``; it stays pending until
 the worker ``XACK``s it, which happens only after the result is durably written (or the job is marked
 failed/cancelled). A worker that dies leaves the entry pending; once it has been idle longer than the
 lease, another worker takes it over with ``XAUTOCLAIM``. A running job renews its lease on every progress
