@@ -204,7 +204,8 @@ class ServiceCollector:
         yield CounterMetricFamily("refstream_frames_processed", "Frames segmented by all workers",
                                   value=int(raw.get(FRAMES_FIELD, 0)))
         yield CounterMetricFamily("refstream_lease_renewal_failures",
-                                  "Lease renewals that failed (Redis away, or the entry taken over by another consumer)",
+                                  "Lease renewals that failed (Redis away, or the entry taken over by another "
+                                  "consumer)",
                                   value=int(raw.get(RENEWAL_FAILURES_FIELD, 0)))
 
     @staticmethod

@@ -9,16 +9,16 @@ Keys (``prefix`` defaults to ``refstream``):
 ``{prefix}:dead``         dead-letter stream: jobs that failed ``max_deliveries`` times, with their last error
 ``{prefix}:metrics``      hash of counters and histograms for Prometheus (see :mod:`refstream.service.metrics`)
 
-Delivery (at-least-once, as in the Redis Streams consumer-group documentation; see docs/design.md): a worker takes an entry with ``XREADGROUP``; it stays pending until
-the worker ``XACK``s it, which happens only after the result is durably written (or the job is marked
-failed/cancelled). A worker that dies leaves the entry pending; once it has been idle longer than the
-lease, another worker takes it over with ``XAUTOCLAIM``. A running job renews its lease on every progress
-report (``XCLAIM ... JUSTID``), so a long job is not stolen. After ``max_deliveries`` deliveries the job
-goes to the dead-letter stream with its last error. A renewal that fails (Redis away, or the entry already
-taken over by another consumer) is logged (``lease.renew_failed``) and counted
-(``refstream_lease_renewal_failures_total``, see :mod:`refstream.service.metrics`). Results are idempotent: the result key is written
-with ``SET NX``, so a job run twice (a reclaimed job whose first worker was only slow) keeps its first
-result and never yields two different ones.
+Delivery (at-least-once, as in the Redis Streams consumer-group documentation; see docs/design.md): a worker
+takes an entry with ``XREADGROUP``; it stays pending until the worker ``XACK``s it, which happens only after
+the result is durably written (or the job is marked failed/cancelled). A worker that dies leaves the entry
+pending; once it has been idle longer than the lease, another worker takes it over with ``XAUTOCLAIM``. A
+running job renews its lease on every progress report (``XCLAIM ... JUSTID``), so a long job is not stolen.
+After ``max_deliveries`` deliveries the job goes to the dead-letter stream with its last error. A renewal that
+fails (Redis away, or the entry already taken over by another consumer) is logged (``lease.renew_failed``) and
+counted (``refstream_lease_renewal_failures_total``, see :mod:`refstream.service.metrics`). Results are
+idempotent: the result key is written with ``SET NX``, so a job run twice (a reclaimed job whose first worker
+was only slow) keeps its first result and never yields two different ones.
 """
 
 from __future__ import annotations
