@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from refstream.bench import cpu_name
+from refstream.service.heartbeat import heartbeats
 
 TARGET = 0.85
 LATENCY_REPEATS = 3  # first-mask latency: median of this many single jobs on an idle system
@@ -181,8 +182,7 @@ def _inprocess_subprocess(spec: dict, timeout: float) -> dict:
 # ---------------------------------------------------------------------------------------------- service
 def _wait_heartbeats(url: str, names: list[str], timeout: float) -> list[dict]:
     """The actors' Redis heartbeats, once every one of ``names`` has loaded its model and beats."""
-    from refstream.service.heartbeat import heartbeats  # lazy: see the module docstring
-    from refstream.service.queue import connect
+    from refstream.service.queue import connect  # lazy: see the module docstring
 
     client = connect(url)
     deadline = time.monotonic() + timeout
