@@ -387,7 +387,7 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
                                  writer.masks)
             summary, files = writer.finish(result, options, pools.sam2["device"], started)
     finally:
-        _end_on_actors(stream, decoder, decode_id, progress.job_id)
+        _end_on_actors(stream, decoder, decode_id, getattr(progress, "job_id", None))
         pools.release(actors)
     total = len(meta["frame_names"])
     progress(frames_done=total, frames_total=total, stages=summary["stage_seconds"])
