@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import threading
 import time
@@ -11,7 +12,8 @@ import pytest
 
 from refstream.errors import ConfigError, ExpressionError, InputError
 from refstream.service.jobs import InputPolicy, JobRequest
-from refstream.service.queue import JobCancelled, JobNotFound, JobQueue, JobReturned, LeaseKeeper, connect
+from refstream.service.queue import (JobCancelled, JobNotFound, JobProgress, JobQueue, JobReturned, LeaseKeeper,
+                                     connect)
 
 
 def request(**kw) -> JobRequest:
@@ -240,3 +242,70 @@ def test_many_clients_no_job_lost_or_duplicated(redis_server):
     results = [queues[0].result(j) for j in ids]
     assert all(r is not None for r in results)
     assert len(runs) == 50 and len(set(runs)) == 50  # each job ran exactly once
+
+
+def _renewal_failures(queue: JobQueue) -> float:
+    """``refstream_lease_renewal_failures_total`` as the Prometheus exporter reports it."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from refstream.service.metrics import ServiceCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(queue))
+    for family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in family.samples:
+            if sample.name == "refstream_lease_renewal_failures_total":
+                return sample.value
+    raise AssertionError("no refstream_lease_renewal_failures_total in the metrics")
+
+
+def _renewal_logs(caplog, job_id: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "event", None) == "lease.renew_failed"
+            and getattr(r, "job_id", None) == job_id]
+
+
+def test_a_lease_taken_over_is_a_logged_and_counted_renewal_failure(queue, caplog):
+    job = queue.submit(request())
+    slow = queue.take("slow", block_ms=10)
+    assert _renewal_failures(queue) == 0
+    time.sleep(0.3)  # past the 200 ms lease: another consumer takes the job over
+    assert queue.take("thief", block_ms=10).job_id == job
+    with caplog.at_level(logging.WARNING, logger="refstream.queue"):
+        queue.progress(slow, "slow", frames_done=1)  # the renewal comes too late
+    (record,) = _renewal_logs(caplog, job)
+    assert record.levelno == logging.WARNING and "taken over by thief" in record.getMessage()
+    assert record.consumer == "slow"
+    assert _renewal_failures(queue) == 1 and queue.unsent_renewal_failures == 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="refstream.queue"):
+        queue.progress(slow, "slow", frames_done=2)  # claimed back by the last renewal: no new failure
+    assert _renewal_logs(caplog, job) == [] and _renewal_failures(queue) == 1
+
+
+def test_renewal_while_redis_is_stopped_is_logged_then_counted_when_it_is_back(redis_server, caplog):
+    queue = JobQueue(connect(redis_server.url, retries=1), lease_ms=60_000)
+    job = queue.submit(request())
+    delivery = queue.take("w", block_ms=10)
+    progress = JobProgress(queue, delivery, "w")
+    redis_server.stop()  # AOF on: the stream and the job survive the restart below
+    try:
+        with caplog.at_level(logging.DEBUG, logger="refstream.queue"):
+            with LeaseKeeper(progress, 0.1) as keeper:  # renews every 0.1 s: each renewal fails
+                deadline = time.monotonic() + 20
+                while not _renewal_logs(caplog, job):
+                    assert time.monotonic() < deadline, "no lease.renew_failed log"
+                    time.sleep(0.05)
+            assert keeper.cancelled is None
+        record = _renewal_logs(caplog, job)[0]
+        assert record.levelno == logging.WARNING and "Redis did not answer" in record.getMessage()
+        retries = [r for r in caplog.records if getattr(r, "event", None) == "lease.retry"]
+        assert retries and all(r.job_id == job for r in retries)  # the keeper says it goes on, with the job id
+        failed = queue.unsent_renewal_failures
+        assert failed >= 1
+    finally:
+        redis_server.start()
+    progress(frames_done=1)  # Redis is back: the next report carries the count
+    assert queue.unsent_renewal_failures == 0 and _renewal_failures(queue) == failed
+    queue.complete(delivery, {"ok": 1})
+    assert queue.status(job)["state"] == "done"

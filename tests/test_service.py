@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -154,3 +155,72 @@ def test_a_running_job_keeps_its_lease_between_progress_reports(redis_server, da
         done.set()
         t.join()
     assert stolen == [] and client.status(job)["state"] == "done" and client.status(job)["deliveries"] == 1
+
+
+def _events(caplog, event: str) -> list:
+    return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+
+def test_redis_away_in_heartbeats_and_the_abort_flag_is_logged_not_raised(redis_server, caplog):
+    from refstream.service.worker import HeartbeatThread, RedisFlag
+
+    client = connect(redis_server.url, retries=0)
+    beat = HeartbeatThread(redis_server.url, "t", "decoder-9", lambda: {"role": "decode"}, every_s=3600)
+    beat.r = connect(redis_server.url, retries=0)  # fail at once instead of retrying for seconds
+    try:
+        assert "decoder-9" in heartbeats(client, "t")
+        redis_server.stop()
+        with caplog.at_level(logging.WARNING, logger="refstream.worker"):
+            beat.beat()  # must not raise: a heartbeat never fails a job
+            assert RedisFlag(client, "t:serve:x:abort", every_s=0).is_set() is False
+    finally:
+        beat.stop()
+        redis_server.start()
+    (failed,) = _events(caplog, "heartbeat.failed")
+    assert failed.levelno == logging.WARNING and failed.consumer == "decoder-9" and failed.error
+    (away,) = _events(caplog, "worker.redis_away")
+    assert away.levelno == logging.WARNING and "t:serve:x:abort" in away.getMessage()
+
+
+def test_a_failing_coordinator_loop_is_logged_with_its_consumer_and_restarted(redis_server, caplog):
+    from refstream.service.streaming import _coordinate
+
+    queue = JobQueue(connect(redis_server.url, retries=0))
+    redis_server.stop()  # every take() fails: the loop logs it and starts again until told to stop
+    stop = threading.Event()
+    notes = []
+    threading.Timer(1.2, stop.set).start()
+    try:
+        assert _coordinate(queue, "pools-coordinator-0", lambda *_: {}, stop,
+                           lambda event, message, level, **fields: notes.append((event, level, fields))) == 0
+    finally:
+        redis_server.start()
+    assert len(notes) >= 2 and {n[0] for n in notes} == {"serve.worker_error"}
+    assert all(level == logging.WARNING and f["consumer"] == "pools-coordinator-0" and f["error"]
+               for _, level, f in notes)
+
+
+def test_whole_supervisor_retries_and_logs_its_stop_requests_while_redis_is_away(redis_server):
+    from refstream.service.serve import _WholeSupervisor
+    from refstream.service.worker import abort_key, stop_key
+
+    control = JobQueue(connect(redis_server.url, retries=0))
+    stop, abort = threading.Event(), threading.Event()
+    notes = []
+    supervisor = _WholeSupervisor(control, "sid", stop, abort, lambda event, *a, **f: notes.append(event))
+    stop.set()
+    abort.set()
+    redis_server.stop()
+    try:
+        supervisor._send_requests()
+        assert not supervisor.stop_sent and not supervisor.abort_sent
+        assert notes == ["serve.abort_retry", "serve.stopping", "serve.stop_retry"]
+        supervisor._delete_keys()  # logged, not raised: the keys expire on their own
+        assert notes[-1] == "serve.cleanup_failed"
+    finally:
+        redis_server.start()
+    supervisor._send_requests()  # Redis is back: both requests go through on the next turn
+    assert supervisor.stop_sent and supervisor.abort_sent and notes[-1] == "serve.aborting"
+    assert control.r.exists(stop_key(control.prefix, "sid"), abort_key(control.prefix, "sid")) == 2
+    supervisor._delete_keys()
+    assert control.r.exists(stop_key(control.prefix, "sid"), abort_key(control.prefix, "sid")) == 0

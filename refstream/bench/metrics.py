@@ -12,12 +12,19 @@ shifted (small and large), dilated and eroded copies of itself; when that data i
 Two stress cases follow: a near-full-frame object (the crop cannot shrink) and dense random noise.
 
 Run: ``python -m refstream.bench.metrics [--official DIR] [--repeats 5] [--json FILE]``.
+
+``refstream`` imports this module to build its parser, so OpenCV, scikit-image and Pillow are imported
+inside the functions that use them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import logging
+import os
 import platform
 import subprocess
 import sys
@@ -26,35 +33,35 @@ from pathlib import Path
 
 import numpy as np
 
-from refstream.bench import cpu_name
-
 from eval.metrics import f_measure
+from refstream.bench import cpu_name
 
 SHAPE = (480, 854)
 TARGET = 1.5
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the bundled data of a repository checkout
+log = logging.getLogger("refstream.bench")
 
 
 def environment(official_dir: Path | None = None) -> dict:
-    """Hardware and software versions for the report."""
-    import os
-
-    import cv2
+    """Hardware and software versions for the report (``scikit-image`` / ``official_commit`` None when absent)."""
+    import cv2  # lazy: see the module docstring
 
     env = {"cpu": cpu_name(), "cores": os.cpu_count(), "opencv_threads": cv2.getNumThreads(),
            "python": platform.python_version(), "numpy": np.__version__, "opencv": cv2.__version__,
            "platform": platform.platform()}
     try:
-        import skimage
+        import skimage  # optional: only the official code needs it
 
         env["scikit-image"] = skimage.__version__
-    except ImportError:
+    except ImportError as exc:
+        log.debug("scikit-image not installed (%s)", exc)
         env["scikit-image"] = None
     if official_dir is not None:
         try:
             env["official_commit"] = subprocess.run(["git", "-C", str(official_dir), "rev-parse", "HEAD"],
                                                     capture_output=True, text=True).stdout.strip() or None
-        except OSError:
+        except OSError as exc:
+            log.debug("no git commit of %s (%s)", official_dir, exc)
             env["official_commit"] = None
     return env
 
@@ -72,13 +79,13 @@ def _blobs(rng, n: int, count: int) -> np.ndarray:
 
 def make_cases(frames: int = 50, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{name: (gt, pred)}`` bool [T, 480, 854] mask pairs."""
-    import cv2
+    import cv2  # lazy: see the module docstring
 
     rng = np.random.default_rng(seed)
     gt_dir = EXAMPLES / "ref-davis17-mini" / "DAVIS" / "Annotations_unsupervised" / "480p" / "blackswan"
     pngs = sorted(gt_dir.glob("*.png"))[:frames]
     if pngs:
-        from PIL import Image
+        from PIL import Image  # lazy: see the module docstring
 
         gt = np.stack([np.array(Image.open(p)) == 1 for p in pngs])
         source = "blackswan GT"
@@ -108,8 +115,6 @@ def load_official(official_dir: str | Path):
     official_dir = Path(official_dir)
     if not (official_dir / "davis2017" / "metrics.py").is_file():
         raise SystemExit(f"{official_dir}: davis2017/metrics.py not found (give a davis2017-evaluation checkout)")
-    import importlib.util
-
     missing = [m for m in ("cv2", "skimage") if importlib.util.find_spec(m) is None]
     if missing:
         raise SystemExit(f"the official davis2017.metrics needs {', '.join(missing)} (pip install "

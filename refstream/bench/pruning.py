@@ -24,9 +24,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from refstream.bench import cpu_name
 import torch
+import transformers
+from transformers import CLIPConfig, CLIPModel
+
+from pruning.clip_features import ClipFeatureExtractor
+from pruning.registry import available_methods, get_method
+from refstream.bench import cpu_name
+from video_pipeline.decode import open_video
+from video_pipeline.plan import plan_frames
+from video_pipeline.preprocess import clip_preprocess
+from workers.tokenizers import tiny_clip_tokenizer
 
 BUDGETS = (196, 81, 64)
 SELECTION_TARGET = 0.001
@@ -35,8 +43,6 @@ TOTAL_TARGET = 0.01
 
 def clip_config(size: str):
     """CLIPConfig of ``openai/clip-vit-large-patch14-336`` (``full``) or a tiny one for tests (``tiny``)."""
-    from transformers import CLIPConfig
-
     if size == "full":
         vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                       image_size=336, patch_size=14, hidden_act="quick_gelu")
@@ -52,8 +58,6 @@ def clip_config(size: str):
 
 def environment() -> dict:
     """Hardware and software versions for the report."""
-    import transformers
-
     return {
         "cpu": cpu_name(), "cores": torch.get_num_threads(), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__, "numpy": np.__version__,
@@ -74,9 +78,6 @@ def _timed(fn):
 def _frames(video: str | None, count: int) -> np.ndarray:
     """``count`` encoder frames of a real video (VideoGLaMM's frame plan), or random pixels without one."""
     if video:
-        from video_pipeline.decode import open_video
-        from video_pipeline.plan import plan_frames
-
         with open_video(video) as source:
             return source.read(plan_frames(source.num_frames, count).encoder_indices)
     return np.random.default_rng(0).integers(0, 256, (count, 480, 640, 3), dtype=np.uint8)
@@ -113,60 +114,85 @@ def run_benchmark(
     texts: int = 1, repeats: int = 5, forward_repeats: int = 2, video: str | None = None, log=print,
 ) -> dict:
     """Run the measurements and return the report dictionary (see the module docstring)."""
-    from transformers import CLIPModel
-
-    from pruning.clip_features import ClipFeatureExtractor
-    from pruning.registry import available_methods, get_method
-    from video_pipeline.preprocess import clip_preprocess
-    from workers.tokenizers import tiny_clip_tokenizer
-
     torch.manual_seed(0)
     log(f"building CLIP ({size}) with random weights ...")
-    clip = CLIPModel(clip_config(size)).eval().requires_grad_(False)
-    # CLIP's BPE tokenizer cannot be downloaded here; the byte-level stand-in gives about 4x more tokens per
-    # question than BPE (one per character), so the text-tower time measured is an upper bound.
-    tokenizer = tiny_clip_tokenizer()
-    extractor = ClipFeatureExtractor(clip, tokenizer, chunk_size=frames)
+    clip, extractor = _random_clip(size, frames)
     pixels = clip_preprocess(_frames(video, frames))
-    question = "What is {e} in this video? Please respond with segmentation masks."
-    expressions = ["the black swan", "the water on the left", "the green plants"][:texts] + [
-        f"object {i}" for i in range(max(0, texts - 3))]
+    questions = _questions(texts)
     report: dict = {"environment": environment(), "size": size, "frames": frames, "texts": texts,
                     "video": video, "budgets": list(budgets),
                     "note": "text tower fed byte-level tokens (about 4x CLIP BPE's count): its time is an upper bound"}
-
     with torch.inference_mode():
-        plain, hooked = [], []
-        for i in range(forward_repeats):  # alternate so drift hits both equally
-            log(f"CLIP vision forward {i + 1}/{forward_repeats}: plain ...")
-            plain.append(_timed(lambda: extractor.encode_frames(pixels, with_scores=False))[1])
-            log(f"CLIP vision forward {i + 1}/{forward_repeats}: with q/k/v hooks ...")
-            features, seconds = _timed(lambda: extractor.encode_frames(pixels, with_scores=True, with_penultimate=True))
-            hooked.append(seconds)
-        t_plain, t_hooked = min(plain), min(hooked)
-        # The projection heads are computed inside encode_frames(with_scores=True); time them on their own.
-        proj_times = [
-            _timed(lambda: clip.visual_projection(clip.vision_model.post_layernorm(features.hidden[:, 1:])))[1]
-            for _ in range(repeats)
-        ]
-        hooks_s = _hook_overhead(clip, features.hidden, repeats)
-        texts_list = [question.format(e=e) for e in expressions]
-        text_times = [_timed(lambda: extractor.encode_texts(texts_list))[1] for _ in range(repeats)]
-        text_embeds = extractor.encode_texts(texts_list)
+        features, forward = _time_clip_forward(extractor, pixels, forward_repeats, log)
+        report["clip_forward_s"] = forward
+        report.update(_time_litelvlm_parts(clip, extractor, features, questions, repeats))
+        text_embeds = extractor.encode_texts(questions)
+    report["forward_difference_s"] = forward["with_hooks"] - forward["plain"]
+    report["rows"] = _method_rows(features, text_embeds, methods, placements, budgets, repeats, forward["plain"])
+    report["litelvlm"] = _litelvlm_verdict(report)
+    report["peak_rss_mb"] = _peak_rss_mb()
+    return report
 
-    report["clip_forward_s"] = {"plain": t_plain, "with_hooks": t_hooked, "runs_plain": plain, "runs_hooked": hooked}
-    report["projection_heads_s"] = statistics.median(proj_times)
-    report["text_tower_s"] = statistics.median(text_times)
-    # Two 16-frame forwards differ by seconds from run to run, far more than the hooks cost, so the hooks
-    # are timed where they act: the two hooked layers run alone, with and without their hooks.
-    report["hooks_s"] = hooks_s
-    report["forward_difference_s"] = t_hooked - t_plain
+
+def _random_clip(size: str, frames: int) -> tuple:
+    """``(clip, extractor)``: CLIP of :func:`clip_config` with random weights, and its feature extractor.
+
+    CLIP's BPE tokenizer cannot be downloaded here; the byte-level stand-in gives about 4x more tokens per
+    question than BPE (one per character), so the text-tower time measured is an upper bound.
+    """
+    clip = CLIPModel(clip_config(size)).eval().requires_grad_(False)
+    return clip, ClipFeatureExtractor(clip, tiny_clip_tokenizer(), chunk_size=frames)
+
+
+def _questions(texts: int) -> list[str]:
+    """``texts`` VideoGLaMM questions, one per referring expression (the text tower's input)."""
+    question = "What is {e} in this video? Please respond with segmentation masks."
+    expressions = ["the black swan", "the water on the left", "the green plants"][:texts] + [
+        f"object {i}" for i in range(max(0, texts - 3))]
+    return [question.format(e=e) for e in expressions]
+
+
+def _time_clip_forward(extractor, pixels: torch.Tensor, repeats: int, log) -> tuple:
+    """The CLIP vision forward without and with the pruning hooks, alternated ``repeats`` times (so that drift
+    hits both equally). Returns ``(features of the hooked forward, {"plain", "with_hooks": fastest seconds,
+    "runs_plain", "runs_hooked": every run})``."""
+    plain, hooked = [], []
+    for i in range(repeats):
+        log(f"CLIP vision forward {i + 1}/{repeats}: plain ...")
+        plain.append(_timed(lambda: extractor.encode_frames(pixels, with_scores=False))[1])
+        log(f"CLIP vision forward {i + 1}/{repeats}: with q/k/v hooks ...")
+        features, seconds = _timed(lambda: extractor.encode_frames(pixels, with_scores=True, with_penultimate=True))
+        hooked.append(seconds)
+    return features, {"plain": min(plain), "with_hooks": min(hooked), "runs_plain": plain, "runs_hooked": hooked}
+
+
+def _time_litelvlm_parts(clip, extractor, features, questions: list[str], repeats: int) -> dict[str, float]:
+    """Seconds of what LiteLVLM adds besides the selection (medians of ``repeats``): ``projection_heads_s``,
+    ``text_tower_s`` and ``hooks_s``.
+
+    The projection heads are computed inside ``encode_frames(with_scores=True)``: timed here on their own. Two
+    16-frame forwards differ by seconds from run to run, far more than the hooks cost, so the hooks are timed
+    where they act: the two hooked layers run alone, with and without their hooks.
+    """
+    proj_times = [
+        _timed(lambda: clip.visual_projection(clip.vision_model.post_layernorm(features.hidden[:, 1:])))[1]
+        for _ in range(repeats)
+    ]
+    hooks_s = _hook_overhead(clip, features.hidden, repeats)
+    text_times = [_timed(lambda: extractor.encode_texts(questions))[1] for _ in range(repeats)]
+    return {"projection_heads_s": statistics.median(proj_times), "text_tower_s": statistics.median(text_times),
+            "hooks_s": hooks_s}
+
+
+def _method_rows(features, text_embeds, methods, placements, budgets, repeats: int, t_plain: float) -> list[dict]:
+    """One row per method (every registered one unless ``methods``), placement and budget: tokens kept, the
+    median selection time and its ratio to the plain CLIP forward ``t_plain`` (None for methods that prune
+    inside the LLM), and the peak RSS so far."""
     rows = []
-    names = methods or [m for m in available_methods() if not m.startswith("_")]
-    for name in names:
+    for name in methods or [m for m in available_methods() if not m.startswith("_")]:
         method_name, _, variant = name.partition(":")
-        opts = {"variant": variant} if variant else {}
-        method = get_method(method_name, **opts)
+        method = get_method(method_name, **({"variant": variant} if variant else {}))
+        texts = text_embeds if method.needs_text else None
         for placement in placements:
             for budget in budgets:
                 row = {"method": name, "placement": placement, "budget": budget}
@@ -174,19 +200,24 @@ def run_benchmark(
                     row.update(kept=None, select_ms=None, ratio=None, note="prunes inside the LLM (see refstream flops)")
                 else:
                     with torch.inference_mode():
-                        selection = method.select(features, text_embeds if method.needs_text else None, budget, placement)
-                        times = [_timed(lambda: method.select(
-                            features, text_embeds if method.needs_text else None, budget, placement))[1]
-                            for _ in range(repeats)]
+                        selection = method.select(features, texts, budget, placement)
+                        times = [_timed(lambda: method.select(features, texts, budget, placement))[1]
+                                 for _ in range(repeats)]
                     t = statistics.median(times)
                     row.update(kept=selection.kept_per_frame, select_ms=t * 1e3, ratio=t / t_plain)
                 row["peak_rss_mb"] = _peak_rss_mb()
                 rows.append(row)
-    report["rows"] = rows
-    lite = [r for r in rows if r["method"].split(":")[0] == "litelvlm" and r["select_ms"] is not None]
+    return rows
+
+
+def _litelvlm_verdict(report: dict) -> dict:
+    """LiteLVLM against the targets: its slowest selection row, and everything it adds, as fractions of the
+    plain CLIP forward."""
+    t_plain = report["clip_forward_s"]["plain"]
+    lite = [r for r in report["rows"] if r["method"].split(":")[0] == "litelvlm" and r["select_ms"] is not None]
     worst_select = max(r["select_ms"] for r in lite) / 1e3 if lite else float("nan")
     adds = report["text_tower_s"] + report["projection_heads_s"] + report["hooks_s"] + worst_select
-    report["litelvlm"] = {
+    return {
         "selection_ratio_worst": worst_select / t_plain,
         "selection_target": SELECTION_TARGET,
         "adds_s": adds,
@@ -195,8 +226,6 @@ def run_benchmark(
         "selection_ok": worst_select / t_plain <= SELECTION_TARGET,
         "adds_ok": adds / t_plain <= TOTAL_TARGET,
     }
-    report["peak_rss_mb"] = _peak_rss_mb()
-    return report
 
 
 def format_table(report: dict) -> str:

@@ -17,12 +17,16 @@ supervisor), the worker actor(s), redis-server and Ray's own processes (gcs_serv
 Target (RefStream issue "The service"): service throughput >= 0.85x in-process with one worker.
 
 Run: ``refstream bench service [--jobs 8] [--max-frames 16] [--json FILE]`` or ``python -m refstream.bench.service``.
+
+``refstream`` imports this module to build its parser, so Ray, Redis, torch, the pipeline and the service
+modules are imported inside the functions that run the benchmark (each such import says so).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import shutil
@@ -36,11 +40,13 @@ import time
 from pathlib import Path
 
 from refstream.bench import cpu_name
+from refstream.service.heartbeat import heartbeats
 
 TARGET = 0.85
 LATENCY_REPEATS = 3  # first-mask latency: median of this many single jobs on an idle system
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"  # the bundled data of a repository checkout
 DEFAULT_VIDEO = EXAMPLES / "ref-davis17-mini" / "DAVIS" / "JPEGImages" / "480p" / "blackswan"
+log = logging.getLogger("refstream.bench")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -50,18 +56,20 @@ def _proc_status(pid: int, field: str) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as exc:
+        log.debug("no %s of process %d (%s): counted as 0", field, pid, exc)
     return 0
 
 
 def _descendants(root: int) -> list[int]:
+    """Every process under ``root`` (from ``/proc``; processes that end meanwhile are left out)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
+            except (OSError, ValueError, IndexError) as exc:
+                log.debug("process %s left out (%s)", entry.name, exc)
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
     out, stack = [], [root]
@@ -75,12 +83,14 @@ def _descendants(root: int) -> list[int]:
 def _name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
+    except OSError as exc:
+        log.debug("no name of process %d (%s)", pid, exc)
         return "?"
 
 
 def _environment(device: str) -> dict:
-    import ray
+    """Hardware and versions for the report."""
+    import ray  # lazy: see the module docstring
     import redis
     import torch
 
@@ -106,14 +116,15 @@ class _Redis:
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder), "--appendonly", "yes",
              "--save", "", "--protected-mode", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
+        import redis  # lazy: see the module docstring
 
         deadline = time.monotonic() + 10
         while True:
             try:
                 redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
                 break
-            except redis.exceptions.ConnectionError:
+            except redis.exceptions.ConnectionError as exc:
+                log.debug("redis-server not answering yet (%s)", exc)
                 if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise RuntimeError("redis-server did not start")
                 time.sleep(0.02)
@@ -127,17 +138,17 @@ class _Redis:
 # ---------------------------------------------------------------------------------------------- in-process
 def run_inprocess(spec: dict) -> dict:
     """The in-process side (meant to run in its own process): model once, ``run_to_folder`` per job."""
-    from refstream.config import load_model_config
-    from refstream.pipeline import Pipeline, RunOptions, run_to_folder
+    from refstream.api import load  # lazy: see the module docstring
+    from refstream.options import JobOptions
+    from refstream.pipeline import run_to_folder
 
-    def options() -> RunOptions:
-        return RunOptions(expressions=list(spec["expressions"]), model=spec["model"], budget=spec["budget"],
-                          max_frames=spec["max_frames"], device=spec["device"])
+    def options() -> JobOptions:
+        return JobOptions(expressions=list(spec["expressions"]), budget=spec["budget"], max_frames=spec["max_frames"])
 
     out = Path(spec["out"])
-    started = time.perf_counter()
-    pipeline = Pipeline(load_model_config(spec["model"], spec.get("checkpoint")), spec["device"])
-    load_s = time.perf_counter() - started
+    segmenter = load(spec["model"], checkpoint=spec.get("checkpoint"), device=spec["device"])
+    load_s = segmenter.load_seconds
+    pipeline = segmenter.pipeline
     run_to_folder(spec["video"], options(), out / "warmup", progress=False, pipeline=pipeline)
     latencies = []
     for i in range(LATENCY_REPEATS):
@@ -171,8 +182,7 @@ def _inprocess_subprocess(spec: dict, timeout: float) -> dict:
 # ---------------------------------------------------------------------------------------------- service
 def _wait_heartbeats(url: str, names: list[str], timeout: float) -> list[dict]:
     """The actors' Redis heartbeats, once every one of ``names`` has loaded its model and beats."""
-    from refstream.service.queue import connect
-    from refstream.service.worker import heartbeats
+    from refstream.service.queue import connect  # lazy: see the module docstring
 
     client = connect(url)
     deadline = time.monotonic() + timeout
@@ -184,85 +194,37 @@ def _wait_heartbeats(url: str, names: list[str], timeout: float) -> list[dict]:
 
 
 def run_service(spec: dict, workers: int = 1) -> dict:
-    """The service side, driven from this process: redis-server, ``serve`` (Ray), the client."""
-    import ray
+    """The service side, driven from this process: redis-server, ``serve`` (Ray) in a thread, the client.
+
+    Returns:
+        ``load_s`` (start to every actor beating), ``first_mask_s``, ``wall_s`` (best round), ``walls_s``,
+        ``frames`` (of the last round), ``peak_rss`` (bytes by process group), ``stage_seconds_job0`` and
+        ``worker_threads`` (torch threads per actor).
+    """
+    import ray  # lazy: see the module docstring
 
     from refstream.service.client import RefStreamClient
-    from refstream.service.serve import serve
 
     out = Path(spec["out"])
-    cores = os.cpu_count() or 1
     redis_server = _Redis(out)
     stop = threading.Event()
-    actors: list = []
     thread = None
     try:
         started = time.perf_counter()
-        ray.init(num_cpus=cores, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-                 log_to_driver=False)
-        thread = threading.Thread(target=serve, args=(redis_server.url,), daemon=True, kwargs=dict(
-            workers=workers, model=spec["model"], checkpoint=spec.get("checkpoint"), device=spec["device"],
-            allowed_roots=[str(Path(spec["video"]).resolve().parent)], num_cpus=spec.get("threads") or (cores / workers if spec["pipeline"] == "whole" else None),
-            num_gpus=1.0 if spec["device"] == "cuda" else 0.0, stop_event=stop, on_start=actors.append,
-            pipeline=spec["pipeline"], jobs_in_flight=spec.get("jobs_in_flight")))
-        thread.start()
+        actors: list = []
+        thread = _start_serve(spec, redis_server.url, workers, stop, actors.append)
         while not actors:
             time.sleep(0.01)
-        names = [f"worker-{i}" for i in range(workers)]
-        if spec["pipeline"] == "pools":
-            names += ["encoder-0", "decoder-0"]
-        health = _wait_heartbeats(redis_server.url, names, 600)  # written once the model is loaded
+        health = _wait_heartbeats(redis_server.url, _actor_names(spec, workers), 600)  # once the models loaded
         startup_s = time.perf_counter() - started
-        client = RefStreamClient(redis_server.url)
-
-        def submit() -> str:
-            return client.submit(spec["video"], list(spec["expressions"]), max_frames=spec["max_frames"],
-                                 budget=spec["budget"])
-
-        def finish(job: str, folder: Path, poll_s: float = 0.2) -> int:
-            # The client's default poll (0.2 s): the jobs are all queued, so only the last one's detection
-            # waits on it, and faster polling would steal CPU from the worker on a small machine.
-            status = client.queue.wait(job, timeout_s=spec["timeout"], poll_s=poll_s)
-            if status["state"] != "done":
-                raise RuntimeError(f"service job {job} {status['state']}: {status['error']}")
-            client.result(job, folder)
-            return status["frames_done"]
-
-        finish(submit(), out / "svc-warmup")
-        latencies = []
-        for i in range(LATENCY_REPEATS):
-            t0 = time.perf_counter()
-            job = submit()
-            while (status := client.status(job))["frames_done"] < 1:
-                if status["state"] in ("failed", "cancelled"):
-                    raise RuntimeError(f"service job {job} {status['state']}: {status['error']}")
-                time.sleep(0.005)
-            latencies.append(time.perf_counter() - t0)
-            finish(job, out / f"svc-latency{i}", poll_s=0.01)
-        first_mask_s = statistics.median(latencies)
-        walls = []
-        for r in range(spec["rounds"]):
-            t0 = time.perf_counter()
-            jobs = [submit() for _ in range(spec["jobs"])]
-            frames = sum(finish(j, out / f"svc-r{r}job{i}") for i, j in enumerate(jobs))
-            walls.append(time.perf_counter() - t0)
-        seconds = [client.status(j)["stages"] for j in jobs]
-
-        worker_pids = {h["pid"] for h in health}
-        peak = {"driver": _proc_status(os.getpid(), "VmHWM"), "workers": 0, "redis-server": 0, "ray": 0}
-        for pid in _descendants(os.getpid()):
-            hwm = _proc_status(pid, "VmHWM")
-            if pid in worker_pids:
-                peak["workers"] += hwm
-            elif pid == redis_server.proc.pid:
-                peak["redis-server"] += hwm
-            else:
-                peak["ray"] += hwm
-        for pid in worker_pids - set(_descendants(os.getpid())):  # actor not under this process tree
-            peak["workers"] += _proc_status(pid, "VmHWM")
+        jobs = _ServiceJobs(RefStreamClient(redis_server.url), spec, out)
+        jobs.finish(jobs.submit(), "svc-warmup")
+        first_mask_s = _service_first_mask(jobs)
+        walls, frames, last = _service_throughput(jobs, spec["rounds"], spec["jobs"])
+        seconds = [jobs.client.status(j)["stages"] for j in last]
         return {"load_s": startup_s, "first_mask_s": first_mask_s, "wall_s": min(walls), "walls_s": walls,
-                "frames": frames,
-                "peak_rss": peak, "stage_seconds_job0": seconds[0] if seconds else {},
+                "frames": frames, "peak_rss": _service_peak_rss({h["pid"] for h in health}, redis_server.proc.pid),
+                "stage_seconds_job0": seconds[0] if seconds else {},
                 "worker_threads": sorted(h.get("threads", 0) for h in health)}
     finally:
         stop.set()
@@ -271,6 +233,101 @@ def run_service(spec: dict, workers: int = 1) -> dict:
         if ray.is_initialized():
             ray.shutdown()
         redis_server.stop()
+
+
+def _start_serve(spec: dict, redis_url: str, workers: int, stop: threading.Event, on_start) -> threading.Thread:
+    """Start Ray (every core) and ``serve`` in a daemon thread; ``on_start`` gets its actors (or pools)."""
+    import ray  # lazy: see the module docstring
+
+    from refstream.service.serve import serve
+
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, object_store_memory=200 * 1024 * 1024, log_to_driver=False)
+    num_cpus = spec.get("threads") or (cores / workers if spec["pipeline"] == "whole" else None)
+    thread = threading.Thread(target=serve, args=(redis_url,), daemon=True, kwargs=dict(
+        workers=workers, model=spec["model"], checkpoint=spec.get("checkpoint"), device=spec["device"],
+        allowed_roots=[str(Path(spec["video"]).resolve().parent)], num_cpus=num_cpus,
+        num_gpus=1.0 if spec["device"] == "cuda" else 0.0, stop_event=stop, on_start=on_start,
+        pipeline=spec["pipeline"], jobs_in_flight=spec.get("jobs_in_flight")))
+    thread.start()
+    return thread
+
+
+def _actor_names(spec: dict, workers: int) -> list[str]:
+    """The heartbeat names of the actors ``serve`` starts (pools: one encoder and one decoder too)."""
+    names = [f"worker-{i}" for i in range(workers)]
+    return names + (["encoder-0", "decoder-0"] if spec["pipeline"] == "pools" else [])
+
+
+class _ServiceJobs:
+    """The benchmark's jobs through the service client: submit one, wait for it and write its files."""
+
+    def __init__(self, client, spec: dict, out: Path):
+        self.client, self.spec, self.out = client, spec, out
+
+    def submit(self) -> str:
+        """Queue one job of the benchmark; returns its id."""
+        return self.client.submit(self.spec["video"], list(self.spec["expressions"]),
+                                  max_frames=self.spec["max_frames"], budget=self.spec["budget"])
+
+    def finish(self, job: str, folder: str, poll_s: float = 0.2) -> int:
+        """Wait for ``job``, write its files into ``out/folder``; returns its frames.
+
+        The client's default poll (0.2 s): the jobs are all queued, so only the last one's detection waits on
+        it, and faster polling would steal CPU from the worker on a small machine.
+
+        Raises:
+            RuntimeError: the job did not end ``done``.
+        """
+        status = self.client.queue.wait(job, timeout_s=self.spec["timeout"], poll_s=poll_s)
+        if status["state"] != "done":
+            raise RuntimeError(f"service job {job} {status['state']}: {status['error']}")
+        self.client.result(job, self.out / folder)
+        return status["frames_done"]
+
+
+def _service_first_mask(jobs: _ServiceJobs) -> float:
+    """Median seconds from submit to ``frames_done >= 1`` in Redis, of :data:`LATENCY_REPEATS` jobs alone."""
+    latencies = []
+    for i in range(LATENCY_REPEATS):
+        t0 = time.perf_counter()
+        job = jobs.submit()
+        while (status := jobs.client.status(job))["frames_done"] < 1:
+            if status["state"] in ("failed", "cancelled"):
+                raise RuntimeError(f"service job {job} {status['state']}: {status['error']}")
+            time.sleep(0.005)
+        latencies.append(time.perf_counter() - t0)
+        jobs.finish(job, f"svc-latency{i}", poll_s=0.01)
+    return statistics.median(latencies)
+
+
+def _service_throughput(jobs: _ServiceJobs, rounds: int, count: int) -> tuple[list[float], int, list[str]]:
+    """``rounds`` batches of ``count`` jobs queued at once; returns the wall seconds of each batch, the frames of
+    the last one and its job ids."""
+    walls, frames, ids = [], 0, []
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        ids = [jobs.submit() for _ in range(count)]
+        frames = sum(jobs.finish(j, f"svc-r{r}job{i}") for i, j in enumerate(ids))
+        walls.append(time.perf_counter() - t0)
+    return walls, frames, ids
+
+
+def _service_peak_rss(worker_pids: set[int], redis_pid: int) -> dict[str, int]:
+    """Peak RSS (``VmHWM``, bytes) of the driver, the worker actors, redis-server and Ray's own processes."""
+    peak = {"driver": _proc_status(os.getpid(), "VmHWM"), "workers": 0, "redis-server": 0, "ray": 0}
+    below = _descendants(os.getpid())
+    for pid in below:
+        hwm = _proc_status(pid, "VmHWM")
+        if pid in worker_pids:
+            peak["workers"] += hwm
+        elif pid == redis_pid:
+            peak["redis-server"] += hwm
+        else:
+            peak["ray"] += hwm
+    for pid in worker_pids - set(below):  # actor not under this process tree
+        peak["workers"] += _proc_status(pid, "VmHWM")
+    return peak
 
 
 # ---------------------------------------------------------------------------------------------- report

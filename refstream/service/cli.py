@@ -9,6 +9,8 @@ import argparse
 import json
 import os
 
+from refstream.service.logs import configure_logging, quiet_ray_log_prefix
+
 DEFAULT_REDIS_URL = os.environ.get("REFSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -17,13 +19,21 @@ def _roots(value: str | None) -> list[str]:
 
 
 def add_service_parsers(sub) -> None:
-    """Add the service verbs to the ``refstream`` subcommands."""
-    def common(p):
-        p.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
-                       help="redis[s]://[user:password@]host:port/db (default $REFSTREAM_REDIS_URL)")
+    """Add the service verbs (:data:`SERVICE_COMMANDS`) to the ``refstream`` subcommands."""
+    _add_submit_parser(sub)
+    _add_job_parsers(sub)
+    _add_serve_parser(sub)
 
+
+def _redis_url_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                   help="redis[s]://[user:password@]host:port/db (default $REFSTREAM_REDIS_URL)")
+
+
+def _add_submit_parser(sub) -> None:
+    """``refstream submit``: the job's input, expressions and run options, upload and wait."""
     p = sub.add_parser("submit", help="queue a job on the service; prints the job id")
-    common(p)
+    _redis_url_option(p)
     p.add_argument("input", help="a video under the service's allowed roots (or a local file with --upload)")
     p.add_argument("--expression", "-e", action="append", default=[], metavar="TEXT")
     p.add_argument("--method", default="litelvlm")
@@ -37,19 +47,25 @@ def add_service_parsers(sub) -> None:
     p.add_argument("--wait", action="store_true", help="wait until the job ends and print its status")
     p.add_argument("--timeout", type=float, default=3600)
 
+
+def _add_job_parsers(sub) -> None:
+    """``refstream status`` / ``result`` / ``cancel`` of one job id."""
     p = sub.add_parser("status", help="a job's state, frames done of total, per-stage times, error")
-    common(p)
+    _redis_url_option(p)
     p.add_argument("id")
     p = sub.add_parser("result", help="write a finished job's files (as refstream run does)")
-    common(p)
+    _redis_url_option(p)
     p.add_argument("id")
     p.add_argument("--out", required=True, metavar="DIR")
     p = sub.add_parser("cancel", help="cancel a queued or running job")
-    common(p)
+    _redis_url_option(p)
     p.add_argument("id")
 
+
+def _add_serve_parser(sub) -> None:
+    """``refstream serve``: Ray, the pipeline and its pools, resources, input policy, queue, metrics, logs."""
     p = sub.add_parser("serve", help="run queue workers (Ray actors) until SIGTERM")
-    common(p)
+    _redis_url_option(p)
     p.add_argument("--address", default=None, help="join a Ray cluster (auto or ray://host:port)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker actors (whole) / VideoGLaMM actors and jobs in flight (pools)")
@@ -104,11 +120,12 @@ def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
 
 def run_service_command(args: argparse.Namespace) -> int:
     """Run one of :data:`SERVICE_COMMANDS`."""
+    # lazy: ``refstream`` imports this module to build its parser; Redis (client) and Ray, torch (serve) load
+    # only when a service verb runs
     from refstream.service.client import RefStreamClient
 
     if args.command == "serve":
-        from refstream.service.logs import configure_logging, quiet_ray_log_prefix
-        from refstream.service.serve import serve
+        from refstream.service.serve import serve  # lazy: see above
 
         configure_logging(args.log_format, args.log_level)
         if args.log_format == "json":

@@ -8,6 +8,7 @@ from pathlib import Path
 from refstream.errors import RefStreamError
 from refstream.service.jobs import InputPolicy, JobRequest
 from refstream.service.queue import JobQueue, connect
+from refstream.service.results import write_result
 
 
 class JobNotDone(RefStreamError):
@@ -53,8 +54,6 @@ class RefStreamClient:
         Raises:
             JobNotDone: the job is not done (the message gives its state and error).
         """
-        from refstream.service.worker import write_result
-
         result = self.queue.result(job_id)
         if result is None:
             status = self.queue.status(job_id)

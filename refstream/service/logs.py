@@ -21,8 +21,16 @@ their stderr to the ``serve`` process; with JSON logs ``serve`` sets ``RAY_DISAB
 de-duplication).
 
 Events: ``job.submitted``, ``job.taken``, ``job.done``, ``job.failed``, ``job.retry``, ``job.dead_letter``,
-``job.cancelled``, ``worker.ready``, ``serve.started``, ``serve.worker_died``, ``serve.stopping``,
-``serve.stopped``, ``metrics.listening``.
+``job.cancelled``, ``job.returned``, ``job.actor_died``, ``worker.ready``, ``serve.started``, ``serve.worker_died``,
+``serve.worker_error``, ``serve.stopping``, ``serve.aborting``, ``serve.stopped``, ``metrics.listening``.
+
+Failures that do not stop the service are logged too, never swallowed: ``lease.renew_failed`` (warning, with
+the job id; also counted in ``refstream_lease_renewal_failures_total``), ``lease.retry`` (the renewal thread
+tries again), ``metrics.unsent``, ``metrics.redis_down`` (a scrape without Redis), ``heartbeat.failed`` and
+``worker.redis_away`` (warning), ``serve.stop_retry`` / ``serve.abort_retry`` / ``serve.cleanup_failed``
+(warning), ``serve.worker_ended`` (a worker loop failed while stopping), and at debug level the expected
+ones: ``job.cancel_stream`` / ``job.close_decode`` (the stream had ended or the actor is gone),
+``decode.failed`` (handed to the job, which fails with it).
 """
 
 from __future__ import annotations

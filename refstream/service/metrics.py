@@ -36,19 +36,36 @@ Metrics (all prefixed ``refstream_``):
 ``frames_processed_total``             counter    frames segmented by all workers (``rate()`` = frames/s)
 ``job_duration_seconds{outcome}``      histogram  take-to-end time of each delivery
 ``stage_seconds{stage}``               histogram  per-stage seconds of finished jobs (decode, clip, ...)
+``lease_renewal_failures_total``       counter    lease renewals that failed: Redis did not answer, or the
+                                                  job's entry had been taken over by another consumer (or
+                                                  acknowledged) when its worker renewed it
 ``workers``                            gauge      worker loops this ``serve`` process runs (when known)
+``actors{role,state}``                 gauge      actors with a live heartbeat
 =====================================  =========  =================================================
+
+A renewal that fails because Redis is away cannot be counted in Redis at that moment: the queue keeps the
+count in its process (:meth:`refstream.service.queue.JobQueue.unsent_renewal_failures`) and adds it to the
+hash with its next command pipeline that goes through (the next progress report, or the job's end).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable
+
+from redis.exceptions import RedisError
+
+from refstream.service.heartbeat import heartbeats
+from refstream.service.logs import log_event
+
+log = logging.getLogger("refstream.metrics")
 
 #: Upper bounds (seconds) of the histogram buckets, for job durations and stage times alike.
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 OUTCOMES = ("done", "failed", "cancelled", "retried", "returned")
 FRAMES_FIELD = "frames_processed"
+RENEWAL_FAILURES_FIELD = "lease_renewal_failures"
 
 
 def metrics_key(prefix: str) -> str:
@@ -75,6 +92,12 @@ def record_frames(pipe, prefix: str, frames: int) -> None:
     """Queue ``frames`` more processed frames on a Redis pipeline."""
     if frames > 0:
         pipe.hincrby(metrics_key(prefix), FRAMES_FIELD, int(frames))
+
+
+def record_renewal_failures(pipe, prefix: str, failures: int) -> None:
+    """Queue ``failures`` more failed lease renewals on a Redis pipeline."""
+    if failures > 0:
+        pipe.hincrby(metrics_key(prefix), RENEWAL_FAILURES_FIELD, int(failures))
 
 
 def record_job(pipe, prefix: str, outcome: str, seconds: float, stages: dict[str, float] | None = None) -> None:
@@ -127,38 +150,69 @@ class ServiceCollector:
         return []  # values come from Redis at scrape time; nothing to pre-describe
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-        from redis.exceptions import RedisError
-
-        from refstream.service.worker import heartbeats
+        """Every metric family, read from Redis now (only ``refstream_redis_up 0`` when Redis does not answer)."""
+        # lazy: only the serve process's exporter needs prometheus_client; the client verbs (submit,
+        # status) import this module through the queue and need not load it
+        from prometheus_client.core import GaugeMetricFamily
 
         up = GaugeMetricFamily("refstream_redis_up", "1 when Redis answered this scrape")
         try:
-            states = self.queue.count_states()
-            depth = self.queue.depth()
-            dead = self.queue.r.xlen(self.queue.dead)
-            raw = self.queue.r.hgetall(metrics_key(self.queue.prefix))
-            beats = heartbeats(self.queue.r, self.queue.prefix)
-        except (RedisError, OSError):
+            state = self._read()
+        except (RedisError, OSError) as exc:
+            log_event(log, "metrics.redis_down", f"scrape: Redis did not answer ({exc})", logging.WARNING,
+                      error=str(exc))
             up.add_metric([], 0)
             yield up
             return
         up.add_metric([], 1)
         yield up
+        yield from self._queue_families(state)
+        yield from self._counter_families(state["raw"])
+        yield from self._histogram_families(state["raw"])
+        yield from self._actor_families(state["beats"])
+
+    def _read(self) -> dict[str, Any]:
+        """Everything a scrape reports, from Redis: ``states``, ``depth``, ``dead``, ``raw`` (the metrics hash),
+        ``beats``. Raises ``RedisError`` / ``OSError`` when Redis does not answer."""
+        return {"states": self.queue.count_states(), "depth": self.queue.depth(),
+                "dead": self.queue.r.xlen(self.queue.dead),
+                "raw": self.queue.r.hgetall(metrics_key(self.queue.prefix)),
+                "beats": heartbeats(self.queue.r, self.queue.prefix)}
+
+    @staticmethod
+    def _queue_families(state: dict[str, Any]):
+        """Gauges of the queue: jobs by state, queue depth, dead letters."""
+        from prometheus_client.core import GaugeMetricFamily  # lazy: see collect()
 
         jobs = GaugeMetricFamily("refstream_jobs", "Job records by state", labels=["state"])
-        for state, count in states.items():
-            jobs.add_metric([state], count)
+        for name, count in state["states"].items():
+            jobs.add_metric([name], count)
         yield jobs
         queue_depth = GaugeMetricFamily("refstream_queue_depth",
                                         "lag: entries never delivered; pending: delivered, not acknowledged",
                                         labels=["kind"])
         for kind in ("lag", "pending"):
-            queue_depth.add_metric([kind], depth[kind])
+            queue_depth.add_metric([kind], state["depth"][kind])
         yield queue_depth
-        yield GaugeMetricFamily("refstream_dead_letters", "Entries in the dead-letter stream", value=dead)
+        yield GaugeMetricFamily("refstream_dead_letters", "Entries in the dead-letter stream", value=state["dead"])
+
+    @staticmethod
+    def _counter_families(raw: dict[str, str]):
+        """The counters of the metrics hash: frames processed, failed lease renewals."""
+        from prometheus_client.core import CounterMetricFamily  # lazy: see collect()
+
         yield CounterMetricFamily("refstream_frames_processed", "Frames segmented by all workers",
                                   value=int(raw.get(FRAMES_FIELD, 0)))
+        yield CounterMetricFamily("refstream_lease_renewal_failures",
+                                  "Lease renewals that failed (Redis away, or the entry taken over by another "
+                                  "consumer)",
+                                  value=int(raw.get(RENEWAL_FAILURES_FIELD, 0)))
+
+    @staticmethod
+    def _histogram_families(raw: dict[str, str]):
+        """Job durations by outcome and stage seconds (buckets made cumulative)."""
+        from prometheus_client.core import HistogramMetricFamily  # lazy: see collect()
+
         durations = HistogramMetricFamily("refstream_job_duration_seconds",
                                           "Take-to-end seconds of each job delivery, by outcome", labels=["outcome"])
         for outcome, h in sorted(parse_histograms(raw, "job").items()):
@@ -169,6 +223,11 @@ class ServiceCollector:
         for stage, h in sorted(parse_histograms(raw, "stage").items()):
             stages.add_metric([stage], h["buckets"], h["sum"])
         yield stages
+
+    def _actor_families(self, beats: dict[str, dict]):
+        """This serve's worker loops (when known) and the actors with a live heartbeat, by role and state."""
+        from prometheus_client.core import GaugeMetricFamily  # lazy: see collect()
+
         if self.workers is not None:
             yield GaugeMetricFamily("refstream_workers", "Worker loops run by this serve process",
                                     value=self.workers())
@@ -192,7 +251,7 @@ def start_metrics_server(queue, port: int, host: str = "0.0.0.0", workers: Calla
     Returns:
         ``(server, port)``: call ``server.shutdown()`` to stop it.
     """
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry, start_http_server  # lazy: see ServiceCollector.collect
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(queue, workers))

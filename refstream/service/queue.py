@@ -9,14 +9,16 @@ Keys (``prefix`` defaults to ``refstream``):
 ``{prefix}:dead``         dead-letter stream: jobs that failed ``max_deliveries`` times, with their last error
 ``{prefix}:metrics``      hash of counters and histograms for Prometheus (see :mod:`refstream.service.metrics`)
 
-Delivery (docs/design.md, section Service delivery): a worker takes an entry with ``XREADGROUP``; it stays pending until
-the worker ``XACK``s it, which happens only after the result is durably written (or the job is marked
-failed/cancelled). A worker that dies leaves the entry pending; once it has been idle longer than the
-lease, another worker takes it over with ``XAUTOCLAIM``. A running job renews its lease on every progress
-report (``XCLAIM ... JUSTID``), so a long job is not stolen. After ``max_deliveries`` deliveries the job
-goes to the dead-letter stream with its last error. Results are idempotent: the result key is written
-with ``SET NX``, so a job run twice (a reclaimed job whose first worker was only slow) keeps its first
-result and never yields two different ones.
+Delivery (at-least-once, as in the Redis Streams consumer-group documentation; docs/design.md, section Service delivery): a worker
+takes an entry with ``XREADGROUP``; it stays pending until the worker ``XACK``s it, which happens only after
+the result is durably written (or the job is marked failed/cancelled). A worker that dies leaves the entry
+pending; once it has been idle longer than the lease, another worker takes it over with ``XAUTOCLAIM``. A
+running job renews its lease on every progress report (``XCLAIM ... JUSTID``), so a long job is not stolen.
+After ``max_deliveries`` deliveries the job goes to the dead-letter stream with its last error. A renewal that
+fails (Redis away, or the entry already taken over by another consumer) is logged (``lease.renew_failed``) and
+counted (``refstream_lease_renewal_failures_total``, see :mod:`refstream.service.metrics`). Results are
+idempotent: the result key is written with ``SET NX``, so a job run twice (a reclaimed job whose first worker
+was only slow) keeps its first result and never yields two different ones.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
+from redis.retry import Retry
+
 from refstream.errors import RefStreamError
-from refstream.service.jobs import FINAL_STATES, JobRequest, new_job_id
+from refstream.service.jobs import FINAL_STATES, STATES, JobRequest, new_job_id
 from refstream.service.logs import log_event
-from refstream.service.metrics import record_frames, record_job
+from refstream.service.metrics import record_frames, record_job, record_renewal_failures
 
 log = logging.getLogger("refstream.queue")
 
@@ -56,11 +63,6 @@ def connect(url: str, retries: int = 8):
     (``?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`` as query options). Commands that hit a dropped
     connection are retried ``retries`` times with exponential backoff (about 25 ms to 2 s).
     """
-    import redis
-    from redis.backoff import ExponentialBackoff
-    from redis.exceptions import ConnectionError, TimeoutError
-    from redis.retry import Retry
-
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.025), retries)
     return redis.Redis.from_url(
         url, decode_responses=True, retry=retry, retry_on_error=[ConnectionError, TimeoutError],
@@ -85,6 +87,36 @@ class Delivery:
         return time.monotonic() - self.taken_at
 
 
+def _progress_fields(delivery: Delivery, frames_done: int | None, frames_total: int | None,
+                     stages: dict | None) -> dict[str, Any]:
+    """The job-record fields a progress report sets (and ``delivery.stages``, for the stage histograms)."""
+    mapping: dict[str, Any] = {"updated": time.time()}
+    if frames_done is not None:
+        mapping["frames_done"] = frames_done
+    if frames_total is not None:
+        mapping["frames_total"] = frames_total
+    if stages is not None:
+        mapping["stages"] = json.dumps(stages)
+        delivery.stages = dict(stages)
+    return mapping
+
+
+class JobProgress:
+    """The ``progress`` :meth:`JobQueue.work` hands its handler: ``progress(frames_done=, frames_total=,
+    stages=)`` records one delivery's progress and renews its lease (:meth:`JobQueue.progress`; raises
+    :class:`JobCancelled`); ``job_id`` names the job (for logs)."""
+
+    def __init__(self, queue: "JobQueue", delivery: Delivery, consumer: str):
+        self.queue, self.delivery, self.consumer = queue, delivery, consumer
+
+    @property
+    def job_id(self) -> str:
+        return self.delivery.job_id
+
+    def __call__(self, **kwargs) -> None:
+        self.queue.progress(self.delivery, self.consumer, **kwargs)
+
+
 class JobQueue:
     """Client and worker side of the queue (the same names as the ``refstream`` verbs).
 
@@ -106,6 +138,8 @@ class JobQueue:
         self.lease_ms = lease_ms
         self.max_deliveries = max_deliveries
         self.result_ttl_s = result_ttl_s
+        self._unsent = 0  # failed lease renewals not yet added to the metrics hash (Redis was away)
+        self._unsent_lock = threading.Lock()
         self._ensure_group()
 
     def _job(self, job_id: str) -> str:
@@ -115,13 +149,12 @@ class JobQueue:
         return f"{self.prefix}:result:{job_id}"
 
     def _ensure_group(self) -> None:
-        from redis.exceptions import ResponseError
-
         try:
             self.r.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            log.debug("consumer group %s already exists", self.group)
 
     # ------------------------------------------------------------------ client verbs
     def submit(self, request: JobRequest, job_id: str | None = None) -> str:
@@ -187,8 +220,6 @@ class JobQueue:
 
     def count_states(self, batch: int = 1000) -> dict[str, int]:
         """Job records by state (``SCAN`` of ``{prefix}:job:*``; expired records are not counted)."""
-        from refstream.service.jobs import STATES
-
         counts = {state: 0 for state in STATES}
         keys: list[str] = []
 
@@ -262,25 +293,73 @@ class JobQueue:
 
     def progress(self, delivery: Delivery, consumer: str, frames_done: int | None = None,
                  frames_total: int | None = None, stages: dict | None = None) -> None:
-        """Record progress and renew the lease. Raises :class:`JobCancelled` if the job was cancelled."""
-        mapping: dict[str, Any] = {"updated": time.time()}
-        if frames_done is not None:
-            mapping["frames_done"] = frames_done
-        if frames_total is not None:
-            mapping["frames_total"] = frames_total
-        if stages is not None:
-            mapping["stages"] = json.dumps(stages)
-            delivery.stages = dict(stages)
+        """Record progress and renew the lease (``XCLAIM ... JUSTID`` of the entry by ``consumer``).
+
+        The renewal fails when Redis does not answer (the error goes up) or when the entry is no longer this
+        consumer's: taken over by another consumer after the lease ran out, or acknowledged (the job ended
+        elsewhere); then the entry is claimed back and the job goes on (its result is written once, see
+        :meth:`complete`). Either failure is logged (``lease.renew_failed``, with the job id) and counted in
+        ``refstream_lease_renewal_failures_total``.
+
+        Raises:
+            JobCancelled: the job was cancelled.
+            redis.exceptions.RedisError: Redis did not answer (after the client's retries).
+        """
         pipe = self.r.pipeline()
-        pipe.hset(self._job(delivery.job_id), mapping=mapping)
+        pipe.hset(self._job(delivery.job_id), mapping=_progress_fields(delivery, frames_done, frames_total, stages))
         pipe.hget(self._job(delivery.job_id), "state")
+        pipe.xpending_range(self.stream, self.group, min=delivery.entry_id, max=delivery.entry_id, count=1)
         pipe.xclaim(self.stream, self.group, consumer, min_idle_time=0, message_ids=[delivery.entry_id], justid=True)
         if frames_done is not None and frames_done > delivery.frames_reported:
             record_frames(pipe, self.prefix, frames_done - delivery.frames_reported)
             delivery.frames_reported = frames_done
-        state = pipe.execute()[1]
+        try:
+            _, state, pending, *_ = self._execute(pipe)
+        except RedisError as exc:
+            self._renewal_failed(delivery, consumer, f"Redis did not answer ({exc.__class__.__name__}: {exc})")
+            raise
+        owner = pending[0]["consumer"] if pending else None
+        if owner != consumer:
+            self._renewal_failed(delivery, consumer, f"the job's entry had been taken over by {owner}" if owner
+                                 else "the job's entry was no longer pending (acknowledged elsewhere)")
+            self._send_unsent()
         if state == "cancelled":
             raise JobCancelled(delivery.job_id)
+
+    @property
+    def unsent_renewal_failures(self) -> int:
+        """Failed lease renewals counted in this process but not yet in Redis (it did not answer since)."""
+        return self._unsent
+
+    def _renewal_failed(self, delivery: Delivery, consumer: str, reason: str) -> None:
+        """Log a failed lease renewal and count it (sent with the next pipeline that goes through)."""
+        with self._unsent_lock:
+            self._unsent += 1
+        log_event(log, "lease.renew_failed", f"lease renewal failed: {reason}", logging.WARNING,
+                  job_id=delivery.job_id, consumer=consumer, error=reason, deliveries=delivery.deliveries)
+
+    def _execute(self, pipe) -> list:
+        """``pipe.execute()`` plus the failed lease renewals not yet in Redis (kept for later when it fails).
+
+        The counter's ``HINCRBY`` goes last, so the replies of the caller's commands keep their places.
+        """
+        with self._unsent_lock:
+            unsent, self._unsent = self._unsent, 0
+        record_renewal_failures(pipe, self.prefix, unsent)
+        try:
+            return pipe.execute()
+        except BaseException:
+            with self._unsent_lock:
+                self._unsent += unsent
+            raise
+
+    def _send_unsent(self) -> None:
+        """Add the failed lease renewals counted here to Redis now (kept for later if Redis does not answer)."""
+        try:
+            self._execute(self.r.pipeline(transaction=False))
+        except RedisError as exc:
+            log_event(log, "metrics.unsent", f"{self._unsent} failed lease renewal(s) not counted in Redis yet "
+                      f"({exc}); sent with the next command", logging.WARNING, error=str(exc))
 
     def complete(self, delivery: Delivery, result: dict[str, Any]) -> bool:
         """Write the result (first writer wins), mark the job done, then acknowledge the entry.
@@ -295,7 +374,7 @@ class JobQueue:
         pipe.expire(self._job(delivery.job_id), self.result_ttl_s)
         pipe.xack(self.stream, self.group, delivery.entry_id)
         record_job(pipe, self.prefix, "done", seconds, delivery.stages)
-        pipe.execute()
+        self._execute(pipe)
         log_event(log, "job.done", "job finished", job_id=delivery.job_id, consumer=delivery.consumer or None,
                   state="done", seconds=seconds, frames=delivery.frames_reported, deliveries=delivery.deliveries)
         return written
@@ -312,7 +391,7 @@ class JobQueue:
             self.r.hset(self._job(delivery.job_id), "state", "queued")
         pipe = self.r.pipeline(transaction=False)
         record_job(pipe, self.prefix, "failed" if final else "retried", seconds)
-        pipe.execute()
+        self._execute(pipe)
         event = ("job.failed" if permanent else "job.dead_letter") if final else "job.retry"
         log_event(log, event, "job failed" if final else "job failed; it is retried after the lease",
                   logging.ERROR if final else logging.WARNING, job_id=delivery.job_id,
@@ -333,7 +412,7 @@ class JobQueue:
         pipe.xclaim(self.stream, self.group, delivery.consumer or "released", min_idle_time=0,
                     message_ids=[delivery.entry_id], idle=10 * self.lease_ms + 3_600_000, justid=True)
         record_job(pipe, self.prefix, "returned", seconds)
-        pipe.execute()
+        self._execute(pipe)
         log_event(log, "job.returned", f"job {reason}", logging.WARNING, job_id=delivery.job_id,
                   consumer=delivery.consumer or None, state="queued", seconds=seconds)
 
@@ -343,7 +422,7 @@ class JobQueue:
         pipe = self.r.pipeline()
         pipe.xack(self.stream, self.group, delivery.entry_id)
         record_job(pipe, self.prefix, "cancelled", seconds)
-        pipe.execute()
+        self._execute(pipe)
         log_event(log, "job.cancelled", "job stopped: it was cancelled", job_id=delivery.job_id,
                   consumer=delivery.consumer or None, state="cancelled", seconds=seconds)
 
@@ -364,7 +443,7 @@ class JobQueue:
              stop: Callable[[], bool] = lambda: False, block_ms: int = 500, max_jobs: int | None = None) -> int:
         """Worker loop: take a job, run ``handler(request, progress)``, complete or fail it; repeat.
 
-        ``progress(frames_done=, frames_total=, stages=)`` renews the lease and raises
+        ``progress(frames_done=, frames_total=, stages=)`` (a :class:`JobProgress`) renews the lease and raises
         :class:`JobCancelled` when the job was cancelled. A handler raising :class:`JobReturned` hands the job
         back unfinished (:meth:`release`). A :class:`RefStreamError` (bad input) fails the job
         at once; any other exception leaves it to be retried after the lease. A failed job never stops the
@@ -376,12 +455,8 @@ class JobQueue:
             if delivery is None:
                 continue
             handled += 1
-
-            def progress(**kwargs) -> None:
-                self.progress(delivery, consumer, **kwargs)
-
             try:
-                result = handler(delivery.request, progress)
+                result = handler(delivery.request, JobProgress(self, delivery, consumer))
             except JobCancelled:
                 self.cancelled(delivery)
             except JobReturned as exc:
@@ -402,11 +477,20 @@ class LeaseKeeper:
     clip on a CPU, or a pooled job queued behind another on a busy VideoGLaMM actor; frame progress is also
     throttled to twice a second), so this thread calls ``progress()`` when nothing else did for ``every_s``
     seconds (``lease / 3`` in the service). A cancellation seen by the thread is raised by the next
-    :meth:`check` or progress call of the job. Use as a context manager.
+    :meth:`check` or progress call of the job. A renewal that fails otherwise is logged and tried again on
+    the next turn (:meth:`JobQueue.progress` has logged and counted a Redis failure already: here it is
+    logged at debug level). Use as a context manager.
+
+    Args:
+        progress: the job's progress callable (a :class:`JobProgress`, or a wrapper of one).
+        every_s: renew when nothing reported progress for this many seconds.
+        abort: e.g. a ``threading.Event``; once set, :meth:`check` raises :class:`JobReturned`.
+        job_id: the job's id in logs (default: ``progress.job_id`` when it has one).
     """
 
-    def __init__(self, progress, every_s: float, abort=None):
+    def __init__(self, progress, every_s: float, abort=None, job_id: str | None = None):
         self._progress, self.every_s = progress, max(0.05, float(every_s))
+        self.job_id = job_id if job_id is not None else getattr(progress, "job_id", None)
         self.abort = abort  # e.g. a threading.Event: once set, check() raises JobReturned
         self._lock = threading.Lock()
         self._last = time.monotonic()
@@ -447,5 +531,8 @@ class LeaseKeeper:
             except JobCancelled as exc:
                 self.cancelled = exc
                 return
-            except Exception:  # noqa: BLE001 - Redis away: the next turn tries again
-                pass
+            except Exception as exc:  # noqa: BLE001 - e.g. Redis away: the next turn tries again
+                log_event(log, "lease.retry", f"lease renewal failed ({exc.__class__.__name__}: {exc}); "
+                          f"retrying in {self.every_s / 4:.2g} s",
+                          logging.DEBUG if isinstance(exc, RedisError) else logging.WARNING,
+                          job_id=self.job_id, error=str(exc))

@@ -31,10 +31,21 @@ import signal
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 
+from redis.exceptions import RedisError
+
+from refstream.service.jobs import InputPolicy
 from refstream.service.logs import log_event
+from refstream.service.metrics import start_metrics_server
+from refstream.service.queue import JobQueue, connect
+from refstream.service.streaming import serve_pools
+from refstream.service.worker import QueueWorker, abort_key, stop_key
 
 logger = logging.getLogger("refstream.serve")
+PIPELINES = ("pools", "whole")
+STOP_KEY_TTL_S = 24 * 3600  # the stop / abort keys outlive a serve that dies before it deletes them
 
 
 def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model: str = "tiny",
@@ -45,167 +56,258 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
           log_format: str | None = None, log_level: str = "INFO", pipeline: str = "pools", decoders: int = 1,
           encoders: int = 1, jobs_in_flight: int | None = None, encoder_gpus: float = 0.0,
           abort_event: threading.Event | None = None) -> int:
-    """Run the worker pool; returns the number of jobs handled when stopped.
+    """Run the worker pool until stopped; returns the number of jobs handled.
 
     Args:
-        metrics_port: serve ``/metrics`` on this port (0 = a free port; None = no metrics server).
-        log_format: ``json``/``text`` logging in the worker actors (None: leave their logging alone).
-        log: optional extra callable receiving each supervisor message as plain text.
+        redis_url: the queue's Redis, ``redis[s]://[user:password@]host:port/db`` (see
+            :func:`refstream.service.queue.connect`).
+        address: a Ray cluster to join (``auto``, ``ray://host:port``); None starts a fresh local Ray.
+            Ignored when Ray is already initialised in this process.
+        workers: ``whole``: worker actors; ``pools``: VideoGLaMM actors.
+        model: model preset name (``tiny``, ``videoglamm``) or model YAML, loaded by every actor.
+        checkpoint: weights folder (None: the preset's, or random weights for ``tiny``).
+        device: ``cpu``, ``cuda`` or ``auto`` in the actors.
+        allowed_roots: folders job inputs may come from (:class:`refstream.service.jobs.InputPolicy`).
+        upload_root: the folder uploaded inputs are copied to (None: no uploads).
+        max_upload_bytes: size limit of an uploaded input, bytes.
+        lease_ms: a job idle this long (no progress, lease not renewed) is taken over by another worker, ms.
+        max_deliveries: deliveries of a job before it goes to the dead letters.
+        num_gpus: GPUs per worker actor (``pools``: per VideoGLaMM actor).
         num_cpus: CPUs per worker actor, also its torch threads (None: this machine's cores / ``workers``;
-            pools: cores / (``workers`` + ``encoders``)).
+            ``pools``: cores / (``workers`` + ``encoders``)).
+        stop_event: set on the first SIGTERM/SIGINT: the jobs held finish, no new job is taken (created
+            when None). Signal handlers are installed only when ``serve`` runs in the main thread.
+        on_start: ``whole``: called with the list of actor handles once they are created (their heartbeats
+            appear in Redis once the model is loaded; do not call their methods: they are busy running the
+            loop); ``pools``: called with the :class:`refstream.service.streaming.Pools` once they are up.
+        log: optional extra callable receiving each supervisor message as plain text.
+        metrics_port: serve ``/metrics`` on this port (0 = a free port; None = no metrics server).
+        metrics_host: the address the metrics server binds.
+        log_format: ``json``/``text`` logging in the ``whole`` worker actors (None: leave their logging alone).
+        log_level: the actors' log level (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``).
         pipeline: ``pools`` (default: decode / encoder / VideoGLaMM actor pools of ``decoders`` / ``encoders`` /
             ``workers``, frames streamed in chunks, ``jobs_in_flight`` jobs at once; see
-            :mod:`refstream.service.streaming`; ``on_start`` then gets the :class:`Pools`) or ``whole`` (each
-            worker actor runs whole jobs, :class:`refstream.service.worker.QueueWorker`).
-        stop_event: set on the first SIGTERM/SIGINT: the jobs held finish, no new job is taken.
+            :mod:`refstream.service.streaming`) or ``whole`` (each worker actor runs whole jobs,
+            :class:`refstream.service.worker.QueueWorker`).
+        decoders: ``pools`` only: decode actors.
+        encoders: ``pools`` only: CLIP + pruning + InternVideo2 actors.
+        jobs_in_flight: ``pools`` only: jobs taken at once (default ``2 * workers``).
+        encoder_gpus: ``pools`` only: GPUs per encoder actor.
         abort_event: set on the second signal (after ``stop_event``): the running jobs are handed back to the
             queue unfinished at their next progress report (:meth:`JobQueue.release`); the next ``serve`` takes
-            them at once.
-        jobs_in_flight: ``pools`` only: jobs taken at once (default ``2 * workers``).
-        num_gpus: GPUs per worker actor (``pools``: per VideoGLaMM actor); encoder_gpus: ``pools`` only, GPUs per
-            encoder actor (CLIP and InternVideo2 run there).
-        on_start: called with the list of actor handles once they are created (their heartbeats appear in
-            Redis once the model is loaded; do not call their methods: they are busy running the loop).
+            them at once (created when None).
+
+    Raises:
+        ValueError: ``pipeline`` is neither ``pools`` nor ``whole`` (nothing is started).
+        ConnectionError: ``address`` names a Ray cluster that cannot be reached (from ``ray.init``).
+        redis.exceptions.RedisError: Redis does not answer at start (after the client's retries).
+        refstream.errors.ConfigError: ``pools`` on a local Ray whose CPUs or GPUs cannot hold the actors asked
+            for (:func:`refstream.service.streaming.check_resources`; the message names the options to lower).
+        OSError: the metrics port cannot be bound.
+        ray.exceptions.RayActorError: ``pools``: an actor died while loading its model (the pools are checked
+            once at start; afterwards dead actors are restarted by Ray).
     """
-    import ray
-    from ray.exceptions import RayActorError
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be 'whole' or 'pools', got {pipeline!r}")
+    _start_ray(address)
+    num_cpus = _actor_cpus(num_cpus, pipeline, workers, encoders)
+    stop_event, abort_event = stop_event or threading.Event(), abort_event or threading.Event()
+    _handle_signals(stop_event, abort_event)
+    note = _notifier(log)
+    serve_id = uuid.uuid4().hex[:12]
+    control = JobQueue(connect(redis_url))
+    options = dict(model=model, checkpoint=checkpoint, device=device, lease_ms=lease_ms,
+                   max_deliveries=max_deliveries, num_gpus=num_gpus, threads=max(1, int(num_cpus)))
+    if pipeline == "pools":
+        with _metrics_server(control, metrics_port, metrics_host, note, workers=lambda: workers):
+            handled = serve_pools(
+                redis_url, decoders=decoders, encoders=encoders, workers=workers, encoder_gpus=encoder_gpus,
+                policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes), num_cpus=min(num_cpus, 0.5),
+                stop_event=stop_event, abort_event=abort_event, on_start=on_start, note=note, serve_id=serve_id,
+                prefix=control.prefix, jobs_in_flight=jobs_in_flight, **options)
+    else:
+        actors = _whole_actors(redis_url, control.prefix, serve_id, workers, num_cpus,
+                               allowed_roots=list(allowed_roots), upload_root=upload_root, max_upload_bytes=max_upload_bytes, log_format=log_format,
+                               log_level=log_level, **options)
+        if on_start is not None:
+            on_start(actors)
+        supervisor = _WholeSupervisor(control, serve_id, stop_event, abort_event, note)
+        supervisor.start(actors)
+        with _metrics_server(control, metrics_port, metrics_host, note, workers=lambda: len(supervisor.runs)):
+            note("serve.started", f"{workers} worker(s) on {_redact(redis_url)}", workers=workers,
+                 redis=_redact(redis_url))
+            handled = supervisor.run()
+    note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)
+    return handled
 
-    from refstream.service.queue import JobQueue, connect
-    from refstream.service.worker import QueueWorker, abort_key, stop_key
 
-    def note(event: str, message: str, level: int = logging.INFO, **fields) -> None:
-        log_event(logger, event, message, level, **fields)
-        if log is not None:
-            log(f"refstream serve: {message}")
+def _start_ray(address: str | None) -> None:
+    """Join ``address``, or start a fresh local Ray of our own (never one left behind by a ``serve`` that was
+    killed); nothing when Ray is already initialised in this process."""
+    import ray  # lazy: Ray takes seconds to import; the helpers of this module are used without it
 
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address)
-        else:
-            # "local": always a fresh Ray of our own, never one left behind by a serve that was killed
-            ray.init(address="local", include_dashboard=False, object_store_memory=200 * 1024 * 1024)
-    if num_cpus is None:
-        # whole: the workers run side by side; pools: the encoder and VideoGLaMM actors do (the next job is
-        # encoded while the current one is in SAM2), and more torch threads than cores slow both down a lot
-        # (refstream bench service on 2 cores: 0.51x in-process with 2 threads per actor, 0.91x with 1)
-        sharing = workers if pipeline != "pools" else workers + encoders
-        num_cpus = max(1.0, float((os.cpu_count() or 1) // max(1, sharing)))
-    threads = max(1, int(num_cpus))
-    stop_event = stop_event or threading.Event()
-    abort_event = abort_event or threading.Event()
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", include_dashboard=False, object_store_memory=200 * 1024 * 1024)
 
-    def on_signal(*_) -> None:  # first signal: drain; second: hand the running jobs back to the queue
+
+def _actor_cpus(num_cpus: float | None, pipeline: str, workers: int, encoders: int) -> float:
+    """CPUs per actor: ``num_cpus``, or this machine's cores shared by the actors that run side by side."""
+    if num_cpus is not None:
+        return num_cpus
+    # whole: the workers run side by side; pools: the encoder and VideoGLaMM actors do (the next job is
+    # encoded while the current one is in SAM2), and more torch threads than cores slow both down a lot
+    # (refstream bench service on 2 cores: 0.51x in-process with 2 threads per actor, 0.91x with 1)
+    sharing = workers if pipeline != "pools" else workers + encoders
+    return max(1.0, float((os.cpu_count() or 1) // max(1, sharing)))
+
+
+def _handle_signals(stop_event: threading.Event, abort_event: threading.Event) -> None:
+    """SIGTERM/SIGINT: the first sets ``stop_event`` (drain), the second ``abort_event`` (hand the running jobs
+    back to the queue). Only from the main thread (Python allows signal handlers nowhere else)."""
+    def on_signal(*_) -> None:
         (abort_event if stop_event.is_set() else stop_event).set()
 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
-    serve_id = uuid.uuid4().hex[:12]
-    control = JobQueue(connect(redis_url))
-    if pipeline == "pools":
-        from refstream.service.jobs import InputPolicy
-        from refstream.service.streaming import serve_pools
 
-        server = None
-        if metrics_port is not None:
-            from refstream.service.metrics import start_metrics_server
 
-            server, port = start_metrics_server(control, metrics_port, metrics_host, workers=lambda: workers)
-            note("metrics.listening", f"metrics on http://{metrics_host}:{port}/metrics", port=port)
-        try:
-            handled = serve_pools(
-                redis_url, decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
-                device=device, policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes), lease_ms=lease_ms,
-                max_deliveries=max_deliveries, num_gpus=num_gpus, encoder_gpus=encoder_gpus,
-                num_cpus=min(num_cpus, 0.5), threads=threads,
-                stop_event=stop_event, abort_event=abort_event, on_start=on_start, note=note, serve_id=serve_id,
-                prefix=control.prefix,
-                jobs_in_flight=jobs_in_flight)
-        finally:
-            if server is not None:
-                server.shutdown()
-                server.server_close()
-        note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)
-        return handled
-    if pipeline != "whole":
-        raise ValueError(f"pipeline must be 'whole' or 'pools', got {pipeline!r}")
+def _notifier(log=None):
+    """``note(event, message, level=INFO, **fields)``: log on ``refstream.serve`` (and pass the text to ``log``)."""
+    def note(event: str, message: str, level: int = logging.INFO, **fields) -> None:
+        log_event(logger, event, message, level, **fields)
+        if log is not None:
+            log(f"refstream serve: {message}")
+
+    return note
+
+
+@contextmanager
+def _metrics_server(control: JobQueue, port: int | None, host: str, note, workers):
+    """Serve ``/metrics`` while the block runs (nothing when ``port`` is None)."""
+    if port is None:
+        yield
+        return
+    server, bound = start_metrics_server(control, port, host, workers=workers)
+    note("metrics.listening", f"metrics on http://{host}:{bound}/metrics", port=bound)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _whole_actors(redis_url: str, prefix: str, serve_id: str, workers: int, num_cpus: float, *,
+                  num_gpus: float, **worker_options) -> list:
+    """``workers`` :class:`QueueWorker` Ray actors (restarted by Ray when they die, one call at a time);
+    ``worker_options`` are QueueWorker's (model, checkpoint, device, input policy, queue, logging, threads)."""
+    import ray  # lazy: see _start_ray
+
     Actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=1, num_gpus=num_gpus,
                        num_cpus=num_cpus)(QueueWorker)
-    actors = [
-        Actor.remote(redis_url, model=model, checkpoint=checkpoint, device=device, allowed_roots=list(allowed_roots),
-                     upload_root=upload_root, max_upload_bytes=max_upload_bytes, lease_ms=lease_ms,
-                     max_deliveries=max_deliveries, name=f"worker-{i}", log_format=log_format, log_level=log_level,
-                     prefix=control.prefix, serve_id=serve_id, threads=threads)
-        for i in range(workers)
-    ]
-    if on_start is not None:
-        on_start(actors)
-    runs = {actor.run.remote(): actor for actor in actors}
-    server = None
-    if metrics_port is not None:
-        from refstream.service.metrics import start_metrics_server
+    return [Actor.remote(redis_url, name=f"worker-{i}", prefix=prefix, serve_id=serve_id, **worker_options)
+            for i in range(workers)]
 
-        server, port = start_metrics_server(control, metrics_port, metrics_host,
-                                            workers=lambda: len(runs))
-        note("metrics.listening", f"metrics on http://{metrics_host}:{port}/metrics", port=port)
-    note("serve.started", f"{workers} worker(s) on {_redact(redis_url)}", workers=workers, redis=_redact(redis_url))
-    handled = 0
-    stopping = stop_sent = abort_sent = False
-    key = stop_key(control.prefix, serve_id)
-    try:
-        while runs:
-            if abort_event.is_set() and not abort_sent:
-                try:  # the running jobs see this key at their next progress report and are handed back
-                    control.r.set(abort_key(control.prefix, serve_id), "1", ex=24 * 3600)
-                    abort_sent = True
-                    note("serve.aborting", "second stop request: running jobs go back to the queue")
-                except Exception:  # noqa: BLE001 - Redis away: try again on the next turn
-                    pass
-            if stop_event.is_set():
-                if not stopping:
-                    stopping = True
-                    note("serve.stopping", "stop requested: workers finish their current job")
-                if not stop_sent:
-                    try:  # the work loops check this key between jobs
-                        control.r.set(key, "1", ex=24 * 3600)
-                        stop_sent = True
-                    except Exception as exc:  # noqa: BLE001 - Redis away: try again on the next turn
-                        note("serve.stop_retry", f"could not send the stop request ({exc}); retrying",
-                             logging.WARNING, error=str(exc))
-            ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.5)
-            for ref in ready:
-                actor = runs.pop(ref)
-                try:
-                    handled += ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - RayActorError (died) or RayTaskError (e.g. Redis away)
-                    if stop_event.is_set():
-                        continue
-                    died = isinstance(exc, RayActorError)
-                    first = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
-                    note("serve.worker_died" if died else "serve.worker_error",
-                         f"a worker {'died' if died else 'loop failed'} ({exc.__class__.__name__}); restarting its loop",
-                         logging.WARNING, error=first)
-                    time.sleep(0.5)
-                    runs[actor.run.remote()] = actor
-                    continue
-                if not stop_event.is_set():  # run() returned without a stop request: start it again
-                    runs[actor.run.remote()] = actor
-    finally:
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+
+class _WholeSupervisor:
+    """The ``whole`` pipeline's supervisor: keeps one ``run()`` loop going on every worker actor until stopped.
+
+    A loop that ends without a stop request, or fails (the actor died: Ray restarts it; or e.g. Redis away),
+    is started again. The actors are single-threaded and busy in their loop, so stop and abort requests go
+    through Redis keys (:func:`stop_key`, :func:`abort_key`), sent again on the next turn while Redis is away.
+    """
+
+    def __init__(self, control: JobQueue, serve_id: str, stop_event: threading.Event,
+                 abort_event: threading.Event, note):
+        self.control, self.serve_id, self.note = control, serve_id, note
+        self.stop_event, self.abort_event = stop_event, abort_event
+        self.runs: dict = {}  # run() object ref -> actor
+        self.handled = 0
+        self.stopping = self.stop_sent = self.abort_sent = False
+
+    def start(self, actors: list) -> None:
+        """Start every actor's work loop."""
+        for actor in actors:
+            self.runs[actor.run.remote()] = actor
+
+    def run(self) -> int:
+        """Supervise until every loop has ended after a stop request; returns the jobs handled."""
+        import ray  # lazy: see _start_ray
+
         try:
-            control.r.delete(key, abort_key(control.prefix, serve_id))
-        except Exception:  # noqa: BLE001
-            pass
-    note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)
-    return handled
+            while self.runs:
+                self._send_requests()
+                ready, _ = ray.wait(list(self.runs), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    self._collect(ref)
+        finally:
+            self._delete_keys()
+        return self.handled
+
+    def _send_requests(self) -> None:
+        """Pass the stop and abort requests on to the workers (once each; retried while Redis is away)."""
+        if self.abort_event.is_set() and not self.abort_sent:
+            # the running jobs see this key at their next progress report and are handed back
+            self.abort_sent = self._set_key(abort_key(self.control.prefix, self.serve_id), "abort")
+            if self.abort_sent:
+                self.note("serve.aborting", "second stop request: running jobs go back to the queue")
+        if self.stop_event.is_set():
+            if not self.stopping:
+                self.stopping = True
+                self.note("serve.stopping", "stop requested: workers finish their current job")
+            if not self.stop_sent:  # the work loops check this key between jobs
+                self.stop_sent = self._set_key(stop_key(self.control.prefix, self.serve_id), "stop")
+
+    def _set_key(self, key: str, what: str) -> bool:
+        """Set a request key; False (logged) when Redis does not answer (the next turn tries again)."""
+        try:
+            self.control.r.set(key, "1", ex=STOP_KEY_TTL_S)
+            return True
+        except RedisError as exc:
+            self.note(f"serve.{what}_retry", f"could not send the {what} request ({exc}); retrying",
+                      logging.WARNING, error=str(exc))
+            return False
+
+    def _collect(self, ref) -> None:
+        """A finished ``run()``: count its jobs, and start the loop again unless stopping."""
+        import ray  # lazy: see _start_ray
+        from ray.exceptions import RayActorError
+
+        actor = self.runs.pop(ref)
+        try:
+            self.handled += ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - RayActorError (died) or RayTaskError (e.g. Redis away)
+            died = isinstance(exc, RayActorError)
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else exc.__class__.__name__
+            if self.stop_event.is_set():
+                self.note("serve.worker_ended", f"a worker {'died' if died else 'loop failed'} while stopping "
+                          f"({exc.__class__.__name__}); not restarted", logging.WARNING, error=first)
+                return
+            self.note("serve.worker_died" if died else "serve.worker_error",
+                      f"a worker {'died' if died else 'loop failed'} ({exc.__class__.__name__}); restarting its loop",
+                      logging.WARNING, error=first)
+            time.sleep(0.5)
+            self.runs[actor.run.remote()] = actor
+            return
+        if not self.stop_event.is_set():  # run() returned without a stop request: start it again
+            self.runs[actor.run.remote()] = actor
+
+    def _delete_keys(self) -> None:
+        """Remove this serve's stop / abort keys (they expire on their own when Redis does not answer)."""
+        try:
+            self.control.r.delete(stop_key(self.control.prefix, self.serve_id),
+                                  abort_key(self.control.prefix, self.serve_id))
+        except RedisError as exc:
+            self.note("serve.cleanup_failed", f"could not delete the stop keys ({exc}); they expire in "
+                      f"{STOP_KEY_TTL_S} s", logging.WARNING, error=str(exc))
 
 
 def _redact(url: str) -> str:
     """The Redis URL without its password (for logs)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     if parts.password is None:
         return url

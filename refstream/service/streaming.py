@@ -19,7 +19,8 @@ Three pools, each actor with ``max_restarts=-1`` (Ray restarts a crashed actor; 
 The queue consumer is a light coordinator in the ``serve`` process: ``jobs_in_flight`` threads (default two
 per VideoGLaMM worker, so that the next job decodes and encodes while the current one is in SAM2) each run
 :meth:`JobQueue.work` with :func:`run_pooled_job`, which RLE-encodes the masks as they arrive, writes the
-overlay, reports ``frames_done`` to Redis and stores the same four files as ``refstream run``. While a job
+overlay, reports ``frames_done`` to Redis and stores the same four files as ``refstream run`` (through the same
+writer, :class:`refstream.outputs.JobWriter`, and result builder, :func:`refstream.outputs.job_result`). While a job
 waits on an actor (encoding, or queued behind another job on a busy VideoGLaMM worker) a
 :class:`refstream.service.queue.LeaseKeeper`
 renews its lease, so a waiting job is never taken over. An actor dying mid-job (``RayActorError``) makes the
@@ -28,11 +29,13 @@ so it is retried after the lease. A cancelled job stops its stream (``ray.cancel
 
 Every pool actor beats in Redis (:class:`refstream.service.worker.HeartbeatThread`): ``worker-i``
 (VideoGLaMM), ``encoder-i`` and ``decoder-i``, with their ``role``, ``pid`` and ``state``.
+
+Ray is imported inside the functions that use it (it takes seconds to import, and this module's plain
+classes run without it in tests).
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
 import logging
 import os
@@ -43,20 +46,34 @@ import time
 import uuid
 from collections import deque
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
+import torch
 
-from refstream.errors import RefStreamError
+from refstream.config import load_model_config
+from refstream.errors import ConfigError, RefStreamError
+from refstream.options import make_method
+from refstream.outputs import JobResult, JobWriter, job_result
+from refstream.pipeline import Pipeline, StageTimer, clip_view
 from refstream.service.logs import log_event
+from refstream.service.queue import JobQueue, LeaseKeeper, connect
+from refstream.service.results import pack_outputs
+from refstream.service.gpu_worker import ChunkFeed, VideoGLaMMWorker
+from refstream.service.worker import HeartbeatThread
+from video_pipeline.decode import open_video
+from video_pipeline.plan import plan_frames
+from video_pipeline.preprocess import sam2_preprocess
 
 logger = logging.getLogger("refstream.serve")
 
 
 class _DecodeJob:
+    """One job's decoding state: its source and plan, the chunks decoded (at most ``ahead`` waiting: ``slots``)."""
+
     def __init__(self, source, plan, ahead: int):
         self.source, self.plan = source, plan
-        self.chunks: queue_mod.Queue = queue_mod.Queue(maxsize=ahead)
+        self.chunks: queue_mod.Queue = queue_mod.Queue()
+        self.slots = threading.Semaphore(ahead)  # one per chunk the queue may hold: bounds the decoding ahead
         self.frames: deque = deque()  # source frames of chunks handed out, until the coordinator takes them
         self.stop = threading.Event()
         self.error: BaseException | None = None
@@ -74,8 +91,6 @@ class DecodeActor:
     def __init__(self, ahead: int = 2, chunk_size: int = 8, threads: int | None = None,
                  heartbeat: dict | None = None):
         if threads:
-            import torch
-
             torch.set_num_threads(int(threads))
         self.ahead, self.chunk_size = max(1, int(ahead)), max(1, int(chunk_size))
         self.jobs: dict[str, _DecodeJob] = {}
@@ -95,9 +110,6 @@ class DecodeActor:
             ``.options(num_returns=2)`` so that the frames go to the encoder actor as an object reference
             without passing through the caller.
         """
-        from video_pipeline.decode import open_video
-        from video_pipeline.plan import plan_frames
-
         started = time.perf_counter()
         source = open_video(path, decoder)
         try:
@@ -114,8 +126,8 @@ class DecodeActor:
                  "seconds": time.perf_counter() - started}, encoder_frames)
 
     def _produce(self, job: _DecodeJob, size: int, style: str) -> None:
-        from video_pipeline.preprocess import sam2_preprocess
-
+        """Decode thread: SAM2-preprocess the planned frames chunk by chunk into the job's queue; an error is
+        handed to the consumer (:meth:`next_chunk` raises it)."""
         try:
             for _, frames in job.source.iter_chunks(job.plan.sam2_indices, chunk_size=self.chunk_size):
                 item = (sam2_preprocess(frames, style=style, size=size), frames)
@@ -123,25 +135,27 @@ class DecodeActor:
                     return
             self._put(job, None)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer by next_chunk
+            log_event(logger, "decode.failed", f"decoding failed ({exc.__class__.__name__}: {exc}); the job gets "
+                      "the error at its next chunk", logging.DEBUG, error=str(exc))
             job.error = exc
             self._put(job, None)
         finally:
             job.source.close()
 
     def _put(self, job: _DecodeJob, item) -> bool:
+        """Queue ``item`` once a slot is free; False when the job was closed meanwhile."""
         while not job.stop.is_set():
-            try:
-                job.chunks.put(item, timeout=0.2)
-            except queue_mod.Full:
-                continue
-            self.max_ahead = max(self.max_ahead, job.chunks.qsize())
-            return True
+            if job.slots.acquire(timeout=0.2):
+                job.chunks.put(item)
+                self.max_ahead = max(self.max_ahead, job.chunks.qsize())
+                return True
         return False
 
     def next_chunk(self, job_id: str):
         """The next SAM2-preprocessed chunk float32 [t, 3, S, S] of a job, or None after the last one."""
         job = self.jobs[job_id]
         item = job.chunks.get()
+        job.slots.release()
         if item is None:
             if job.error is not None:
                 raise job.error
@@ -171,11 +185,6 @@ class EncoderActor:
 
     def __init__(self, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
                  threads: int | None = None, heartbeat: dict | None = None):
-        import torch
-
-        from refstream.config import load_model_config
-        from refstream.pipeline import Pipeline
-
         if threads:
             torch.set_num_threads(int(threads))
         self.pipeline = Pipeline(load_model_config(model, checkpoint), device, parts="encoder")  # no Phi-3, no SAM2
@@ -211,10 +220,6 @@ class EncoderActor:
             self.state = "idle"
 
     def _encode(self, encoder_frames, expressions, method_spec, variant, budget, placement, clip_text):
-        import torch
-
-        from refstream.pipeline import StageTimer, clip_view, make_method
-
         pipeline = self.pipeline
         timer = StageTimer()
         method = make_method(method_spec, variant)
@@ -235,8 +240,6 @@ MASKS_AHEAD = 16  # frames of masks a VideoGLaMM worker may yield ahead of the c
 
 
 def _torch_threads() -> int:
-    import torch
-
     return torch.get_num_threads()
 
 
@@ -244,8 +247,6 @@ def _heartbeat(settings: dict | None, fields):
     """A :class:`refstream.service.worker.HeartbeatThread` from ``{"redis_url", "prefix", "name"}`` (or None)."""
     if not settings:
         return None
-    from refstream.service.worker import HeartbeatThread
-
     return HeartbeatThread(settings["redis_url"], settings.get("prefix", "refstream"), settings["name"], fields)
 
 
@@ -268,9 +269,7 @@ class Pools:
                  checkpoint: str | None = None, device: str = "auto", num_gpus: float = 0.0,
                  encoder_gpus: float = 0.0, num_cpus: float = 0.5, threads: int | None = None, ahead: int = 2,
                  chunk_size: int = 8, redis_url: str | None = None, prefix: str = "refstream"):
-        import ray
-
-        from refstream.service.gpu_worker import VideoGLaMMWorker
+        import ray  # lazy: see the module docstring
 
         def beat(name: str) -> dict | None:
             return {"redis_url": redis_url, "prefix": prefix, "name": name} if redis_url else None
@@ -326,9 +325,7 @@ def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, le
     Raises:
         RefStreamError subclasses for bad input (the job fails at once), JobCancelled, RayActorError.
     """
-    from ray.exceptions import RayActorError
-
-    from refstream.service.queue import LeaseKeeper
+    from ray.exceptions import RayActorError  # lazy: see the module docstring
 
     with LeaseKeeper(progress, lease_ms / 3000, abort=abort) as keeper:
         for attempt in itertools.count():
@@ -339,135 +336,166 @@ def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, le
                     raise
                 log_event(logger, "job.actor_died",
                           f"an actor died mid-job ({exc.__class__.__name__}); running it again", logging.WARNING,
-                          error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+                          job_id=keeper.job_id, error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
                 time.sleep(0.5)
 
 
 def _cause(exc: BaseException) -> BaseException:
     """A Ray task error's own cause when it is a RefStreamError (bad input fails the job at once) or an
     actor's death (e.g. the decode actor died under the VideoGLaMM worker: the job runs again)."""
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError  # lazy: see the module docstring
 
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, (RefStreamError, RayActorError)) else exc
 
 
 def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
-    import ray
-    from ray.exceptions import RayTaskError
+    """One attempt at a job on one actor of each pool: encode, stream the masks into the outputs, pack them.
 
-    from refstream.outputs import OverlayWriter, encode_rle
-    from refstream.pipeline import JobResult, RunOptions, StageTimer, write_job_outputs
-    from refstream.service.worker import OUTPUT_FILES
-
+    ``progress`` is the job's :class:`LeaseKeeper`. Returns ``{"summary", "files", "seconds"}``.
+    """
     path = policy.check(request.input)
-    options = RunOptions(
-        expressions=list(request.expressions), model=pools.sam2["name"], method=request.method,
-        variant=request.variant, budget=request.budget, placement=request.placement, frames=request.frames,
-        stride=request.stride, max_frames=request.max_frames, clip_text=request.clip_text, answer=request.answer,
-    )
-    options.validate()
-    expressions = [e.strip() for e in options.expressions]
+    options = request  # a JobRequest is the job's refstream.options.JobOptions, validated when it was parsed
+    expressions = list(options.expressions)
     actors = pools.acquire()
     decoder, encoder, worker = actors
-    job_id = uuid.uuid4().hex
-    started = time.perf_counter()
-    timer = StageTimer()
+    decode_id = uuid.uuid4().hex  # the job's name on the decode actor
+    started, timer = time.perf_counter(), StageTimer()
     stream = None
-    finished = False
     try:
-        try:
-            # bulk data flows actor to actor as object references: encoder frames decoder -> encoder, visual
-            # tokens encoder -> VideoGLaMM; this process only gets the small metadata
-            meta_ref, frames_ref = decoder.open.options(num_returns=2).remote(
-                job_id, str(path), options.decoder, options.frames, options.stride, options.max_frames,
-                pools.sam2["size"], pools.sam2["style"])
-            visual_ref, info_ref = encoder.encode.options(num_returns=2).remote(
-                frames_ref, expressions, options.method, options.variant, options.budget, options.placement,
-                options.clip_text)
-            meta = ray.get(meta_ref)
-            timer.seconds["decode"] += meta["seconds"]
-            total = len(meta["frame_names"])
-            progress(frames_done=0, frames_total=total)
-            encoded = ray.get(info_ref)
-            del frames_ref
-        except RayTaskError as exc:
-            raise _cause(exc) from exc
+        meta, encoded, visual_ref = _open_and_encode(decoder, encoder, decode_id, path, options, expressions,
+                                                     pools.sam2, timer, progress)
         progress.check()
-        for stage, seconds in encoded["timings"].items():
-            timer.seconds[stage] += seconds
-        from refstream.service.gpu_worker import ChunkFeed
-
-        height, width = meta["height"], meta["width"]
-        stream = worker.segment_stream.options(
-            num_returns="streaming", _generator_backpressure_num_objects=MASKS_AHEAD).remote(
-            visual_ref, expressions, (height, width), ChunkFeed(decoder, job_id), options.answer,
-            report_answers=True, fastv=encoded["fastv"], label=request.input)
-        masks: list[list[dict]] = [[] for _ in expressions]
-        report: dict = {}
-        frames: deque = deque()
-        last = 0.0
+        stream = _start_stream(worker, decoder, decode_id, visual_ref, expressions, meta, encoded, options,
+                               request.input)
         with tempfile.TemporaryDirectory(prefix="refstream-job-") as tmp:
-            writer = OverlayWriter(Path(tmp) / "overlay.mp4", width, height, meta["fps"])
-            try:
-                sam2_started = time.perf_counter()
-                for ref in stream:
-                    try:
-                        index, value = ray.get(ref)
-                    except RayTaskError as exc:
-                        raise _cause(exc) from exc
-                    if index < 0:
-                        report = value
-                        continue
-                    if not frames:
-                        frames.extend(ray.get(decoder.frames_chunk.remote(job_id)))
-                    frame = frames.popleft()
-                    with timer("write"):
-                        for i in range(len(expressions)):
-                            masks[i].append(encode_rle(value[i]))
-                        writer.write(frame, value)
-                    now = time.monotonic()
-                    if now - last > 0.5:  # progress (and lease renewal) twice a second at most
-                        last = now
-                        progress(frames_done=index + 1)
-                finished = True
-                timer.seconds["sam2"] += time.perf_counter() - sam2_started - timer.seconds.get("write", 0.0)
-            finally:
-                writer.close()
-            selection = encoded["selection"]
-            llm_info = {}
-            if report.get("fastv_kept") is not None:  # FastV: what it kept for the first expression
-                selection = selection.with_kept(report["fastv_kept"])
-                llm_info = {"llm_layer_lengths": report["llm_layer_lengths"]}
-            result = JobResult(
-                video=str(path), height=height, width=width, fps=meta["fps"], frames=meta["frame_names"],
-                expressions=expressions, answers=list(report.get("answers", [])), masks=masks,
-                pruning={"method": options.method,
-                         "variant": options.variant if options.method == "litelvlm" else None,
-                         "budget": options.budget, "placement": options.placement,
-                         "kept_per_frame": selection.kept_per_frame, "unit": selection.unit,
-                         "clip_text": options.clip_text, **llm_info},
-                model=pools.sam2["name"], random_weights=pools.sam2["random_weights"],
-                visual_tokens=encoded["visual_tokens"], llm_sequence_length=encoded["seq_len"],
-                timings=dict(timer.seconds), tokens_view=encoded["view"],
-                tokens_selection=(selection.indices[0].numpy(), selection.similarity_aware[0].numpy(),
-                                  selection.grid))
-            summary = write_job_outputs(result, options, tmp, pools.sam2["device"], started)
-            summary["pipeline"] = "pools"
-            files = {name: base64.b64encode((Path(tmp) / name).read_bytes()).decode("ascii") for name in OUTPUT_FILES}
+            with JobWriter(tmp, len(expressions), meta["width"], meta["height"], meta["fps"]) as writer:
+                report = _receive_masks(stream, decoder, decode_id, writer, timer, progress)
+                stream = None  # finished: nothing to cancel
+                result = _job_result(str(path), meta, report, encoded, options, pools.sam2, timer, writer.masks)
+                summary = writer.finish(result, device=pools.sam2["device"], started=started,
+                                        extra={"pipeline": "pools"})
+            files = pack_outputs(tmp)
     finally:
-        if stream is not None and not finished:
-            try:  # stop the worker's generator (cancelled job, or an error here): it may wait on backpressure
-                ray.cancel(stream)
-            except Exception:  # noqa: BLE001 - already finished or the actor is gone
-                pass
-        try:
-            decoder.close.remote(job_id)
-        except Exception:  # noqa: BLE001 - the actor may be gone
-            pass
+        _end_on_actors(stream, decoder, decode_id, getattr(progress, "job_id", None))
         pools.release(actors)
+    total = len(meta["frame_names"])
     progress(frames_done=total, frames_total=total, stages=summary["stage_seconds"])
     return {"summary": summary, "files": files, "seconds": time.perf_counter() - started}
+
+
+def _open_and_encode(decoder, encoder, decode_id: str, path, options, expressions: list[str],
+                     sam2: dict, timer: StageTimer, progress) -> tuple[dict, dict, object]:
+    """Open the video on the decode actor and encode its encoder frames on the encoder actor.
+
+    Bulk data flows actor to actor as object references (encoder frames decoder -> encoder; the visual tokens
+    stay a reference for the VideoGLaMM actor); this process only gets the small metadata. Reports
+    ``frames_total`` once the video is planned.
+
+    Returns:
+        ``(meta, encoded, visual_ref)``: :meth:`DecodeActor.open`'s metadata, :meth:`EncoderActor.encode`'s
+        info and the reference of its visual tokens.
+    """
+    import ray  # lazy: see the module docstring
+    from ray.exceptions import RayTaskError
+
+    try:
+        meta_ref, frames_ref = decoder.open.options(num_returns=2).remote(
+            decode_id, str(path), options.decoder, options.frames, options.stride, options.max_frames,
+            sam2["size"], sam2["style"])
+        visual_ref, info_ref = encoder.encode.options(num_returns=2).remote(
+            frames_ref, expressions, options.method, options.variant, options.budget, options.placement,
+            options.clip_text)
+        meta = ray.get(meta_ref)
+        timer.seconds["decode"] += meta["seconds"]
+        progress(frames_done=0, frames_total=len(meta["frame_names"]))
+        encoded = ray.get(info_ref)
+    except RayTaskError as exc:
+        raise _cause(exc) from exc
+    for stage, seconds in encoded["timings"].items():
+        timer.seconds[stage] += seconds
+    return meta, encoded, visual_ref
+
+
+def _start_stream(worker, decoder, decode_id: str, visual_ref, expressions: list[str], meta: dict, encoded: dict,
+                  options, label: str):
+    """Start the VideoGLaMM actor's mask stream (a Ray streaming generator; it pulls the SAM2 chunks from the
+    decode actor, at most :data:`MASKS_AHEAD` frames of masks ahead of this process)."""
+    return worker.segment_stream.options(
+        num_returns="streaming", _generator_backpressure_num_objects=MASKS_AHEAD).remote(
+        visual_ref, expressions, (meta["height"], meta["width"]), ChunkFeed(decoder, decode_id), options.answer,
+        report_answers=True, fastv=encoded["fastv"], label=label)
+
+
+def _receive_masks(stream, decoder, decode_id: str, writer: JobWriter, timer: StageTimer,
+                   progress) -> dict:
+    """Hand every frame's masks (with its source frame from the decode actor) to ``writer``, reporting
+    ``frames_done`` twice a second at most (which renews the lease).
+
+    Returns:
+        The VideoGLaMM actor's report (``answers``, ``fastv_kept``, ``llm_layer_lengths``).
+    """
+    import ray  # lazy: see the module docstring
+    from ray.exceptions import RayTaskError
+
+    report: dict = {}
+    frames: deque = deque()
+    last = 0.0
+    sam2_started = time.perf_counter()
+    for ref in stream:
+        try:
+            index, value = ray.get(ref)
+        except RayTaskError as exc:
+            raise _cause(exc) from exc
+        if index < 0:
+            report = value
+            continue
+        if not frames:
+            frames.extend(ray.get(decoder.frames_chunk.remote(decode_id)))
+        writer.add(frames.popleft(), value)  # RLE + overlay; its seconds go to the "write" stage
+        now = time.monotonic()
+        if now - last > 0.5:  # progress (and lease renewal) twice a second at most
+            last = now
+            progress(frames_done=index + 1)
+    timer.seconds["sam2"] += time.perf_counter() - sam2_started - writer.seconds
+    return report
+
+
+def _job_result(video: str, meta: dict, report: dict, encoded: dict, options, sam2: dict, timer: StageTimer,
+                masks: list[list[dict]]) -> JobResult:
+    """The :class:`refstream.outputs.JobResult` of a pooled job through the one builder
+    :func:`refstream.outputs.job_result` (FastV: the tokens it kept for the first expression replace the
+    encoder's selection)."""
+    selection = encoded["selection"]
+    llm_info = {}
+    if report.get("fastv_kept") is not None:  # FastV: what it kept for the first expression
+        selection = selection.with_kept(report["fastv_kept"])
+        llm_info = {"llm_layer_lengths": report["llm_layer_lengths"]}
+    return job_result(
+        video=video, height=meta["height"], width=meta["width"], fps=meta["fps"], frames=meta["frame_names"],
+        options=options, answers=list(report.get("answers", [])), masks=masks, selection=selection,
+        llm_info=llm_info, model=sam2["name"], random_weights=sam2["random_weights"],
+        visual_tokens=encoded["visual_tokens"], llm_sequence_length=encoded["seq_len"], timings=dict(timer.seconds),
+        tokens_view=encoded["view"])
+
+
+def _end_on_actors(stream, decoder, decode_id: str, job_id: str | None) -> None:
+    """Stop an unfinished mask stream (cancelled job, or an error here: the generator may wait on backpressure)
+    and forget the job on the decode actor. Both are best effort: a failure is logged at debug level."""
+    import ray  # lazy: see the module docstring
+
+    if stream is not None:
+        try:
+            ray.cancel(stream)
+        except Exception as exc:  # noqa: BLE001 - already finished or the actor is gone
+            log_event(logger, "job.cancel_stream", f"could not cancel the mask stream ({exc.__class__.__name__}: "
+                      f"{exc}); it already ended or its actor is gone", logging.DEBUG, job_id=job_id, error=str(exc))
+    try:
+        decoder.close.remote(decode_id)
+    except Exception as exc:  # noqa: BLE001 - the actor may be gone
+        log_event(logger, "job.close_decode", f"could not close the job on the decode actor "
+                  f"({exc.__class__.__name__}: {exc}); the actor is gone", logging.DEBUG, job_id=job_id,
+                  error=str(exc))
 
 
 def check_resources(*, workers: int, encoders: int, decoders: int, num_gpus: float, encoder_gpus: float,
@@ -480,9 +508,7 @@ def check_resources(*, workers: int, encoders: int, decoders: int, num_gpus: flo
             when the GPUs or CPUs asked for exceed the node's, naming the options to change. On a cluster
             (nodes may be added) the same finding is logged as a warning through ``note``.
     """
-    import ray
-
-    from refstream.errors import ConfigError
+    import ray  # lazy: see the module docstring
 
     have = ray.cluster_resources()
     gpus = workers * num_gpus + encoders * encoder_gpus
@@ -517,53 +543,66 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
     ``jobs_in_flight`` defaults to ``2 * workers``: while one job is in SAM2 on a VideoGLaMM worker, the next
     is decoded and encoded. On ``stop_event`` each coordinator finishes the job it holds and stops (jobs not
     taken stay queued); once ``abort_event`` is set too, the jobs held go back to the queue at their next
-    progress report instead of finishing. ``on_start(pools)`` is called once the actors are up. Returns the number of jobs handled.
-    """
-    from refstream.service.queue import JobQueue, connect
+    progress report instead of finishing. ``on_start(pools)`` is called once the actors are up. ``note(event,
+    message, level, **fields)`` receives the events (default: logged on ``refstream.serve``). Returns the
+    number of jobs handled.
 
+    Raises:
+        ConfigError: the pools do not fit a local Ray (:func:`check_resources`).
+    """
+    note = note or (lambda event, message, level=logging.INFO, **fields:
+                    log_event(logger, event, message, level, **fields))
     check_resources(workers=workers, encoders=encoders, decoders=decoders, num_gpus=num_gpus,
                     encoder_gpus=encoder_gpus, num_cpus=num_cpus, note=note)
     pools = Pools(decoders=decoders, encoders=encoders, workers=workers, model=model, checkpoint=checkpoint,
                   device=device, num_gpus=num_gpus, encoder_gpus=encoder_gpus, num_cpus=num_cpus, threads=threads,
-                  ahead=ahead,
-                  chunk_size=chunk_size, redis_url=redis_url, prefix=prefix)
+                  ahead=ahead, chunk_size=chunk_size, redis_url=redis_url, prefix=prefix)
     if on_start is not None:
         on_start(pools)
     slots = max(1, jobs_in_flight or 2 * max(1, workers))
     handled = [0] * slots
 
+    def handler(request, progress) -> dict:
+        return run_pooled_job(pools, policy, request, progress, lease_ms=lease_ms, abort=abort_event)
+
     def loop(slot: int) -> None:
-        q = JobQueue(connect(redis_url), prefix=prefix, lease_ms=lease_ms, max_deliveries=max_deliveries)
-        while not stop_event.is_set():
-            try:
-                handled[slot] += q.work(
-                    f"{serve_id}-coordinator-{slot}",
-                    lambda request, progress: run_pooled_job(pools, policy, request, progress, lease_ms=lease_ms,
-                                                             abort=abort_event),
-                    stop=stop_event.is_set, block_ms=500)
-            except Exception as exc:  # noqa: BLE001 - e.g. Redis away: wait and go on
-                if note is not None:
-                    note("serve.worker_error", f"a coordinator loop failed ({exc}); restarting it", logging.WARNING,
-                         error=str(exc))
-                time.sleep(0.5)
+        queue = JobQueue(connect(redis_url), prefix=prefix, lease_ms=lease_ms, max_deliveries=max_deliveries)
+        handled[slot] = _coordinate(queue, f"{serve_id}-coordinator-{slot}", handler, stop_event, note)
 
     threads_ = [threading.Thread(target=loop, args=(i,), daemon=True, name=f"refstream-coordinator-{i}")
                 for i in range(slots)]
     for t in threads_:
         t.start()
-    if note is not None:
-        note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s), "
-             f"{slots} job(s) in flight", workers=workers)
+    note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s), "
+         f"{slots} job(s) in flight", workers=workers)
+    _wait_for_coordinators(threads_, stop_event, abort_event, note)
+    return sum(handled)
+
+
+def _coordinate(queue: JobQueue, consumer: str, handler, stop_event: threading.Event, note) -> int:
+    """One coordinator: :meth:`JobQueue.work` until ``stop_event``, restarted (and logged) when it fails
+    (e.g. Redis away). Returns the jobs handled."""
+    handled = 0
+    while not stop_event.is_set():
+        try:
+            handled += queue.work(consumer, handler, stop=stop_event.is_set, block_ms=500)
+        except Exception as exc:  # noqa: BLE001 - e.g. Redis away: wait and go on
+            note("serve.worker_error", f"a coordinator loop failed ({exc.__class__.__name__}: {exc}); restarting it",
+                 logging.WARNING, consumer=consumer, error=str(exc))
+            time.sleep(0.5)
+    return handled
+
+
+def _wait_for_coordinators(threads: list[threading.Thread], stop_event: threading.Event,
+                           abort_event: threading.Event | None, note) -> None:
+    """Wait until every coordinator thread has ended, noting the first and the second stop request."""
     stopping = aborting = False
-    while any(t.is_alive() for t in threads_):
+    while any(t.is_alive() for t in threads):
         if stop_event.is_set() and not stopping:
             stopping = True
-            if note is not None:
-                note("serve.stopping", "stop requested: the jobs held finish, jobs not taken stay queued")
+            note("serve.stopping", "stop requested: the jobs held finish, jobs not taken stay queued")
         if abort_event is not None and abort_event.is_set() and not aborting:
             aborting = True
-            if note is not None:
-                note("serve.aborting", "second stop request: running jobs go back to the queue")
-        for t in threads_:
+            note("serve.aborting", "second stop request: running jobs go back to the queue")
+        for t in threads:
             t.join(timeout=0.5)
-    return sum(handled)

@@ -16,28 +16,38 @@ The supervisor talks to its workers through Redis instead:
   ``host``, ``device``, torch ``threads``, ``handled`` (jobs taken), ``state`` (idle/running/stopped), ``input`` (of the running job)
   and ``beat`` (Unix time of the last beat: every loop turn and on job progress, at most once a second). The
   hash expires :data:`HEARTBEAT_TTL_S` after the last beat, so a dead worker's record goes away;
-  :func:`heartbeats` reads them all.
+  :func:`heartbeats` reads them all (:mod:`refstream.service.heartbeat`).
+
+Redis errors in the stop check, the abort flag and the heartbeats never fail a job: each is logged
+(``worker.redis_away`` / ``heartbeat.failed``, warning level) and tried again on the next turn.
 """
 
 from __future__ import annotations
 
-import base64
+import logging
 import os
 import socket
 import tempfile
+import threading
 import time
-from pathlib import Path
 
+import torch
+from redis.exceptions import RedisError
+
+from refstream.api import load
+from refstream.pipeline import run_to_folder
+from refstream.service.heartbeat import HEARTBEAT_EVERY_S, HEARTBEAT_TTL_S, heartbeat_key
+from refstream.service.heartbeat import heartbeats  # noqa: F401 - re-exported: refstream.service.worker.heartbeats
 from refstream.service.jobs import InputPolicy, JobRequest
+from refstream.service.logs import configure_logging, log_event
+from refstream.service.queue import JobQueue, LeaseKeeper, connect
+from refstream.service.results import OUTPUT_FILES, pack_outputs
+from refstream.service.results import write_result  # noqa: F401 - re-exported: refstream.service.worker.write_result
 
-OUTPUT_FILES = ("masks.json", "summary.json", "tokens.png", "overlay.mp4")
-HEARTBEAT_TTL_S = 60  # a worker's heartbeat hash expires this long after its last beat
-HEARTBEAT_EVERY_S = 1.0  # beats at most this often
+log = logging.getLogger("refstream.worker")
 
-
-def heartbeat_key(prefix: str, name: str) -> str:
-    """The Redis hash a worker named ``name`` keeps its heartbeat in."""
-    return f"{prefix}:worker:{name}"
+__all__ = ["OUTPUT_FILES", "HEARTBEAT_EVERY_S", "HEARTBEAT_TTL_S", "HeartbeatThread", "QueueWorker", "RedisFlag",
+           "abort_key", "heartbeat_key", "heartbeats", "run_job", "stop_key", "write_result"]
 
 
 def stop_key(prefix: str, serve_id: str) -> str:
@@ -62,33 +72,15 @@ class RedisFlag:
         self._value, self._read_at = False, 0.0
 
     def is_set(self) -> bool:
-        from redis.exceptions import RedisError
-
         now = time.monotonic()
         if not self._value and now - self._read_at >= self.every_s:
             self._read_at = now
             try:
                 self._value = bool(self.client.exists(self.key))
-            except RedisError:
-                pass
+            except RedisError as exc:
+                log_event(log, "worker.redis_away", f"could not read {self.key} ({exc}); reading it again in "
+                          f"{self.every_s:g} s", logging.WARNING, error=str(exc))
         return self._value
-
-
-def heartbeats(client, prefix: str = "refstream") -> dict[str, dict]:
-    """Every live worker's heartbeat (name -> fields; ``pid``, ``handled``, ``threads`` as int, ``beat`` float)."""
-    out = {}
-    for key in client.scan_iter(match=heartbeat_key(prefix, "*"), count=100):
-        record = client.hgetall(key)
-        if not record:
-            continue
-        for field in ("pid", "handled", "threads", "frames_done"):
-            if field in record:
-                record[field] = int(record[field])
-        for field in ("beat", "started"):
-            if field in record:
-                record[field] = float(record[field])
-        out[record.get("name") or key.rsplit(":", 1)[-1]] = record
-    return out
 
 
 class HeartbeatThread:
@@ -97,7 +89,8 @@ class HeartbeatThread:
     A daemon thread writes the hash :func:`heartbeat_key` ``(prefix, name)`` every ``every_s`` seconds with
     ``name``, ``pid``, ``host``, ``beat``, ``started`` and whatever ``fields()`` returns (e.g. ``role``,
     ``state``, ``input``, ``handled``, ``device``, ``threads``); the hash expires :data:`HEARTBEAT_TTL_S` after
-    the last beat. Redis errors are ignored (the next beat tries again): a heartbeat never fails a job.
+    the last beat. A Redis error is logged (``heartbeat.failed``) and the next beat tries again: a heartbeat
+    never fails a job.
 
     Args:
         redis_url: the queue's Redis URL; prefix: the queue's key prefix; name: the record's name.
@@ -105,10 +98,6 @@ class HeartbeatThread:
     """
 
     def __init__(self, redis_url: str, prefix: str, name: str, fields, every_s: float = HEARTBEAT_EVERY_S):
-        import threading
-
-        from refstream.service.queue import connect
-
         self.r = connect(redis_url)
         self.key, self.name, self.fields, self.every_s = heartbeat_key(prefix, name), name, fields, every_s
         self.started = time.time()
@@ -119,8 +108,6 @@ class HeartbeatThread:
 
     def beat(self) -> None:
         """Write the record now."""
-        from redis.exceptions import RedisError
-
         try:
             record = {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "beat": time.time(),
                       "started": self.started, **{k: v for k, v in self.fields().items() if v is not None}}
@@ -128,8 +115,9 @@ class HeartbeatThread:
             pipe.hset(self.key, mapping=record)
             pipe.expire(self.key, HEARTBEAT_TTL_S)
             pipe.execute()
-        except RedisError:
-            pass
+        except RedisError as exc:
+            log_event(log, "heartbeat.failed", f"{self.name}: heartbeat not written ({exc}); the next beat tries "
+                      "again", logging.WARNING, consumer=self.name, error=str(exc))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
@@ -146,14 +134,8 @@ def run_job(pipeline, policy: InputPolicy, request: JobRequest, progress) -> dic
     Raises:
         RefStreamError subclasses for bad input (the queue fails the job at once, no retries).
     """
-    from refstream.pipeline import RunOptions, run_to_folder
-
     path = policy.check(request.input)
-    options = RunOptions(
-        expressions=list(request.expressions), model=pipeline.config.name, method=request.method,
-        variant=request.variant, budget=request.budget, placement=request.placement, frames=request.frames,
-        stride=request.stride, max_frames=request.max_frames, clip_text=request.clip_text, answer=request.answer,
-    )
+    options = request  # a JobRequest is the job's refstream.options.JobOptions, validated when it was parsed
     done = {"frames": 0, "last": 0.0}
 
     def on_frames(index, frame, masks):
@@ -167,7 +149,7 @@ def run_job(pipeline, policy: InputPolicy, request: JobRequest, progress) -> dic
     with tempfile.TemporaryDirectory(prefix="refstream-job-") as tmp:
         summary = run_to_folder(path, options, tmp, progress=False, pipeline=pipeline, on_frames=on_frames,
                                 on_open=lambda source: progress(frames_done=0, frames_total=_total(source, request)))
-        files = {name: base64.b64encode((Path(tmp) / name).read_bytes()).decode("ascii") for name in OUTPUT_FILES}
+        files = pack_outputs(tmp)
     progress(frames_done=summary["frames"], frames_total=summary["frames"], stages=summary["stage_seconds"])
     return {"summary": summary, "files": files, "seconds": time.perf_counter() - started}
 
@@ -175,18 +157,6 @@ def run_job(pipeline, policy: InputPolicy, request: JobRequest, progress) -> dic
 def _total(source, request: JobRequest) -> int:
     frames = len(range(0, source.num_frames, request.stride))
     return min(frames, request.max_frames) if request.max_frames else frames
-
-
-def write_result(result: dict, out: str | Path) -> list[Path]:
-    """Unpack a job result into ``out``: the same files ``refstream run`` writes."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, data in result["files"].items():
-        path = out / name
-        path.write_bytes(base64.b64decode(data))
-        written.append(path)
-    return written
 
 
 class QueueWorker:
@@ -211,17 +181,8 @@ class QueueWorker:
                  lease_ms: int = 60_000, max_deliveries: int = 3, result_ttl_s: int = 7 * 24 * 3600,
                  name: str = "worker", log_format: str | None = None, log_level: str = "INFO",
                  prefix: str = "refstream", serve_id: str | None = None, threads: int | None = None):
-        import logging
-
-        from refstream.config import load_model_config
-        from refstream.pipeline import Pipeline
-        from refstream.service.logs import configure_logging, log_event
-        from refstream.service.queue import JobQueue, connect
-
         if log_format is not None:
             configure_logging(log_format, log_level)
-        import torch
-
         if threads:
             torch.set_num_threads(int(threads))
         started = time.perf_counter()
@@ -234,12 +195,12 @@ class QueueWorker:
         self._beat_at = 0.0
         self._state, self._job = "idle", ""
         self.policy = InputPolicy(allowed_roots, upload_root, max_upload_bytes)
-        self.pipeline = Pipeline(load_model_config(model, checkpoint), device)
+        self.pipeline = load(model, checkpoint=checkpoint, device=device).pipeline
         self._stop = False
         self.handled = 0
         self._started = time.time()
         self.beat(force=True)
-        log_event(logging.getLogger("refstream.worker"), "worker.ready", f"model {model} loaded on {self.pipeline.device}",
+        log_event(log, "worker.ready", f"model {model} loaded on {self.pipeline.device}",
                   consumer=name, seconds=time.perf_counter() - started)
 
     def health(self) -> dict:
@@ -248,8 +209,6 @@ class QueueWorker:
         A method call: on a Ray actor it waits for the running job (actors run one call at a time); read the
         heartbeat (:func:`heartbeats`) for the state of a busy worker.
         """
-        import torch
-
         return {"name": self.name, "pid": os.getpid(), "handled": self.handled, "threads": torch.get_num_threads(),
                 "device": str(self.pipeline.device), "redis": bool(self.queue.r.ping())}
 
@@ -258,8 +217,6 @@ class QueueWorker:
         now = time.time()
         if not force and now - self._beat_at < HEARTBEAT_EVERY_S:
             return
-        import torch
-
         self._beat_at = now
         own = pipe is None
         pipe = self.queue.r.pipeline(transaction=False) if own else pipe
@@ -274,8 +231,6 @@ class QueueWorker:
 
     def _should_stop(self) -> bool:
         """The work loop's ``stop``: beat, and check the supervisor's stop key (one round trip)."""
-        from redis.exceptions import RedisError
-
         if self._stop:
             return True
         try:
@@ -286,38 +241,44 @@ class QueueWorker:
             replies = pipe.execute()
             if self.stop_key and replies and replies[-1]:
                 self._stop = True
-        except RedisError:  # Redis away: keep going, take() waits for it (with its retries)
-            pass
+        except RedisError as exc:  # Redis away: keep going, take() waits for it (with its retries)
+            log_event(log, "worker.redis_away", f"stop check and heartbeat failed ({exc}); going on",
+                      logging.WARNING, consumer=self.name, error=str(exc))
         return self._stop
 
     def run(self, max_jobs: int | None = None, block_ms: int = 500) -> int:
         """Work until :meth:`stop`, the stop key (or ``max_jobs``); returns the jobs handled by this call."""
-        def handler(request, progress):
-            def beating_progress(**kwargs):
-                progress(**kwargs)
-                try:
-                    self.beat()
-                except Exception:  # noqa: BLE001 - a heartbeat never fails a job
-                    pass
-
-            from refstream.service.queue import LeaseKeeper
-
-            self.handled += 1
-            self._state, self._job = "running", getattr(request, "input", "")
-            try:  # the lease is renewed while a stage runs long without frame progress (e.g. CLIP on a CPU)
-                with LeaseKeeper(beating_progress, self.queue.lease_ms / 3000, abort=self.abort) as keeper:
-                    return run_job(self.pipeline, self.policy, request, keeper)
-            finally:
-                self._state, self._job = "idle", ""
-
         try:
-            return self.queue.work(self.name, handler, stop=self._should_stop, block_ms=block_ms, max_jobs=max_jobs)
+            return self.queue.work(self.name, self._handle, stop=self._should_stop, block_ms=block_ms,
+                                   max_jobs=max_jobs)
         finally:  # a last beat: the loop is over (stopped) or waits for the next run() call (idle)
             self._state = "stopped" if self._stop else "idle"
             try:
                 self.beat(force=True)
-            except Exception:  # noqa: BLE001 - Redis away: the heartbeat expires on its own
-                pass
+            except RedisError as exc:  # Redis away: the heartbeat expires on its own
+                log_event(log, "heartbeat.failed", f"last heartbeat not written ({exc})", logging.WARNING,
+                          consumer=self.name, error=str(exc))
+
+    def _handle(self, request: JobRequest, progress) -> dict:
+        """The queue handler: run one job with its lease renewed while a stage runs long without frame progress
+        (e.g. CLIP on a CPU), beating on each progress report."""
+        job_id = getattr(progress, "job_id", None)
+
+        def beating_progress(**kwargs) -> None:
+            progress(**kwargs)
+            try:
+                self.beat()
+            except RedisError as exc:  # a heartbeat never fails a job
+                log_event(log, "heartbeat.failed", f"heartbeat not written ({exc})", logging.WARNING,
+                          job_id=job_id, consumer=self.name, error=str(exc))
+
+        self.handled += 1
+        self._state, self._job = "running", getattr(request, "input", "")
+        try:
+            with LeaseKeeper(beating_progress, self.queue.lease_ms / 3000, abort=self.abort, job_id=job_id) as keeper:
+                return run_job(self.pipeline, self.policy, request, keeper)
+        finally:
+            self._state, self._job = "idle", ""
 
     def stop(self) -> None:
         """Finish the current job, then leave the loop (jobs not taken stay queued for others)."""
