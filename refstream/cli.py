@@ -9,13 +9,24 @@ Exit codes: 0 success; 2 bad input or configuration (the message names the probl
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from eval.cli import add_eval_parser, run_eval
+from refstream.bench.metrics import add_bench_metrics_parser, main_bench_metrics
+from refstream.bench.runs import add_bench_run_parsers, run_bench_command
+from refstream.bench.service import add_bench_service_parser, main_bench_service
 from refstream.config import load_model_config
+from refstream.convert import add_convert_parser, run_convert
 from refstream.errors import ConfigError, RefStreamError
 from refstream.options import RunOptions, add_option_arguments, options_from_args
 from refstream.outputs import RANDOM_WEIGHTS_NOTE
+from refstream.service.cli import SERVICE_COMMANDS, add_service_parsers, run_service_command
+
+# Each command's own module is imported when the command runs (the lazy imports below): they load torch,
+# transformers or Ray, and ``refstream --help``, ``refstream status`` or ``refstream submit`` need none of them.
 
 
 def _add_run_parser(sub) -> None:
@@ -82,12 +93,8 @@ def _add_analyze_parser(sub) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from eval.ref_davis import RefDavis
     from refstream.analyze import plot_reversal, reversal_analysis
-    from refstream.config import load_model_config
     from workers.build import build_clip
 
     dataset = RefDavis(args.davis_root)
@@ -130,33 +137,20 @@ def _add_bench_parser(sub) -> None:
                    "when present, else random pixels)")
     b.add_argument("--json", default=None, metavar="FILE")
     b.add_argument("--quiet", action="store_true")
-    from refstream.bench.metrics import add_bench_metrics_parser
-
     add_bench_metrics_parser(bsub)
-    from refstream.bench.runs import add_bench_run_parsers
-    from refstream.bench.service import add_bench_service_parser
-
     add_bench_run_parsers(bsub)
     add_bench_service_parser(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from refstream.bench.pruning import main_bench_pruning
-
     if args.bench == "service":
-        from refstream.bench.service import main_bench_service
-
         return main_bench_service(args)
     if args.bench in ("run", "report"):
-        from refstream.bench.runs import run_bench_command
-
         return run_bench_command(args)
     if args.bench == "metrics":
-        from refstream.bench.metrics import main_bench_metrics
-
         return main_bench_metrics(args)
+    from refstream.bench.pruning import main_bench_pruning  # lazy: torch (see the top)
+
     if args.video is None:
         default = Path(__file__).resolve().parents[1] / "examples" / "bedroom.mp4"
         args.video = str(default) if default.is_file() else None
@@ -180,9 +174,6 @@ def _add_model_parsers(sub) -> None:
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    import json
-
-    from refstream.config import load_model_config
     from workers.stats import build_skeleton, parameter_counts
 
     config = load_model_config(args.model)
@@ -197,9 +188,6 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
-    import json
-
-    from refstream.config import load_model_config
     from workers.stats import build_skeleton, stage_flops
 
     if args.frames < 4 or args.frames % 4:
@@ -263,11 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze_parser(sub)
     _add_bench_parser(sub)
     _add_model_parsers(sub)
-    from eval.cli import add_eval_parser
-    from refstream.service.cli import add_service_parsers
-
-    from workers.convert import add_convert_parser
-
     add_eval_parser(sub)
     add_service_parsers(sub)
     add_convert_parser(sub)
@@ -287,17 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_analyze(args)
         if args.command == "bench":
             return _cmd_bench(args)
-        from refstream.service.cli import SERVICE_COMMANDS, run_service_command
-
         if args.command in SERVICE_COMMANDS:
             return run_service_command(args)
         if args.command == "convert":
-            from workers.convert import run_convert
-
             return run_convert(args)
         if args.command == "eval":
-            from eval.cli import run_eval
-
             return run_eval(args)
         if args.command == "model-info":
             return _cmd_model_info(args)

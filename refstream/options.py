@@ -33,12 +33,24 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pruning.litelvlm import VARIANTS
-from pruning.registry import available_methods, get_method
 from refstream.errors import ConfigError, ExpressionError, RefStreamError
 
 #: the precisions a model can run in; ``auto`` = float32 on the CPU, bfloat16 on CUDA
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+#: LiteLVLM's variants and the built-in pruning methods, for ``--help`` and the CLI's choices; validation asks
+#: the registry itself (``pruning.litelvlm.VARIANTS``, ``pruning.registry.available_methods``), and a test
+#: keeps these two lists equal to it
+VARIANT_NAMES = ("paper", "official", "context-heavy")
+METHOD_NAMES = ("fastv", "litelvlm", "none", "prumerge", "prumerge+", "random", "trim", "visionzip", "vispruner")
+
+
+def _registry():
+    """``pruning.registry`` and ``pruning.litelvlm``, imported on first validation: they import torch, and
+    building the command line or the service client (``refstream status``) must not load it."""
+    import pruning.litelvlm  # lazy: heavy (torch), see the docstring
+    import pruning.registry  # lazy: heavy (torch), see the docstring
+
+    return pruning.registry, pruning.litelvlm
 
 
 def parse_method_spec(spec: str) -> tuple[str, dict]:
@@ -77,7 +89,7 @@ def make_method(spec: str, variant: str = "paper"):
     method_name, method_options = parse_method_spec(spec)
     if method_name == "litelvlm":
         method_options.setdefault("variant", variant)
-    return get_method(method_name, **method_options)
+    return _registry()[0].get_method(method_name, **method_options)
 
 
 def flag(name: str) -> str:
@@ -144,7 +156,7 @@ class SharedOptions(_Options):
     variant: str = Field(
         "paper", description="LiteLVLM variant: paper, official (the released code's selection) or "
                              "context-heavy (the paper's 5% similarity-aware variant)",
-        json_schema_extra={"choices": list(VARIANTS)})
+        json_schema_extra={"choices": list(VARIANT_NAMES)})
     placement: Literal["pooled", "patch"] = Field(
         "pooled", description="pooled: the budget becomes round(B/4) of the 144 pooled 12x12 cells; "
                               "patch: B unpooled patches per frame")
@@ -165,8 +177,9 @@ class SharedOptions(_Options):
     @field_validator("variant")
     @classmethod
     def _variant(cls, value: str) -> str:
-        if value not in VARIANTS:  # the variants pruning.litelvlm implements
-            raise ValueError(f"unknown LiteLVLM variant; choose one of: {', '.join(VARIANTS)}")
+        variants = _registry()[1].VARIANTS  # the variants pruning.litelvlm implements
+        if value not in variants:
+            raise ValueError(f"unknown LiteLVLM variant; choose one of: {', '.join(variants)}")
         return value
 
     @field_validator("frames")
@@ -200,7 +213,7 @@ class JobOptions(SharedOptions):
         json_schema_extra={"short": "-e", "metavar": "TEXT"})
     method: str = Field(
         "litelvlm", description="pruning method: NAME or NAME:OPTION[,KEY=VALUE] (litelvlm:official, "
-                                "random:seed=3); one of " + ", ".join(available_methods()),
+                                "random:seed=3); one of " + ", ".join(METHOD_NAMES),
         json_schema_extra={"metavar": "NAME[:OPTS]"})
     budget: int = Field(196, description="visual tokens kept per frame, of CLIP's 576")
 

@@ -373,7 +373,8 @@ def test_missing_clip_folder_says_what_to_download(tiny, tmp_path):
 def test_convert_round_trip_and_cli(tiny, release, tmp_path):
     import argparse
 
-    from workers.convert import LAYOUT_FILE, add_convert_parser, run_convert
+    from refstream.convert import add_convert_parser, run_convert
+    from workers.convert import LAYOUT_FILE
 
     parser = argparse.ArgumentParser(prog="refstream")
     add_convert_parser(parser.add_subparsers(dest="command"))

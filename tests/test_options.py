@@ -125,3 +125,30 @@ def test_method_specs():
     assert make_method("litelvlm:context-heavy", "official").variant == "context-heavy"
     with pytest.raises(ConfigError, match="bad --method"):
         parse_method_spec(":x")
+
+
+def test_static_names_match_the_registry():
+    from pruning.litelvlm import VARIANTS
+    from pruning.registry import available_methods
+    from refstream.options import METHOD_NAMES, VARIANT_NAMES
+
+    assert tuple(available_methods()) == METHOD_NAMES and VARIANTS == VARIANT_NAMES
+
+
+def test_building_the_command_line_loads_no_model_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; from refstream.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_submit_cli_is_derived_from_the_job_options():
+    parser = build_parser()
+    submit = parser._subparsers._group_actions[0].choices["submit"]
+    dests = {a.dest for a in submit._actions}
+    assert set(JobOptions.model_fields) <= dests and not dests & {"model", "device", "dtype"}
+    args = parser.parse_args(["submit", "v.mp4", "-e", "the dog", "--clip-length", "64", "--frames", "8"])
+    assert options_from_args(JobOptions, args) == JobOptions(expressions=["the dog"], clip_length=64, frames=8)

@@ -21,10 +21,8 @@ the layout by ``refstream.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -32,7 +30,7 @@ from safetensors.torch import save_file
 
 from refstream_errors import ConfigError
 from workers.build import build_released
-from workers.config import ModelConfig, load_model_config
+from workers.config import ModelConfig
 from workers.refstream_folder import (
     CLIP_TOKENIZER_DIR,
     FORMAT,
@@ -47,18 +45,16 @@ from workers.refstream_folder import (
 __all__ = [
     "FORMAT",
     "LAYOUT_FILE",
-    "add_convert_parser",
     "convert_checkpoint",
     "load_refstream_folder",
     "refstream_folder_problems",
-    "run_convert",
     "save_refstream_folder",
 ]
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _parse_size(text: str) -> int:
+def parse_size(text: str) -> int:
     units = {"kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "b": 1}
     lowered = text.strip().lower()
     for suffix, factor in units.items():
@@ -160,42 +156,3 @@ def convert_checkpoint(config: ModelConfig, src: str | Path, dst: str | Path, *,
     return save_refstream_folder(model, dst, dtype=dtype, shard_bytes=shard_bytes, source=str(src))
 
 
-def add_convert_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``refstream convert SRC DST`` to an ``argparse`` sub-parser collection; returns the parser."""
-    p = subparsers.add_parser(
-        "convert",
-        help="convert the VideoGLaMM download folder into RefStream's safetensors layout (fast, mmap loads)",
-        description="Load the official VideoGLaMM folder SRC (config.json, pytorch_model-*.bin shards + index, "
-                    "tokenizer) with the base weights named by --model (CLIP, InternVideo2 .pt, SAM2 when the "
-                    "checkpoint has none), strictly, and write one self-contained safetensors folder DST. "
-                    "Use DST as --checkpoint afterwards.",
-    )
-    p.add_argument("src", metavar="SRC", help="the official VideoGLaMM checkpoint folder")
-    p.add_argument("dst", metavar="DST", help="output folder")
-    p.add_argument("--model", default="videoglamm", help="model preset or YAML naming the base weights (default videoglamm)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                   help="tensor dtype on disk (auto: keep each file's dtype)")
-    p.add_argument("--shard-size", default="4GB", help="largest shard size, e.g. 4GB or 500MB (default 4GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing converted folder at DST")
-    return p
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    """Run ``refstream convert``; prints a summary and returns 0.
-
-    Raises:
-        RefStreamError: (ConfigError / WeightsNotFoundError and subclasses) for the CLI to print (exit code 2).
-    """
-    try:
-        shard_bytes = _parse_size(args.shard_size)
-    except ValueError:
-        raise ConfigError(f"--shard-size {args.shard_size!r} is not a size such as 4GB or 500MB") from None
-    config = load_model_config(args.model, str(args.src))
-    layout = convert_checkpoint(config, args.src, args.dst, dtype=DTYPES[args.dtype], shard_bytes=shard_bytes,
-                                overwrite=args.overwrite)
-    index = json.loads((Path(args.dst) / INDEX_FILE).read_text())
-    shards = sorted(set(index["weight_map"].values()))
-    print(f"wrote {len(index['weight_map'])} tensors ({index['metadata']['total_size'] / 1e9:.2f} GB, "
-          f"dtype {layout['dtype'] or 'as in the sources'}) in {len(shards)} shard(s) to {args.dst}; "
-          f"load it with --checkpoint {args.dst}", file=sys.stdout)
-    return 0

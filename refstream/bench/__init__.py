@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 from pathlib import Path
+
+#: the unit files of a merged-objects sweep (Ref-DAVIS-17) store each object's probability as uint16
+#: ``round(p * PROB_SCALE)``, zero at or below ``BACKGROUND_PROB`` (the actor writes them, the run reads them)
+PROB_SCALE = 65535
+BACKGROUND_PROB = 0.1
 
 
 def cpu_name() -> str:
@@ -12,6 +18,6 @@ def cpu_name() -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    except OSError as exc:
+        logging.getLogger("refstream.bench").debug("cannot read /proc/cpuinfo (%s); using the platform's name", exc)
     return platform.processor() or "unknown"

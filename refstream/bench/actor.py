@@ -28,13 +28,12 @@ import torch
 from PIL import Image
 
 from refstream.api import load
+from refstream.bench import BACKGROUND_PROB, PROB_SCALE
 from refstream.options import SweepOptions
 from refstream.outputs import logits_to_mask, write_bytes_atomic
 from workers.gpu_worker import is_cuda_error
 
 #: Ref-DAVIS: probabilities at or below this are background when objects are merged (and are stored as 0)
-BACKGROUND_PROB = 0.1
-PROB_SCALE = 65535  # Ref-DAVIS unit probabilities are stored as uint16 round(p * 65535)
 
 
 @dataclass

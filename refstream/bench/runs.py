@@ -42,7 +42,7 @@ from tqdm import tqdm
 from eval.davis import evaluate_ref_davis17
 from eval.mevis import MevisSplit, _score_one
 from eval.refytvos import RefYTVOS, make_submission_zip
-from refstream.bench.actor import PROB_SCALE, BenchWorker, WorkerConfig, make_worker_class
+from refstream.bench import PROB_SCALE
 from refstream.bench.datasets import load_dataset
 from refstream.errors import ConfigError, RefStreamError
 from refstream.options import JobOptions, ModelOptions, SweepOptions, add_option_arguments, options_from_args
@@ -289,6 +289,7 @@ class BenchRun:
 
     def _execute_local(self, tasks: list[dict], pending: int, failures: dict) -> None:
         """In this process, without Ray (``--workers 0``)."""
+        from refstream.bench.actor import BenchWorker  # lazy: the model stack; the parser and reports need none of it
 
         worker = BenchWorker(self._worker_config(), str(self.out))
         queue = [(t, 1) for t in tasks]
@@ -314,6 +315,8 @@ class BenchRun:
             started_ray = True
         try:
             config = self._worker_config()
+            from refstream.bench.actor import WorkerConfig, make_worker_class  # lazy: as in _execute_local
+
             cls = make_worker_class(WorkerConfig(**config))
             count = self.workers
             if count is None:  # one per GPU, else one

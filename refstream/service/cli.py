@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 
+from refstream.options import JobOptions, add_option_arguments
 from refstream.service.logs import configure_logging, quiet_ray_log_prefix
 
 DEFAULT_REDIS_URL = os.environ.get("REFSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -35,12 +36,7 @@ def _add_submit_parser(sub) -> None:
     p = sub.add_parser("submit", help="queue a job on the service; prints the job id")
     _redis_url_option(p)
     p.add_argument("input", help="a video under the service's allowed roots (or a local file with --upload)")
-    p.add_argument("--expression", "-e", action="append", default=[], metavar="TEXT")
-    p.add_argument("--method", default="litelvlm")
-    p.add_argument("--variant", default="paper")
-    p.add_argument("--budget", type=int, default=196)
-    p.add_argument("--placement", default="pooled", choices=["pooled", "patch"])
-    p.add_argument("--max-frames", type=int, default=None)
+    add_option_arguments(p, JobOptions)  # the job's options: the same flags, defaults and checks as refstream run
     p.add_argument("--upload", action="store_true", help="copy the file into the service's upload root first")
     p.add_argument("--upload-root", default=os.environ.get("REFSTREAM_UPLOAD_ROOT"))
     p.add_argument("--max-upload-mb", type=int, default=512)
@@ -144,9 +140,8 @@ def run_service_command(args: argparse.Namespace) -> int:
     client = RefStreamClient(args.redis_url, upload_root=getattr(args, "upload_root", None),
                              max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)
     if args.command == "submit":
-        job = client.submit(args.input, args.expression, upload=args.upload, method=args.method,
-                            variant=args.variant, budget=args.budget, placement=args.placement,
-                            max_frames=args.max_frames)
+        options = {name: getattr(args, name) for name in JobOptions.model_fields if hasattr(args, name)}
+        job = client.submit(args.input, options.pop("expressions", []), upload=args.upload, **options)
         print(job)
         if args.wait:
             status = client.wait(job, timeout_s=args.timeout)

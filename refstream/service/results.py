@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
-
 from refstream.outputs import OUTPUT_FILES  # the files every job writes, as ``refstream run`` does (no torch)
 
 
