@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from refstream.bench.service import _descendants
 from refstream.service.client import RefStreamClient
 from refstream.service.metrics import metrics_key
 
@@ -53,8 +54,6 @@ class Serves:
         return proc
 
     def snapshot(self) -> None:
-        from refstream.bench.service import _descendants
-
         for proc in self.procs:
             for pid in [proc.pid, *_descendants(proc.pid)]:
                 if (start := _start_time(pid)) is not None:
