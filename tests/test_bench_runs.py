@@ -377,3 +377,29 @@ def test_split_tasks_gives_every_worker_runs_of_a_single_video():
     assert pairs == [("0", "m_1"), ("0", "m_2"), ("0", "m_3"), ("1", "m_3")]
     assert all(set(u["combos"]) <= set(p["runs"]) and u["combos"] for p in parts for u in p["units"])
     assert split_tasks([task], 1) == [task]
+
+
+def test_bench_run_refuses_bad_options_with_the_options_models_message(mevis_root, tmp_path, capsys):
+    """bench run validates its sweep and each method x budget with refstream.options (the run's messages)."""
+    for extra, words in ((["--budget", "0"], "--budget 0: must be an integer >= 1"),
+                         (["--budget", "81", "--frames", "6"], "--frames 6: must be a positive multiple of 4"),
+                         (["--budget", "81", "--method", "bogus"], "--method 'bogus': unknown pruning method")):
+        code = bench(*common(mevis_root, tmp_path / "run", "--dataset", "mevis", "--split", "valid_u", "--method",
+                             "none", *extra, "--workers", "0"))
+        assert code == 2 and words in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unreadable_unit_status_is_logged_and_the_unit_reruns(mevis_root, tmp_path, caplog):
+    from refstream.bench.runs import BenchRun
+
+    run = BenchRun({"dataset": "mevis", "root": str(mevis_root), "split": "valid_u", "model": "tiny",
+                    "checkpoint": None, "videos": None, "placement": "pooled", "variant": "paper", "frames": 16,
+                    "stride": 1, "max_frames": 4, "clip_text": "question", "answer": "forced", "clip_length": None},
+                   ["none"], [576], tmp_path / "run", workers=0, progress=False)
+    status = run.status_path("none_576", "blackswan", "0")
+    status.parent.mkdir(parents=True)
+    status.write_text("{not json")
+    with caplog.at_level("WARNING", logger="refstream.bench"):
+        assert run._done("none_576", "blackswan", "0") is False
+    assert "unreadable unit status" in caplog.text and str(status) in caplog.text

@@ -33,6 +33,7 @@ to put it, and that ``--model tiny`` runs with random weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -67,6 +68,8 @@ from workers.refstream_folder import LAYOUT_FILE, load_refstream_folder, refstre
 from workers.sam2_decoder import SAM2_HIERA_LARGE_ID, build_sam2, load_sam2, sam2_video_config
 from workers.tokenizers import load_tokenizer, tiny_clip_tokenizer, tiny_llm_tokenizer
 from workers.videoglamm import VideoGLaMM
+
+log = logging.getLogger("refstream.workers")
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("REFSTREAM_HOME", Path.home() / ".cache" / "refstream")) / "VideoGLaMM"
 TINY_NOTE = "Or run with --model tiny: the same architecture with random weights (masks without meaning)."
@@ -191,7 +194,8 @@ def _internvideo2_path(config: ModelConfig, folder: Path) -> Path | None:
         repo, filename = "/".join(parts[:2]), (parts[2] if len(parts) == 3 else IV2_FILENAME)
         try:
             cached = try_to_load_from_cache(repo, filename)
-        except Exception:  # noqa: BLE001 - not a valid repo id: keep the path
+        except Exception as exc:  # noqa: BLE001 - not a valid repo id: keep the path
+            log.debug("%s is not in the Hugging Face cache (%s); using the path as given", ref, exc)
             cached = None
         if isinstance(cached, str):
             return Path(cached)
@@ -202,7 +206,8 @@ def _official_weight_map(folder: Path) -> dict[str, str] | None:
     """``weight_map`` of the official index (or of a single ``pytorch_model.bin``: None); None when unreadable."""
     try:
         weight_map = json.loads((folder / OFFICIAL_INDEX).read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.debug("no readable official index in %s (%s)", folder, exc)
         return None
     return weight_map if isinstance(weight_map, dict) else None
 
@@ -258,7 +263,8 @@ def _locally_available(ref: str) -> bool:
         return True
     try:
         return isinstance(try_to_load_from_cache(ref, "config.json"), str)
-    except Exception:  # noqa: BLE001 - any hub error means "not available offline"
+    except Exception as exc:  # noqa: BLE001 - any hub error means "not available offline"
+        log.debug("%s is not available offline (%s)", ref, exc)
         return False
 
 

@@ -28,6 +28,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -49,6 +50,8 @@ from refstream.options import JobOptions, ModelOptions, SweepOptions, add_option
 from refstream.outputs import atomic_file, write_bytes_atomic, write_text_atomic
 from video_pipeline.decode import open_video
 from video_pipeline.plan import plan_frames
+
+log = logging.getLogger("refstream.bench")
 
 #: the sweep options a run folder records (its ``run.json`` settings); see refstream.options.SweepOptions
 SWEEP_FIELDS = ("placement", "variant", "frames", "stride", "max_frames", "clip_text", "answer", "clip_length")
@@ -185,7 +188,8 @@ class BenchRun:
             return False
         try:
             return json.loads(path.read_text()).get("status") == "ok"
-        except ValueError:
+        except ValueError as exc:
+            log.warning("unreadable unit status %s (%s): the unit runs again", path, exc)
             return False
 
     def _options(self) -> dict:
@@ -361,7 +365,8 @@ class BenchRun:
         try:
             ray.get(actor.health.remote(), timeout=600)
             return actor
-        except ray.exceptions.RayError:
+        except ray.exceptions.RayError as exc:
+            log.warning("bench worker actor is gone (%s: %s); starting a new one", type(exc).__name__, exc)
             return cls.remote(config, str(self.out.resolve()))
 
     # -- assembling, scoring, zipping -------------------------------------------------------------------

@@ -24,6 +24,7 @@ restarts it (``max_restarts``; the constructor reloads the model); the caller re
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Iterator, Sequence
@@ -36,6 +37,9 @@ from refstream.pipeline import Pipeline
 from refstream.service.worker import HeartbeatThread
 from workers.gpu_worker import is_cuda_error, segment_clip
 from workers.sam2_decoder import Sam2VideoDecoder
+
+
+log = logging.getLogger("refstream.service")
 
 
 class VideoGLaMMWorker:
@@ -75,7 +79,8 @@ class VideoGLaMMWorker:
             try:
                 torch.cuda.synchronize()
                 cuda_ok = True
-            except RuntimeError:
+            except RuntimeError as exc:
+                log.warning("CUDA is not usable on %s: %s", self.pipeline.device, exc)
                 cuda_ok = False
         return {"pid": os.getpid(), "device": str(self.pipeline.device), "cuda_ok": cuda_ok,
                 "model": self.pipeline.config.name, "frames_done": self.frames_done,
