@@ -6,26 +6,5 @@ same objects, so ``refstream.config.ModelConfig`` and ``workers.config.ModelConf
 
 from __future__ import annotations
 
-from workers.config import (
-    CONFIG_DIR,
-    PRESETS,
-    ClipSpec,
-    InternVideo2Spec,
-    ModelConfig,
-    Sam2HieraSpec,
-    Sam2MaskDecoderSpec,
-    Sam2Spec,
-    load_model_config,
-)
-
-__all__ = [
-    "CONFIG_DIR",
-    "PRESETS",
-    "ClipSpec",
-    "InternVideo2Spec",
-    "ModelConfig",
-    "Sam2HieraSpec",
-    "Sam2MaskDecoderSpec",
-    "Sam2Spec",
-    "load_model_config",
-]
+from workers.config import *  # noqa: F401,F403 - the same objects, named by workers.config.__all__
+from workers.config import __all__  # noqa: F401
