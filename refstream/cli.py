@@ -66,7 +66,7 @@ def _add_explain_parser(sub) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from refstream.explain import explain
+    from refstream.explain import explain  # lazy: torch, transformers (see the top)
 
     result = explain(
         args.input, args.expression, args.method, args.budget, args.out, model=args.model,
@@ -93,6 +93,7 @@ def _add_analyze_parser(sub) -> None:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    # lazy: torch, transformers (see the top)
     from eval.ref_davis import RefDavis
     from refstream.analyze import plot_reversal, reversal_analysis
     from workers.build import build_clip
@@ -174,7 +175,7 @@ def _add_model_parsers(sub) -> None:
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    from workers.stats import build_skeleton, parameter_counts
+    from workers.stats import build_skeleton, parameter_counts  # lazy: torch, transformers
 
     config = load_model_config(args.model)
     counts = parameter_counts(build_skeleton(config))
@@ -188,7 +189,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_flops(args: argparse.Namespace) -> int:
-    from workers.stats import build_skeleton, stage_flops
+    from workers.stats import build_skeleton, stage_flops  # lazy: torch, transformers
 
     if args.frames < 4 or args.frames % 4:
         raise ConfigError(f"--frames must be a positive multiple of 4, got {args.frames}")

@@ -15,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.mevis import MevisSplit
+from eval.ref_davis import ANNOTATION_FILES, open_ref_davis
+from eval.refytvos import RefYTVOS
 from refstream.errors import ConfigError, DatasetLayoutError
 
 DATASETS = ("ref-davis17", "refytvos", "mevis")
@@ -73,8 +76,6 @@ def load_dataset(name: str, root: str | Path, split: str | None = None, videos: 
 
 
 def _ref_davis(root: Path, split: str) -> BenchDataset:
-    from eval.ref_davis import ANNOTATION_FILES, open_ref_davis
-
     if split not in ("valid", "val"):
         raise ConfigError(f"Ref-DAVIS-17 has one split, valid (got --split {split})")
     ds = open_ref_davis(root)
@@ -95,8 +96,6 @@ def _ref_davis(root: Path, split: str) -> BenchDataset:
 
 
 def _mevis(root: Path, split: str) -> BenchDataset:
-    from eval.mevis import MevisSplit
-
     folder = root if (root / "meta_expressions.json").is_file() else root / split
     if not folder.is_dir():
         raise DatasetLayoutError(f"{folder}: MeViS split folder not found (give --root MEVIS --split {split}, or the split folder)")
@@ -107,8 +106,6 @@ def _mevis(root: Path, split: str) -> BenchDataset:
 
 
 def _refytvos(root: Path, split: str) -> BenchDataset:
-    from eval.refytvos import RefYTVOS
-
     if split != "valid":
         raise ConfigError(f"Refer-YouTube-VOS: only the valid split is supported (got --split {split})")
     ds = RefYTVOS(root)
