@@ -595,14 +595,20 @@ def _coordinate(queue: JobQueue, consumer: str, handler, stop_event: threading.E
 
 def _wait_for_coordinators(threads: list[threading.Thread], stop_event: threading.Event,
                            abort_event: threading.Event | None, note) -> None:
-    """Wait until every coordinator thread has ended, noting the first and the second stop request."""
-    stopping = aborting = False
-    while any(t.is_alive() for t in threads):
-        if stop_event.is_set() and not stopping:
-            stopping = True
+    """Wait until every coordinator thread has ended, noting the first and the second stop request (each once,
+    also when the threads end before the next look: a second SIGTERM hands the jobs back within moments)."""
+    noted: set[str] = set()
+
+    def note_requests() -> None:
+        if stop_event.is_set() and "stop" not in noted:
+            noted.add("stop")
             note("serve.stopping", "stop requested: the jobs held finish, jobs not taken stay queued")
-        if abort_event is not None and abort_event.is_set() and not aborting:
-            aborting = True
+        if abort_event is not None and abort_event.is_set() and "abort" not in noted:
+            noted.add("abort")
             note("serve.aborting", "second stop request: running jobs go back to the queue")
+
+    while any(t.is_alive() for t in threads):
+        note_requests()
         for t in threads:
             t.join(timeout=0.5)
+    note_requests()
