@@ -224,3 +224,21 @@ def test_whole_supervisor_retries_and_logs_its_stop_requests_while_redis_is_away
     assert control.r.exists(stop_key(control.prefix, "sid"), abort_key(control.prefix, "sid")) == 2
     supervisor._delete_keys()
     assert control.r.exists(stop_key(control.prefix, "sid"), abort_key(control.prefix, "sid")) == 0
+
+
+def test_stop_requests_are_noted_even_when_the_coordinators_already_ended():
+    """A second SIGTERM can hand the jobs back and end the coordinator threads before the wait loop looks again:
+    both requests are still logged once each (the slow SIGTERM test looks for serve.aborting)."""
+    import threading
+
+    from refstream.service.streaming import _wait_for_coordinators
+
+    stop, abort = threading.Event(), threading.Event()
+    stop.set()
+    abort.set()
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    events = []
+    _wait_for_coordinators([ended], stop, abort, lambda event, message, *a, **k: events.append(event))
+    assert events == ["serve.stopping", "serve.aborting"]
