@@ -29,7 +29,7 @@ import numpy as np
 from refstream.config import PRESETS, load_model_config
 from refstream.errors import ConfigError
 from refstream.options import JobOptions, ModelOptions
-from refstream.outputs import decode_rle, encode_rle
+from refstream.outputs import JobWriter, decode_rle
 from refstream.pipeline import Pipeline, run_to_folder
 
 
@@ -123,22 +123,25 @@ class Segmenter:
             raise ConfigError(f"masks must be 'numpy' or 'rle', got {masks!r}")
         job_options = self.options(expressions, **options)
         job = self.pipeline.stream(video, job_options, progress)
-        per_object: list[list] = [[] for _ in job_options.expressions]
+        rle = JobWriter(None, len(job_options.expressions))  # collects COCO RLE, writes no files
+        arrays: list[list[np.ndarray]] = [[] for _ in job_options.expressions]
         indices: list[int] = []
         try:
             for item in job:
                 indices.append(item.frame_index)
-                for i, mask in enumerate(item.masks):
-                    per_object[i].append(encode_rle(mask) if masks == "rle" else mask)
+                if masks == "rle":
+                    rle.add(None, item.masks)
+                else:
+                    for i, mask in enumerate(item.masks):
+                        arrays[i].append(mask)
         finally:
             job.close()
-        rle = per_object if masks == "rle" else [[] for _ in per_object]
-        result = job.result(rle)
-        if masks == "numpy":
-            empty = np.zeros((0, result.height, result.width), dtype=bool)
-            out = [np.stack(m) if m else empty for m in per_object]
+        result = job.result(rle.masks)
+        if masks == "rle":
+            out = rle.masks
         else:
-            out = per_object
+            empty = np.zeros((0, result.height, result.width), dtype=bool)
+            out = [np.stack(m) if m else empty for m in arrays]
         return Segmentation(
             masks=out, expressions=result.expressions, answers=result.answers, frames=result.frames,
             frame_indices=indices, height=result.height, width=result.width, fps=result.fps,

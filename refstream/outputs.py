@@ -319,24 +319,28 @@ class JobWriter:
             summary = writer.finish(result, device="cpu", started=t0)
 
     Args:
-        out: output folder (created if missing).
+        out: output folder (created if missing), or None to only collect the RLE masks (no files; no
+            :meth:`finish`).
         num_objects: N, the number of expressions.
-        width, height: frame size in pixels.
+        width, height: frame size in pixels (for the overlay).
         fps: frames per second of the overlay (None -> 24).
-        overlay: write ``overlay.mp4`` (default True).
+        overlay: write ``overlay.mp4`` (default True; never without ``out``).
 
     Attributes:
         masks: per object, per frame: COCO RLE dicts (what ``masks.json`` holds).
         seconds: wall seconds spent writing (RLE + overlay), added to the ``write`` stage by :meth:`finish`.
     """
 
-    def __init__(self, out: str | os.PathLike, num_objects: int, width: int, height: int, fps: float | None,
-                 overlay: bool = True):
-        self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+    def __init__(self, out: str | os.PathLike | None, num_objects: int, width: int = 0, height: int = 0,
+                 fps: float | None = None, overlay: bool = True):
+        self.out = None if out is None else Path(out)
         self.masks: list[list[dict]] = [[] for _ in range(num_objects)]
         self.seconds = 0.0
-        self._overlay = OverlayWriter(self.out / "overlay.mp4", width, height, fps) if overlay else None
+        self._overlay = None
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if overlay:
+                self._overlay = OverlayWriter(self.out / "overlay.mp4", width, height, fps)
 
     def __enter__(self) -> "JobWriter":
         return self
@@ -372,7 +376,12 @@ class JobWriter:
 
         Returns:
             the summary dictionary (also written to ``summary.json``).
+
+        Raises:
+            ValueError: the writer has no output folder (built with ``out=None``).
         """
+        if self.out is None:
+            raise ValueError("JobWriter(out=None) only collects masks: give it a folder to finish a job")
         self.close()
         t = time.perf_counter()
         note = RANDOM_WEIGHTS_NOTE if result.random_weights else None

@@ -32,7 +32,7 @@ from refstream.config import ModelConfig, load_model_config
 from refstream.errors import ConfigError, ExpressionError
 from refstream.explain import clip_views
 from refstream.options import JobOptions, RunOptions, SweepOptions, make_method
-from refstream.outputs import JobResult, JobWriter, encode_rle, job_result, logits_to_mask
+from refstream.outputs import JobResult, JobWriter, job_result, logits_to_mask
 from video_pipeline.decode import open_video
 from video_pipeline.plan import FramePlan, encoder_positions, plan_frames
 from video_pipeline.preprocess import clip_preprocess, internvideo_preprocess, sam2_preprocess
@@ -307,14 +307,13 @@ class Pipeline:
             RefStreamError subclasses for bad input (exit code 2 in the CLI).
         """
         job = self.stream(input_path, options, progress, on_open)
-        rle: list[list[dict]] = [[] for _ in options.expressions]
+        collector = JobWriter(None, len(options.expressions))  # RLE only, no files
         for item in job:
             with job.timer("write"):
-                for i, mask in enumerate(item.masks):
-                    rle[i].append(encode_rle(mask))
+                collector.add(None, item.masks)
                 if on_frames is not None:
                     on_frames(item.position, item.frame, item.masks)
-        return job.result(rle)
+        return job.result(collector.masks)
 
     # ------------------------------------------------------------------------------ sweep (bench run)
     def run_sweep(self, input_path: str | Path, expressions: Sequence[str], runs: Sequence[tuple[str, int]],

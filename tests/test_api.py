@@ -99,3 +99,17 @@ def test_import_refstream_stays_light():
     code = "import sys, refstream, refstream.errors; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_job_writer_without_a_folder_only_collects_rle(tmp_path):
+    from refstream.outputs import JobWriter
+
+    writer = JobWriter(None, 2)
+    masks = np.zeros((2, 4, 6), dtype=bool)
+    masks[1, 1:3, 2:5] = True
+    writer.add(None, masks)
+    assert [len(m) for m in writer.masks] == [1, 1]
+    assert np.array_equal(decode_rle(writer.masks[1][0]), masks[1]) and not decode_rle(writer.masks[0][0]).any()
+    with pytest.raises(ValueError, match="give it a folder"):
+        writer.finish(None, device="cpu", started=0.0)
+    assert list(tmp_path.iterdir()) == []
