@@ -276,6 +276,37 @@ class SweepOptions(SharedOptions):
         "run", description="run: one SAM2 pass per (method, budget); video: one pass for every run")
 
 
+class LiveOptions(JobOptions):
+    """Options of live tracking (:class:`refstream.live.engine.LiveEngine`): a job's options, the first prompt
+    optional (it can come later), and how the source is played."""
+
+    expressions: list[str] = Field(
+        default_factory=list,
+        description="referring expression to track from the start; repeat for several objects (optional)",
+        json_schema_extra={"short": "-e", "metavar": "TEXT"})
+    fps: float | None = Field(None, description="play a file source at this rate (default: its own)",
+                              json_schema_extra={"metavar": "FPS"})
+    loop: bool = Field(False, description="play a file source again from the start when it ends")
+    reground_every: float | None = Field(
+        None, description="re-ground the current expressions every so many seconds (drift recovery; default off)",
+        json_schema_extra={"metavar": "SECONDS"})
+
+    @field_validator("expressions")
+    @classmethod
+    def _expressions(cls, value: list[str]) -> list[str]:
+        cleaned = [e.strip() for e in value]
+        if any(not e for e in cleaned):
+            raise ValueError('a referring expression is empty: pass --expression "the black swan"')
+        return cleaned
+
+    @field_validator("fps", "reground_every")
+    @classmethod
+    def _positive_seconds(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError("must be > 0 (omit it for the default)")
+        return value
+
+
 # ------------------------------------------------------------------------------------------- command line
 def _is_optional(annotation) -> tuple[Any, bool]:
     args = typing.get_args(annotation)
@@ -317,14 +348,18 @@ def add_option_arguments(parser: argparse.ArgumentParser, model: type[_Options],
             kwargs["choices"] = list(extra["choices"])
         elif typing.get_origin(annotation) is list:
             kwargs["action"] = "append"
+        elif annotation is bool:
+            kwargs["action"] = "store_true"
         elif annotation is int:
             kwargs["type"] = int
             kwargs["metavar"] = "N"
+        elif annotation is float:
+            kwargs["type"] = float
         if "metavar" in extra:
             kwargs["metavar"] = extra["metavar"]
         if field.is_required():
             help_text += " (required)"
-        elif field.default is not None:
+        elif field.default not in (None, False) and field.default_factory is None:
             help_text += f" (default {field.default})"
         kwargs["help"] = help_text.replace("%", "%%")
         parser.add_argument(*flags, **kwargs)

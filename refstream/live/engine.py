@@ -1,0 +1,410 @@
+"""The live tracking engine: the newest frame of a live source, segmented as it comes, re-prompted by text.
+
+Three threads, no frame queue anywhere:
+
+* the **source thread** (:class:`FileSource` for a video file or frame folder played in real time) writes each
+  decoded frame into a :class:`LatestFrameSlot` (size 1) with its frame id and capture time (Unix seconds) and
+  into a ring buffer of the last 16 frames seen. A frame the tracker has not taken when the next one arrives
+  is replaced and counted as a drop;
+* the **grounding thread** turns a prompt (one or more expressions) into [SEG] embeddings: the ring buffer's
+  frames are the encoder frames, chosen by the same rule as ``refstream run``
+  (:func:`video_pipeline.plan.encoder_positions`), then CLIP, the pruning method (one selection for every
+  expression), InternVideo2 and the LLM answer (:meth:`refstream.pipeline.Pipeline.answer`). The objects being
+  tracked keep being tracked meanwhile;
+* the **tracking thread** always takes the newest frame; when a grounding has finished it opens a fresh
+  :class:`workers.sam2_decoder.Sam2Stream` anchored on the grounding's newest frame (the prompt frame), then
+  steps it frame by frame. SAM2 only ever runs on this thread (a stream's anchor hook is not thread-safe), and
+  its memory bank stays bounded (:class:`workers.sam2_decoder.Sam2Stream`, ``prune_memory``).
+
+Every result carries the ``prompt_id`` of the prompt it answers (increasing with each prompt); results of an
+older prompt are never emitted once a newer one is tracking. ``reground_every`` re-grounds the current
+expressions every so many seconds (drift recovery). Docs: docs/design.md, section Data flow (Live tracking).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from refstream.errors import ExpressionError, RefStreamError
+from refstream.options import LiveOptions, make_method
+from refstream.outputs import logits_to_mask
+from refstream.pipeline import AnswerResult, Pipeline, clip_view
+from video_pipeline.decode import open_video
+from video_pipeline.plan import encoder_positions
+from video_pipeline.preprocess import sam2_preprocess
+from workers.sam2_decoder import Sam2VideoDecoder
+
+log = logging.getLogger("refstream.live")
+
+
+@dataclass
+class LiveFrame:
+    """One captured frame: id (0, 1, 2, ... in capture order), capture time (Unix seconds), uint8 [H, W, 3] RGB."""
+
+    frame_id: int
+    t_capture: float
+    image: np.ndarray
+
+
+class LatestFrameSlot:
+    """A slot that holds only the newest frame (size 1): the consumer always gets the most recent one.
+
+    ``put`` replaces a frame nobody took (counted in :attr:`drops`); ``take`` waits for a frame newer than the
+    last one taken. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._frame: LiveFrame | None = None
+        self._taken = True
+        self._closed = False
+        #: frames replaced before anyone took them
+        self.drops = 0
+        #: frames put
+        self.frames = 0
+
+    def put(self, frame: LiveFrame) -> None:
+        with self._cond:
+            if not self._taken:
+                self.drops += 1
+            self._frame, self._taken = frame, False
+            self.frames += 1
+            self._cond.notify_all()
+
+    def take(self, timeout: float | None = None) -> LiveFrame | None:
+        """The newest frame not yet taken; None on timeout (seconds) or once closed and empty."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: not self._taken or self._closed, timeout):
+                return None
+            if self._taken:
+                return None
+            self._taken = True
+            return self._frame
+
+    def close(self) -> None:
+        """Wake every waiter; ``take`` returns None once the last frame is taken."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class FileSource(threading.Thread):
+    """Plays a video file or frame folder in real time into a :class:`LatestFrameSlot` and a ring buffer.
+
+    Args:
+        path: a video file or a folder of frames (any input ``refstream run`` takes).
+        slot: where each frame goes.
+        ring: a ``deque(maxlen=16)`` of the last frames seen (the encoder frames of a grounding).
+        fps: frames per second to play at (default: the file's own rate; 24 for a frame folder).
+        loop: start again at the end (default: stop).
+        decoder: ``decord`` or ``pyav``.
+
+    Raises (at construction):
+        InputError: the input cannot be opened (named, with the fix).
+    """
+
+    def __init__(self, path, slot: LatestFrameSlot, ring: collections.deque, *, fps: float | None = None,
+                 loop: bool = False, decoder: str = "decord"):
+        super().__init__(daemon=True, name="refstream-live-source")
+        self.path, self.slot, self.ring, self.loop, self.decoder = path, slot, ring, loop, decoder
+        with open_video(path, decoder) as source:  # fail at start, naming the input
+            self.fps = float(fps or source.fps or 24.0)
+            self.num_frames, self.height, self.width = source.num_frames, source.height, source.width
+        self._halt = threading.Event()
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def run(self) -> None:
+        frame_id, start = 0, time.monotonic()
+        try:
+            while not self._halt.is_set():
+                with open_video(self.path, self.decoder) as source:
+                    for _, frames in source.iter_chunks(range(source.num_frames), chunk_size=8):
+                        for image in frames:
+                            delay = start + frame_id / self.fps - time.monotonic()
+                            if delay > 0 and self._halt.wait(delay):
+                                return
+                            frame = LiveFrame(frame_id, time.time(), image)
+                            self.ring.append(frame)
+                            self.slot.put(frame)
+                            frame_id += 1
+                if not self.loop:
+                    return
+        except Exception as exc:  # noqa: BLE001 - reported through .error and the log; the tracker ends
+            self.error = exc
+            log.error("live source %s failed: %s: %s", self.path, type(exc).__name__, exc)
+        finally:
+            self.finished.set()
+            self.slot.close()
+
+
+@dataclass
+class LiveResult:
+    """One processed frame.
+
+    Attributes:
+        frame_id, t_capture: of the frame (Unix seconds); ``t_done`` when its masks were ready.
+        prompt_id: the prompt these masks answer (0: no prompt yet, no objects).
+        expressions: N expressions; ``masks`` bool [N, H, W], one per expression.
+        frame: uint8 [H, W, 3] RGB.
+    """
+
+    frame_id: int
+    prompt_id: int
+    t_capture: float
+    t_done: float
+    expressions: list[str]
+    masks: np.ndarray
+    frame: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return int(self.frame.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.frame.shape[1])
+
+
+@dataclass
+class _Grounded:
+    """A finished grounding, waiting for the tracking thread to anchor it."""
+
+    prompt_id: int
+    expressions: list[str]
+    answer: AnswerResult | None  # None: cleared (no objects)
+    anchor: LiveFrame | None
+    view: np.ndarray | None = None
+
+
+@dataclass
+class LiveStats:
+    """Counters of an engine (read them while it runs)."""
+
+    processed: int = 0
+    groundings: int = 0
+    process_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=300))
+
+
+class LiveEngine:
+    """Tracks the objects that text prompts name on a live source (see the module docstring).
+
+    Args:
+        pipeline: a loaded :class:`refstream.pipeline.Pipeline` (e.g. ``refstream.load("tiny").pipeline``).
+        source_path: a video file or frame folder, played in real time.
+        options: :class:`refstream.options.LiveOptions`: the pruning and prompt options of ``refstream run``, the
+            first prompt (``expressions``, optional), how to play the source (``fps``, ``loop``) and
+            ``reground_every`` (seconds; None: never).
+        on_result: called on the tracking thread with each :class:`LiveResult`.
+        on_status: called with ``(state, prompt_id)``, state ``grounding`` | ``tracking`` | ``idle`` | ``ended``.
+
+    Raises:
+        InputError: the source cannot be opened. ConfigError / ExpressionError: bad options.
+    """
+
+    def __init__(self, pipeline: Pipeline, source_path, options: LiveOptions, *,
+                 on_result: Callable[[LiveResult], None] | None = None,
+                 on_status: Callable[[str, int], None] | None = None):
+        self.pipeline, self.options = pipeline, options
+        self.method = make_method(options.method, options.variant)
+        self.slot = LatestFrameSlot()
+        self.ring: collections.deque = collections.deque(maxlen=pipeline.config.num_frames)
+        self.source = FileSource(source_path, self.slot, self.ring, fps=options.fps, loop=options.loop,
+                                 decoder=options.decoder)
+        self.reground_every = options.reground_every
+        self.on_result, self.on_status = on_result, on_status
+        self.stats = LiveStats()
+        self.prompt_id = 0  # of the newest prompt asked for
+        self.tracking_prompt_id = 0  # of the prompt whose masks are being emitted
+        self.expressions: list[str] = []
+        self.tokens_view: np.ndarray | None = None
+        self._lock = threading.Lock()
+        self._requests: collections.deque = collections.deque()  # prompts waiting for the grounding thread
+        self._wake = threading.Event()
+        self._grounded: _Grounded | None = None
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._ground_loop, daemon=True, name="refstream-live-ground"),
+                         threading.Thread(target=self._track_loop, daemon=True, name="refstream-live-track")]
+        self._last_grounding = 0.0
+        self.state = "idle"
+        if options.expressions:
+            self.prompt(options.expressions)
+
+    # ---------------------------------------------------------------------------------------------- control
+    def start(self) -> "LiveEngine":
+        self.source.start()
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the source and both threads (waits for a running grounding or SAM2 step to end)."""
+        self._stop.set()
+        self._wake.set()
+        self.source.stop()
+        self.slot.close()
+        for t in (self.source, *self._threads):
+            if t.is_alive():
+                t.join(timeout)
+
+    def __enter__(self) -> "LiveEngine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def prompt(self, expressions) -> int:
+        """Ground new expressions (they replace the objects tracked); returns the new ``prompt_id``.
+
+        Raises:
+            ExpressionError: no expression or an empty one (nothing changes).
+        """
+        if isinstance(expressions, str):
+            expressions = [expressions]
+        cleaned = [e.strip() for e in expressions]
+        if not cleaned or any(not e for e in cleaned):
+            raise ExpressionError('an expression is empty: type what to track, e.g. "the dog on the left"')
+        return self._ask(cleaned)
+
+    def clear(self) -> int:
+        """Stop tracking every object; returns the new ``prompt_id``."""
+        return self._ask([])
+
+    def _ask(self, expressions: list[str]) -> int:
+        with self._lock:
+            self.prompt_id += 1
+            self._requests.append((self.prompt_id, expressions))
+            self.expressions = expressions
+        self._status("grounding" if expressions else "idle")
+        self._wake.set()
+        return self.prompt_id
+
+    def _status(self, state: str, prompt_id: int | None = None) -> None:
+        self.state = state
+        if self.on_status is not None:
+            self.on_status(state, self.prompt_id if prompt_id is None else prompt_id)
+
+    # -------------------------------------------------------------------------------------------- grounding
+    def _ground_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            request = None
+            with self._lock:
+                if self._requests:
+                    request = self._requests[-1]  # only the newest prompt matters
+                    self._requests.clear()
+                elif (self.reground_every and self.expressions and self.tracking_prompt_id
+                      and time.monotonic() - self._last_grounding >= self.reground_every):
+                    self.prompt_id += 1
+                    request = (self.prompt_id, list(self.expressions))
+            if request is None:
+                continue
+            prompt_id, expressions = request
+            try:
+                grounded = self._ground(prompt_id, expressions)
+            except RefStreamError as exc:
+                log.warning("grounding prompt %d failed: %s", prompt_id, exc)
+                self._status("error", prompt_id)
+                continue
+            if grounded is not None:
+                with self._lock:
+                    if prompt_id == self.prompt_id:  # a newer prompt replaces this one
+                        self._grounded = grounded
+
+    def _ground(self, prompt_id: int, expressions: list[str]) -> _Grounded | None:
+        """Encoder frames from the ring buffer -> CLIP, pruning, InternVideo2, LLM: the [SEG] embeddings."""
+        if not expressions:
+            return _Grounded(prompt_id, [], None, None)
+        while not self._stop.is_set() and not self.ring:
+            if self.source.finished.wait(0.05) and not self.ring:
+                return None
+        frames = list(self.ring)
+        if not frames:
+            return None
+        options, pipeline = self.options, self.pipeline
+        chosen = [frames[p] for p in encoder_positions(len(frames), options.frames)]
+        started = time.perf_counter()
+        video = pipeline.encode_frames(np.stack([f.image for f in chosen]), with_scores=self.method.needs_scores,
+                                       with_penultimate=self.method.needs_penultimate)
+        answer = pipeline.answer(video, self.method, options.budget, options.placement, expressions,
+                                 options.answer, options.clip_text)
+        self._last_grounding = time.monotonic()
+        self.stats.groundings += 1
+        log.info("grounded prompt %d (%s) in %.2f s", prompt_id, "; ".join(expressions),
+                 time.perf_counter() - started)
+        return _Grounded(prompt_id, expressions, answer, frames[-1], clip_view(video.clip_pixels))
+
+    # --------------------------------------------------------------------------------------------- tracking
+    def _track_loop(self) -> None:
+        decoder = Sam2VideoDecoder(self.pipeline.model.sam2)
+        stream, expressions, prompted = None, [], []
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    grounded, self._grounded = self._grounded, None
+                if grounded is not None:
+                    if stream is not None:
+                        stream.close()
+                    stream, expressions, prompted = self._anchor(decoder, grounded)
+                frame = self.slot.take(timeout=0.1)
+                if frame is None:
+                    if self.source.finished.is_set():  # nothing left untaken: the slot hands out every last frame
+                        break
+                    continue
+                started = time.perf_counter()
+                masks = self._masks(decoder, stream, prompted, len(expressions), frame)
+                self.stats.processed += 1
+                self.stats.process_seconds.append(time.perf_counter() - started)
+                if self.on_result is not None:
+                    self.on_result(LiveResult(frame.frame_id, self.tracking_prompt_id, frame.t_capture, time.time(),
+                                              list(expressions), masks, frame.image))
+        finally:
+            if stream is not None:
+                stream.close()
+            self._status("ended")
+
+    def _anchor(self, decoder: Sam2VideoDecoder, grounded: _Grounded):
+        """Open a fresh SAM2 stream with the prompt on the grounding's newest frame (the anchor frame)."""
+        self.tracking_prompt_id = grounded.prompt_id
+        if grounded.answer is None:
+            self._status("idle", grounded.prompt_id)
+            return None, [], []
+        self.tokens_view = grounded.view
+        answers = grounded.answer.answers
+        prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
+        stream = None
+        if prompted:
+            seg = torch.stack([answers[i].embedding for i in prompted])
+            image = grounded.anchor.image
+            stream = decoder.open_stream(seg, image.shape[:2])
+            stream.step(self._pixels(decoder, image))  # the anchor frame carries the prompt
+        self._status("tracking", grounded.prompt_id)
+        return stream, grounded.expressions, prompted
+
+    def _pixels(self, decoder: Sam2VideoDecoder, image: np.ndarray) -> torch.Tensor:
+        pixels = sam2_preprocess(image[None], style=self.pipeline.sam2_style, size=decoder.image_size)[0]
+        return pixels.to(self.pipeline.device, self.pipeline.model.dtype)
+
+    def _masks(self, decoder, stream, prompted: list[int], count: int, frame: LiveFrame) -> np.ndarray:
+        """bool [N, H, W] for the tracked objects on ``frame`` (all False for an answer without [SEG])."""
+        size = frame.image.shape[:2]
+        masks = np.zeros((count, *size), dtype=bool)
+        if stream is not None:
+            logits = stream.step(self._pixels(decoder, frame.image))
+            for k, i in enumerate(prompted):
+                masks[i] = logits_to_mask(logits[k].float().cpu(), size)
+        return masks
