@@ -9,7 +9,11 @@ Exit codes: 0 success; 2 bad input or configuration (the message names the probl
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import ipaddress
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +25,7 @@ from refstream.bench.service import add_bench_service_parser, main_bench_service
 from refstream.config import load_model_config
 from refstream.convert import add_convert_parser, run_convert
 from refstream.errors import ConfigError, RefStreamError
-from refstream.options import RunOptions, add_option_arguments, options_from_args
+from refstream.options import LiveOptions, ModelOptions, RunOptions, add_option_arguments, options_from_args
 from refstream.outputs import RANDOM_WEIGHTS_NOTE
 from refstream.service.cli import SERVICE_COMMANDS, add_service_parsers, run_service_command
 
@@ -225,6 +229,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_live_parser(sub) -> None:
+    p = sub.add_parser(
+        "live", help="track what typed expressions name on a live video source, in a browser page",
+        description="Serve a page that shows SOURCE with the masks of the objects typed into it, in real time "
+        "(LiveOptions and ModelOptions: the same options as refstream run). Serves until SIGINT/SIGTERM.")
+    p.add_argument("source", help="a video file or a folder of frames, played in real time")
+    add_option_arguments(p, LiveOptions)
+    add_option_arguments(p, ModelOptions)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--token", default=None, help="required as ?token= (and required to bind a non-loopback host)")
+    p.add_argument("--max-sessions", type=int, default=4, help="pages at once (default 4)")
+
+
+def _cmd_live(args: argparse.Namespace) -> int:
+    import uvicorn  # lazy with the rest: see the top
+
+    from refstream.api import load
+    from refstream.live.server import LiveApp, LiveSettings
+    from video_pipeline.decode import open_video
+
+    options = options_from_args(LiveOptions, args)
+    model = options_from_args(ModelOptions, args)
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not args.token:
+        raise ConfigError(f"--host {args.host} lets other machines in: give a --token they must pass as ?token=")
+    if args.max_sessions < 1:
+        raise ConfigError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    open_video(args.source, options.decoder).close()  # fail fast on a bad source, before loading the model
+    segmenter = load(model.model, checkpoint=model.checkpoint, device=model.device, dtype=model.dtype)
+    app = LiveApp(LiveSettings(segmenter.pipeline, args.source, options, token=args.token,
+                               max_sessions=args.max_sessions))
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # ours below: uvicorn's would re-raise SIGTERM on exit (exit code -15)
+            yield
+
+    server = Server(uvicorn.Config(app.api, host=args.host, port=args.port, log_level="warning"))
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a clean stop: sessions closed, exit code 0
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            query = f"?token={args.token}" if args.token else ""
+            print(f"refstream live: open http://{args.host}:{port}/{query} (Ctrl-C to stop)", flush=True)
+        await task
+
+    asyncio.run(serve())
+    return 0
+
+
 def _print_summary(summary: dict, out: str) -> None:
     pruning = summary["pruning"]
     stages = "  ".join(f"{k} {v:.2f}s" for k, v in summary["stage_seconds"].items())
@@ -248,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refstream", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    _add_live_parser(sub)
     _add_explain_parser(sub)
     _add_analyze_parser(sub)
     _add_bench_parser(sub)
@@ -265,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "live":
+            return _cmd_live(args)
         if args.command == "explain":
             return _cmd_explain(args)
         if args.command == "analyze":

@@ -208,6 +208,8 @@ class LiveEngine:
             ``reground_every`` (seconds; None: never).
         on_result: called on the tracking thread with each :class:`LiveResult`.
         on_status: called with ``(state, prompt_id)``, state ``grounding`` | ``tracking`` | ``idle`` | ``ended``.
+        model_lock: held while the model runs (grounding, each SAM2 step); engines that share one model must
+            share one lock (CLIP's feature hooks and SAM2's anchor hook live on the model).
 
     Raises:
         InputError: the source cannot be opened. ConfigError / ExpressionError: bad options.
@@ -215,7 +217,7 @@ class LiveEngine:
 
     def __init__(self, pipeline: Pipeline, source_path, options: LiveOptions, *,
                  on_result: Callable[[LiveResult], None] | None = None,
-                 on_status: Callable[[str, int], None] | None = None):
+                 on_status: Callable[[str, int], None] | None = None, model_lock: threading.Lock | None = None):
         self.pipeline, self.options = pipeline, options
         self.method = make_method(options.method, options.variant)
         self.slot = LatestFrameSlot()
@@ -225,6 +227,7 @@ class LiveEngine:
         self.reground_every = options.reground_every
         self.on_result, self.on_status = on_result, on_status
         self.stats = LiveStats()
+        self.model_lock = model_lock or threading.Lock()
         self.prompt_id = 0  # of the newest prompt asked for
         self.tracking_prompt_id = 0  # of the prompt whose masks are being emitted
         self.expressions: list[str] = []
@@ -338,10 +341,12 @@ class LiveEngine:
         options, pipeline = self.options, self.pipeline
         chosen = [frames[p] for p in encoder_positions(len(frames), options.frames)]
         started = time.perf_counter()
-        video = pipeline.encode_frames(np.stack([f.image for f in chosen]), with_scores=self.method.needs_scores,
-                                       with_penultimate=self.method.needs_penultimate)
-        answer = pipeline.answer(video, self.method, options.budget, options.placement, expressions,
-                                 options.answer, options.clip_text)
+        with self.model_lock:
+            video = pipeline.encode_frames(np.stack([f.image for f in chosen]),
+                                           with_scores=self.method.needs_scores,
+                                           with_penultimate=self.method.needs_penultimate)
+            answer = pipeline.answer(video, self.method, options.budget, options.placement, expressions,
+                                     options.answer, options.clip_text)
         self._last_grounding = time.monotonic()
         self.stats.groundings += 1
         log.info("grounded prompt %d (%s) in %.2f s", prompt_id, "; ".join(expressions),
@@ -390,8 +395,9 @@ class LiveEngine:
         if prompted:
             seg = torch.stack([answers[i].embedding for i in prompted])
             image = grounded.anchor.image
-            stream = decoder.open_stream(seg, image.shape[:2])
-            stream.step(self._pixels(decoder, image))  # the anchor frame carries the prompt
+            with self.model_lock:
+                stream = decoder.open_stream(seg, image.shape[:2])
+                stream.step(self._pixels(decoder, image))  # the anchor frame carries the prompt
         self._status("tracking", grounded.prompt_id)
         return stream, grounded.expressions, prompted
 
@@ -404,7 +410,8 @@ class LiveEngine:
         size = frame.image.shape[:2]
         masks = np.zeros((count, *size), dtype=bool)
         if stream is not None:
-            logits = stream.step(self._pixels(decoder, frame.image))
+            with self.model_lock:
+                logits = stream.step(self._pixels(decoder, frame.image))
             for k, i in enumerate(prompted):
                 masks[i] = logits_to_mask(logits[k].float().cpu(), size)
         return masks

@@ -1,0 +1,249 @@
+"""The live tracking web app: ``GET /`` (the page), ``WS /ws`` (the protocol), ``GET /metrics``, ``GET /healthz``.
+
+One :class:`refstream.live.engine.LiveEngine` per websocket session, all sharing one loaded model (a lock
+serialises the model's use: CLIP's feature hooks and SAM2's anchor hook are per model, not per call). Torch
+work runs on the engines' threads, never on the event loop; results reach the socket through a latest-result
+slot, so a slow client skips frames instead of growing a send buffer.
+
+Protocol (names fixed; other tools depend on them):
+
+* client -> server, JSON text: ``{"type": "prompt", "expressions": [...]}`` (replaces the objects),
+  ``{"type": "clear"}``, ``{"type": "ping", "t": <client ms>}``;
+* server -> client: per processed frame a JSON text ``{"type": "frame", "frame_id", "prompt_id", "t_capture",
+  "t_done", "width", "height", "objects": [{"expression", "mask": COCO RLE}]}`` followed by one binary message
+  with the frame as JPEG; ``{"type": "status", "state": "grounding"|"tracking"|"idle"|..., "prompt_id"}``;
+  ``{"type": "pong", "t": <client ms>, "server_t": <Unix s>}``; ``{"type": "error", "message": str}`` (a bad
+  prompt gets one and changes nothing).
+
+Security: the websocket's ``Origin`` must be the page's own origin (``http://`` + the request's ``Host``);
+with a token, ``?token=`` must match; at most ``max_sessions`` sessions (more are told why and closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import cv2
+from fastapi import FastAPI, WebSocket, WebSocketDisconnect
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from refstream.errors import RefStreamError
+from refstream.live.engine import LiveEngine, LiveResult
+from refstream.options import LiveOptions
+from refstream.outputs import encode_rle
+from refstream.pipeline import Pipeline
+
+log = logging.getLogger("refstream.live")
+
+#: websocket close codes: policy violation (origin, token) and "try again later" (too many sessions)
+CLOSE_POLICY, CLOSE_BUSY = 1008, 1013
+
+
+@dataclass
+class LiveSettings:
+    """What the app serves: the loaded model, the source and the session limits.
+
+    Attributes:
+        pipeline: the loaded model, shared by every session.
+        source: the video file or frame folder every session plays.
+        options: the sessions' :class:`refstream.options.LiveOptions` (first prompt, pruning, playback).
+        token: when set, ``?token=`` must match it.
+        max_sessions: sessions at once; more are refused with a message.
+        jpeg_quality: of the frames sent (0-100).
+    """
+
+    pipeline: Pipeline
+    source: str | Path
+    options: LiveOptions
+    token: str | None = None
+    max_sessions: int = 4
+    jpeg_quality: int = 80
+    model_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class LiveMetrics:
+    """Prometheus metrics of the app (a registry of its own, so several apps can live in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.frames = Counter("refstream_live_frames_processed", "frames segmented", registry=self.registry)
+        self.drops = Counter("refstream_live_frames_dropped", "source frames replaced before the tracker took "
+                             "them, or results skipped for a slow client", ["where"], registry=self.registry)
+        self.frame_seconds = Histogram("refstream_live_frame_seconds", "tracker seconds per frame",
+                                       registry=self.registry)
+        self.send_seconds = Histogram("refstream_live_capture_to_send_seconds", "capture to send, seconds",
+                                      registry=self.registry)
+        self.sessions = Gauge("refstream_live_sessions", "open websocket sessions", registry=self.registry)
+
+
+class _Session:
+    """One websocket: its engine, the newest result not sent yet, and status messages to send."""
+
+    def __init__(self, app: "LiveApp", websocket: WebSocket):
+        self.app, self.websocket = app, websocket
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self.latest: LiveResult | None = None
+        self.statuses: list[dict] = []
+        self.lock = threading.Lock()
+        self.skipped = 0
+        self.engine: LiveEngine | None = None
+
+    # called on the engine's threads
+    def on_result(self, result: LiveResult) -> None:
+        with self.lock:
+            if self.latest is not None:
+                self.skipped += 1
+                self.app.metrics.drops.labels("client").inc()
+            self.latest = result
+        self.app.metrics.frames.inc()
+        if self.engine is not None and self.engine.stats.process_seconds:
+            self.app.metrics.frame_seconds.observe(self.engine.stats.process_seconds[-1])
+        self.loop.call_soon_threadsafe(self.wake.set)
+
+    def on_status(self, state: str, prompt_id: int) -> None:
+        with self.lock:
+            self.statuses.append({"type": "status", "state": state, "prompt_id": prompt_id})
+        self.loop.call_soon_threadsafe(self.wake.set)
+
+    async def send_loop(self) -> None:
+        """Send status messages and the newest result (frame JSON + JPEG) whenever there is something new."""
+        quality = [int(cv2.IMWRITE_JPEG_QUALITY), self.app.settings.jpeg_quality]
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            with self.lock:
+                statuses, self.statuses = self.statuses, []
+                result, self.latest = self.latest, None
+            for status in statuses:
+                await self.websocket.send_text(json.dumps(status))
+            if result is None:
+                continue
+            message, jpeg = await asyncio.to_thread(self._encode, result, quality)
+            await self.websocket.send_text(message)
+            await self.websocket.send_bytes(jpeg)
+            self.app.metrics.send_seconds.observe(max(0.0, time.time() - result.t_capture))
+
+    @staticmethod
+    def _encode(result: LiveResult, quality: list[int]) -> tuple[str, bytes]:
+        message = json.dumps({
+            "type": "frame", "frame_id": result.frame_id, "prompt_id": result.prompt_id,
+            "t_capture": result.t_capture, "t_done": result.t_done, "width": result.width,
+            "height": result.height,
+            "objects": [{"expression": e, "mask": encode_rle(m)} for e, m in zip(result.expressions, result.masks)],
+        })
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR), quality)
+        return message, jpeg.tobytes()
+
+    async def receive_loop(self) -> None:
+        """Handle the client's messages until it goes away."""
+        while True:
+            message = await self.websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is None:
+                await self.error("binary frames are only taken with SOURCE browser")
+                continue
+            try:
+                data = json.loads(message["text"])
+                kind = data.get("type")
+            except (ValueError, AttributeError):
+                await self.error("messages are JSON objects with a \"type\" (prompt, clear or ping)")
+                continue
+            if kind == "prompt":
+                expressions = data.get("expressions")
+                if not isinstance(expressions, list) or not all(isinstance(e, str) for e in expressions):
+                    await self.error('a prompt is {"type": "prompt", "expressions": ["the dog", ...]}')
+                    continue
+                try:
+                    self.engine.prompt(expressions)
+                except RefStreamError as exc:
+                    await self.error(str(exc))
+            elif kind == "clear":
+                self.engine.clear()
+            elif kind == "ping":
+                await self.websocket.send_text(json.dumps({"type": "pong", "t": data.get("t"), "server_t": time.time()}))
+            else:
+                await self.error(f"unknown message type {kind!r}: use prompt, clear or ping")
+
+    async def error(self, text: str) -> None:
+        await self.websocket.send_text(json.dumps({"type": "error", "message": text}))
+
+
+class LiveApp:
+    """The FastAPI app of ``refstream live`` (``.api``), with its sessions and metrics."""
+
+    def __init__(self, settings: LiveSettings):
+        self.settings = settings
+        self.metrics = LiveMetrics()
+        self.sessions: set[_Session] = set()
+        self.api = FastAPI(title="RefStream live")
+        self.api.add_api_route("/", self.page, methods=["GET"], response_class=HTMLResponse)
+        self.api.add_api_route("/healthz", self.healthz, methods=["GET"])
+        self.api.add_api_route("/metrics", self.prometheus, methods=["GET"])
+        self.api.add_api_websocket_route("/ws", self.websocket)
+
+    async def page(self) -> HTMLResponse:
+        html = resources.files("refstream.live").joinpath("static/index.html").read_text()
+        return HTMLResponse(html)
+
+    async def healthz(self) -> JSONResponse:
+        config = self.settings.pipeline.config
+        return JSONResponse({"ok": True, "sessions": len(self.sessions), "model": config.name,
+                             "random_weights": config.random_weights})
+
+    async def prometheus(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def _refusal(self, websocket: WebSocket) -> tuple[int, str] | None:
+        origin, host = websocket.headers.get("origin"), websocket.headers.get("host")
+        if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
+            return CLOSE_POLICY, f"origin {origin} refused: open the page this server serves (http://{host}/)"
+        token = self.settings.token
+        if token is not None and websocket.query_params.get("token") != token:
+            return CLOSE_POLICY, "a token is required: open the page with ?token=<the --token given to refstream live>"
+        if len(self.sessions) >= self.settings.max_sessions:
+            return CLOSE_BUSY, (f"too many sessions ({self.settings.max_sessions} open): close another page, or start "
+                                f"refstream live with a larger --max-sessions")
+        return None
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        refusal = self._refusal(websocket)
+        if refusal is not None:
+            code, text = refusal
+            log.warning("live session refused: %s", text)
+            await websocket.send_text(json.dumps({"type": "error", "message": text}))
+            await websocket.close(code)
+            return
+        session = _Session(self, websocket)
+        self.sessions.add(session)
+        self.metrics.sessions.set(len(self.sessions))
+        try:
+            session.engine = await asyncio.to_thread(
+                LiveEngine, self.settings.pipeline, self.settings.source, self.settings.options,
+                on_result=session.on_result, on_status=session.on_status, model_lock=self.settings.model_lock)
+            session.engine.start()
+            sender = asyncio.create_task(session.send_loop())
+            try:
+                await session.receive_loop()
+            finally:
+                sender.cancel()
+        except WebSocketDisconnect as exc:
+            log.info("live session: the page went away (code %s)", exc.code)
+        finally:
+            if session.engine is not None:
+                await asyncio.to_thread(session.engine.stop)
+                self.metrics.drops.labels("source").inc(session.engine.slot.drops)
+            self.sessions.discard(session)
+            self.metrics.sessions.set(len(self.sessions))
+            log.info("live session closed (%d open)", len(self.sessions))

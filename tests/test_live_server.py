@@ -1,0 +1,150 @@
+"""``refstream live``'s web app over a real uvicorn server and a real websocket client (tiny model, real video)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import uvicorn
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+import refstream
+from refstream.live.server import CLOSE_BUSY, CLOSE_POLICY, LiveApp, LiveSettings
+from refstream.options import LiveOptions
+from refstream.outputs import decode_rle
+
+REFSTREAM = str(Path(sys.executable).with_name("refstream"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A LiveApp on a real uvicorn server in a thread, on a free loopback port."""
+
+    def __init__(self, pipeline, source, **settings):
+        self.app = LiveApp(LiveSettings(pipeline, source, LiveOptions(fps=25, loop=True), **settings))
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(self.app.api, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def ws(self, query: str = "", origin: str | None = "self"):
+        origin = f"http://127.0.0.1:{self.port}" if origin == "self" else origin
+        return connect(f"ws://127.0.0.1:{self.port}/ws{query}", origin=origin, open_timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return refstream.load("tiny", device="cpu").pipeline
+
+
+def messages(ws, until, timeout: float = 120.0) -> list:
+    """Receive until ``until(message)`` is true (text messages parsed); returns everything received."""
+    got, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        raw = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        message = json.loads(raw) if isinstance(raw, str) else raw
+        got.append(message)
+        if until(message):
+            return got
+    raise AssertionError(f"timed out; last messages: {[m if isinstance(m, dict) else len(m) for m in got[-5:]]}")
+
+
+def test_protocol_prompt_frames_ping_errors_and_clear(tiny, blackswan_dir):
+    with Server(tiny, blackswan_dir) as server, server.ws() as ws:
+        ws.send(json.dumps({"type": "ping", "t": 1234}))
+        pong = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "pong")[-1]
+        assert pong["t"] == 1234 and abs(pong["server_t"] - time.time()) < 60
+        ws.send(json.dumps({"type": "prompt", "expressions": ["the black swan", "the water"]}))
+        got = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "frame" and m["prompt_id"] == 1)
+        statuses = [(m["state"], m["prompt_id"]) for m in got if isinstance(m, dict) and m["type"] == "status"]
+        assert ("grounding", 1) in statuses and ("tracking", 1) in statuses
+        frame = got[-1]
+        assert (frame["width"], frame["height"]) == (854, 480) and frame["t_done"] >= frame["t_capture"]
+        assert [o["expression"] for o in frame["objects"]] == ["the black swan", "the water"]
+        assert decode_rle(frame["objects"][0]["mask"]).shape == (480, 854)
+        jpeg = ws.recv(timeout=30)  # the frame itself follows its JSON
+        assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (480, 854, 3)
+
+        ws.send(json.dumps({"type": "prompt", "expressions": ["  "]}))  # bad: an error, nothing changes
+        error = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "error")[-1]
+        assert "empty" in error["message"]
+        later = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "frame")[-1]
+        assert later["prompt_id"] == 1
+        ws.send(json.dumps({"type": "dance"}))
+        assert "unknown message type" in messages(ws, lambda m: isinstance(m, dict) and m["type"] == "error")[-1]["message"]
+        ws.send(json.dumps({"type": "clear"}))
+        cleared = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "frame" and m["prompt_id"] == 2)[-1]
+        assert cleared["objects"] == []
+        assert server.app.metrics.frames._value.get() > 0
+
+
+def refused(ws) -> tuple[str, int]:
+    message = json.loads(ws.recv(timeout=30))
+    with pytest.raises(ConnectionClosed) as closed:
+        ws.recv(timeout=30)
+    return message["message"], closed.value.rcvd.code
+
+
+def test_origin_token_and_session_limits(tiny, blackswan_dir):
+    with Server(tiny, blackswan_dir, token="s3cret", max_sessions=1) as server:
+        with server.ws("?token=s3cret", origin="http://evil.example") as ws:
+            text, code = refused(ws)
+            assert code == CLOSE_POLICY and "origin http://evil.example refused" in text
+        with server.ws() as ws:
+            text, code = refused(ws)
+            assert code == CLOSE_POLICY and "?token=" in text
+        with server.ws("?token=s3cret") as first:
+            messages(first, lambda m: isinstance(m, dict) and m["type"] == "frame")
+            with server.ws("?token=s3cret") as second:
+                text, code = refused(second)
+                assert code == CLOSE_BUSY and "--max-sessions" in text
+            assert len(server.app.sessions) == 1
+        deadline = time.monotonic() + 30
+        while server.app.sessions:  # the closed page's session (engine threads included) is freed
+            assert time.monotonic() < deadline, "session not freed"
+            time.sleep(0.05)
+        with server.ws("?token=s3cret") as again:
+            messages(again, lambda m: isinstance(m, dict) and m["type"] == "frame")
+
+
+def test_cli_serves_until_sigterm_and_refuses_bad_sources(tmp_path, bedroom_mp4):
+    bad = subprocess.run([REFSTREAM, "live", str(tmp_path / "missing.mp4"), "--model", "tiny"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "missing.mp4" in bad.stderr
+    open_host = subprocess.run([REFSTREAM, "live", str(bedroom_mp4), "--model", "tiny", "--host", "0.0.0.0"],
+                               capture_output=True, text=True, timeout=120)
+    assert open_host.returncode == 2 and "--token" in open_host.stderr
+    proc = subprocess.Popen([REFSTREAM, "live", str(bedroom_mp4), "--model", "tiny", "--device", "cpu", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "refstream live: open http://127.0.0.1:" in line, line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
