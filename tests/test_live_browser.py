@@ -1,0 +1,65 @@
+"""The live page in a real browser: Debian's chromium driven by Playwright (never ``playwright install``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+import refstream
+from test_live_server import Server
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: apt-get install chromium (.ci/run does)")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=FLAGS, headless=True,
+            viewport={"width": 1100, "height": 760})
+        yield context
+        context.close()
+
+
+def stats(page) -> dict:
+    return page.evaluate("() => ({...window.refstreamStats})")
+
+
+def test_page_tracks_typed_expressions_and_reprompts(browser, bedroom_mp4, tmp_path):
+    pipeline = refstream.load("tiny", device="cpu").pipeline
+    with Server(pipeline, bedroom_mp4) as server:
+        pages = [browser.new_page(), browser.new_page()]  # two pages at once, each its own session
+        for page in pages:
+            page.goto(f"http://127.0.0.1:{server.port}/")
+        page = pages[0]
+        page.fill("#expression", "the bed")
+        page.press("#expression", "Enter")
+        page.wait_for_function("() => window.refstreamStats.prompt_id === 1 && "
+                               "window.refstreamStats.painted_frames >= 30 && window.refstreamStats.mask_pixels > 0",
+                               timeout=120_000)
+        first = stats(page)
+        assert first["state"] == "tracking" and first["display_fps"] > 0 and first["latency_ms_p95"] > 0
+        page.fill("#expression", "the girl; the bed")
+        page.press("#expression", "Enter")
+        page.wait_for_function("() => window.refstreamStats.prompt_id === 2", timeout=120_000)
+        assert page.locator("#legend span").count() == 2
+        assert page.locator("#banner").is_visible()  # tiny: random weights
+        other = stats(pages[1])
+        assert other["prompt_id"] == 0 and other["painted_frames"] > 0  # the second page shows the video untouched
+        assert len(server.app.sessions) == 2
+        shot = tmp_path / "live.png"
+        page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("REFSTREAM_WRITE_DOCS"):
+            shutil.copy(shot, REPO / "docs" / "live.png")
+        for p in pages:
+            p.close()
