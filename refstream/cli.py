@@ -241,6 +241,8 @@ def _add_live_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--token", default=None, help="required as ?token= (and required to bind a non-loopback host)")
     p.add_argument("--max-sessions", type=int, default=4, help="pages at once (default 4)")
+    p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
+                   help="only play sources under these folders (repeatable; the same rule as serve)")
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
@@ -248,6 +250,7 @@ def _cmd_live(args: argparse.Namespace) -> int:
 
     from refstream.api import load
     from refstream.live.server import LiveApp, LiveSettings
+    from refstream.service.jobs import InputPolicy
     from video_pipeline.decode import open_video
 
     options = options_from_args(LiveOptions, args)
@@ -260,6 +263,8 @@ def _cmd_live(args: argparse.Namespace) -> int:
         raise ConfigError(f"--host {args.host} lets other machines in: give a --token they must pass as ?token=")
     if args.max_sessions < 1:
         raise ConfigError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    if args.allowed_root:  # the same rule as refstream serve: symlinks and .. resolved first
+        InputPolicy(args.allowed_root).check(args.source)
     open_video(args.source, options.decoder).close()  # fail fast on a bad source, before loading the model
     segmenter = load(model.model, checkpoint=model.checkpoint, device=model.device, dtype=model.dtype)
     app = LiveApp(LiveSettings(segmenter.pipeline, args.source, options, token=args.token,

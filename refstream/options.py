@@ -290,6 +290,26 @@ class LiveOptions(JobOptions):
     reground_every: float | None = Field(
         None, description="re-ground the current expressions every so many seconds (drift recovery; default off)",
         json_schema_extra={"metavar": "SECONDS"})
+    size: str | None = Field(None, description="resize the source's frames to WIDTHxHEIGHT pixels (default: as they are)",
+                             json_schema_extra={"metavar": "WxH"})
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        width, sep, height = value.lower().partition("x")
+        if not (sep and width.isdigit() and height.isdigit() and int(width) >= 2 and int(height) >= 2):
+            raise ValueError("must be WIDTHxHEIGHT in pixels, e.g. 426x240")
+        return f"{int(width)}x{int(height)}"
+
+    @property
+    def frame_size(self) -> tuple[int, int] | None:
+        """``size`` as (width, height) pixels, or None."""
+        if self.size is None:
+            return None
+        width, _, height = self.size.partition("x")
+        return int(width), int(height)
 
     @field_validator("expressions")
     @classmethod

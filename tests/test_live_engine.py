@@ -106,3 +106,16 @@ def test_a_slow_consumer_drops_frames_and_only_the_newest_prompt_is_tracked(tiny
 def test_a_source_that_cannot_be_opened_is_refused_at_start(tiny, tmp_path):
     with pytest.raises(InputError, match="missing.mp4"):
         LiveEngine(tiny, tmp_path / "missing.mp4", LiveOptions())
+
+
+def test_size_resizes_the_source_frames(tiny, bedroom_mp4):
+    results = []
+    engine = LiveEngine(tiny, bedroom_mp4, LiveOptions(expressions=["the bed"], fps=30, loop=True, size="426x240"),
+                        on_result=results.append)
+    assert (engine.source.width, engine.source.height) == (426, 240)
+    with engine:
+        wait_for(lambda: any(r.prompt_id == 1 for r in results), 120, "a tracked frame")
+    tracked = next(r for r in results if r.prompt_id == 1)
+    assert tracked.frame.shape == (240, 426, 3) and tracked.masks.shape == (1, 240, 426)
+    with pytest.raises(ConfigError, match="--size '426'"):
+        LiveOptions(size="426")

@@ -137,6 +137,9 @@ def test_cli_serves_until_sigterm_and_refuses_bad_sources(tmp_path, bedroom_mp4)
     bad = subprocess.run([REFSTREAM, "live", str(tmp_path / "missing.mp4"), "--model", "tiny"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "missing.mp4" in bad.stderr
+    outside = subprocess.run([REFSTREAM, "live", str(bedroom_mp4), "--model", "tiny", "--allowed-root", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert outside.returncode == 2 and "allowed roots" in outside.stderr
     open_host = subprocess.run([REFSTREAM, "live", str(bedroom_mp4), "--model", "tiny", "--host", "0.0.0.0"],
                                capture_output=True, text=True, timeout=120)
     assert open_host.returncode == 2 and "--token" in open_host.stderr

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import cv2
 import numpy as np
 import torch
 
@@ -106,18 +107,21 @@ class FileSource(threading.Thread):
         fps: frames per second to play at (default: the file's own rate; 24 for a frame folder).
         loop: start again at the end (default: stop).
         decoder: ``decord`` or ``pyav``.
+        size: (width, height) in pixels to resize every frame to (OpenCV ``INTER_AREA``), or None.
 
     Raises (at construction):
         InputError: the input cannot be opened (named, with the fix).
     """
 
     def __init__(self, path, slot: LatestFrameSlot, ring: collections.deque, *, fps: float | None = None,
-                 loop: bool = False, decoder: str = "decord"):
+                 loop: bool = False, decoder: str = "decord", size: tuple[int, int] | None = None):
         super().__init__(daemon=True, name="refstream-live-source")
-        self.path, self.slot, self.ring, self.loop, self.decoder = path, slot, ring, loop, decoder
+        self.path, self.slot, self.ring, self.loop, self.decoder, self.size = path, slot, ring, loop, decoder, size
         with open_video(path, decoder) as source:  # fail at start, naming the input
             self.fps = float(fps or source.fps or 24.0)
             self.num_frames, self.height, self.width = source.num_frames, source.height, source.width
+        if size is not None:
+            self.width, self.height = size
         self._halt = threading.Event()
         self.error: BaseException | None = None
         self.finished = threading.Event()
@@ -135,6 +139,8 @@ class FileSource(threading.Thread):
                             delay = start + frame_id / self.fps - time.monotonic()
                             if delay > 0 and self._halt.wait(delay):
                                 return
+                            if self.size is not None:
+                                image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
                             frame = LiveFrame(frame_id, time.time(), image)
                             self.ring.append(frame)
                             self.slot.put(frame)
@@ -223,7 +229,7 @@ class LiveEngine:
         self.slot = LatestFrameSlot()
         self.ring: collections.deque = collections.deque(maxlen=pipeline.config.num_frames)
         self.source = FileSource(source_path, self.slot, self.ring, fps=options.fps, loop=options.loop,
-                                 decoder=options.decoder)
+                                 decoder=options.decoder, size=options.frame_size)
         self.reground_every = options.reground_every
         self.on_result, self.on_status = on_result, on_status
         self.stats = LiveStats()
