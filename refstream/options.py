@@ -144,6 +144,17 @@ class _Options(BaseModel):
             raise options_error(exc) from None
 
 
+def clean_expressions(value: list[str], required: bool = True) -> list[str]:
+    """Referring expressions stripped; raises ValueError (no expression when ``required``, or an empty one).
+    The one check behind :class:`JobOptions`, :class:`LiveOptions` and a live prompt."""
+    if required and not value:
+        raise ValueError('no referring expression: pass --expression "the black swan"')
+    cleaned = [e.strip() for e in value]
+    if any(not e for e in cleaned):
+        raise ValueError('a referring expression is empty: pass --expression "the black swan"')
+    return cleaned
+
+
 def _positive(value: int | None, fix: str) -> int | None:
     if value is not None and (isinstance(value, bool) or value < 1):
         raise ValueError(f"must be an integer >= 1; {fix}")
@@ -220,12 +231,7 @@ class JobOptions(SharedOptions):
     @field_validator("expressions")
     @classmethod
     def _expressions(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError('no referring expression: pass --expression "the black swan"')
-        cleaned = [e.strip() for e in value]
-        if any(not e for e in cleaned):
-            raise ValueError('a referring expression is empty: pass --expression "the black swan"')
-        return cleaned
+        return clean_expressions(value)
 
     @field_validator("budget")
     @classmethod
@@ -314,10 +320,7 @@ class LiveOptions(JobOptions):
     @field_validator("expressions")
     @classmethod
     def _expressions(cls, value: list[str]) -> list[str]:
-        cleaned = [e.strip() for e in value]
-        if any(not e for e in cleaned):
-            raise ValueError('a referring expression is empty: pass --expression "the black swan"')
-        return cleaned
+        return clean_expressions(value, required=False)
 
     @field_validator("fps", "reground_every")
     @classmethod

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from refstream.errors import ExpressionError, RefStreamError
-from refstream.options import LiveOptions, make_method
+from refstream.options import LiveOptions, clean_expressions, make_method
 from refstream.outputs import logits_to_mask
 from refstream.pipeline import AnswerResult, Pipeline, clip_view
 from video_pipeline.decode import open_video
@@ -281,9 +281,10 @@ class LiveEngine:
         """
         if isinstance(expressions, str):
             expressions = [expressions]
-        cleaned = [e.strip() for e in expressions]
-        if not cleaned or any(not e for e in cleaned):
-            raise ExpressionError('an expression is empty: type what to track, e.g. "the dog on the left"')
+        try:
+            cleaned = clean_expressions(list(expressions))
+        except ValueError as exc:
+            raise ExpressionError(str(exc)) from None
         return self._ask(cleaned)
 
     def clear(self) -> int:

@@ -142,6 +142,8 @@ class _Session:
             "objects": [{"expression": e, "mask": encode_rle(m)} for e, m in zip(result.expressions, result.masks)],
         })
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR), quality)
+        if not ok:
+            raise RuntimeError(f"OpenCV could not JPEG-encode frame {result.frame_id}")
         return message, jpeg.tobytes()
 
     async def receive_loop(self) -> None:
