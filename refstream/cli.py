@@ -234,7 +234,9 @@ def _add_live_parser(sub) -> None:
         "live", help="track what typed expressions name on a live video source, in a browser page",
         description="Serve a page that shows SOURCE with the masks of the objects typed into it, in real time "
         "(LiveOptions and ModelOptions: the same options as refstream run). Serves until SIGINT/SIGTERM.")
-    p.add_argument("source", help="a video file or a folder of frames, played in real time")
+    p.add_argument("source", help="a video file or frame folder (played in real time), a V4L2 camera (/dev/video0), a "
+                   "stream URL (rtsp://, rtmp://, srt://, http(s):// incl. HLS, udp://, tcp://) or 'browser' (each "
+                   "page's own camera)")
     add_option_arguments(p, LiveOptions)
     add_option_arguments(p, ModelOptions)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -250,8 +252,8 @@ def _cmd_live(args: argparse.Namespace) -> int:
 
     from refstream.api import load
     from refstream.live.server import LiveApp, LiveSettings
+    from refstream.live.sources import is_stream, open_source
     from refstream.service.jobs import InputPolicy
-    from video_pipeline.decode import open_video
 
     options = options_from_args(LiveOptions, args)
     model = options_from_args(ModelOptions, args)
@@ -263,11 +265,16 @@ def _cmd_live(args: argparse.Namespace) -> int:
         raise ConfigError(f"--host {args.host} lets other machines in: give a --token they must pass as ?token=")
     if args.max_sessions < 1:
         raise ConfigError(f"--max-sessions must be >= 1, got {args.max_sessions}")
-    if args.allowed_root:  # the same rule as refstream serve: symlinks and .. resolved first
-        InputPolicy(args.allowed_root).check(args.source)
-    open_video(args.source, options.decoder).close()  # fail fast on a bad source, before loading the model
+    source = args.source
+    if is_stream(source):  # opened now (fails fast, before the model loads) and shared by every page
+        source = open_source(source, size=options.frame_size, options=options.source_options)
+    elif source != "browser":
+        if args.allowed_root:  # the same rule as refstream serve: symlinks and .. resolved first
+            InputPolicy(args.allowed_root).check(source)
+        open_source(source, fps=options.fps, decoder=options.decoder, size=options.frame_size,
+                    options=options.source_options)  # fail fast on a bad source, before loading the model
     segmenter = load(model.model, checkpoint=model.checkpoint, device=model.device, dtype=model.dtype)
-    app = LiveApp(LiveSettings(segmenter.pipeline, args.source, options, token=args.token,
+    app = LiveApp(LiveSettings(segmenter.pipeline, source, options, token=args.token,
                                max_sessions=args.max_sessions))
     class Server(uvicorn.Server):
         @contextlib.contextmanager

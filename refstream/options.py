@@ -299,6 +299,26 @@ class LiveOptions(JobOptions):
     size: str | None = Field(None, description="resize the source's frames to WIDTHxHEIGHT pixels (default: as they are)",
                              json_schema_extra={"metavar": "WxH"})
 
+    source_option: list[str] = Field(
+        default_factory=list,
+        description="an FFmpeg input option KEY=VALUE for a stream or camera source, e.g. rtsp_flags=listen or "
+        "video_size=640x480 (repeatable; overrides the low-delay defaults)",
+        json_schema_extra={"metavar": "KEY=VALUE"})
+
+    @field_validator("source_option")
+    @classmethod
+    def _source_option(cls, value: list[str]) -> list[str]:
+        for item in value:
+            key, sep, _ = item.partition("=")
+            if not (sep and key.strip()):
+                raise ValueError(f"{item!r} is not KEY=VALUE (e.g. rtsp_transport=udp)")
+        return value
+
+    @property
+    def source_options(self) -> dict[str, str]:
+        """``source_option`` as a dict of FFmpeg input options."""
+        return dict(item.partition("=")[::2] for item in self.source_option)
+
     @field_validator("size")
     @classmethod
     def _size(cls, value: str | None) -> str | None:

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import cv2
 import numpy as np
@@ -151,3 +152,34 @@ def test_cli_serves_until_sigterm_and_refuses_bad_sources(tmp_path, bedroom_mp4)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
+
+
+def test_a_stream_source_is_shared_and_its_drop_shows_as_reconnecting(tiny, bedroom_mp4):
+    from test_live_sources import tcp_server, wait_listening
+
+    port = free_port()
+    sender = tcp_server(bedroom_mp4, port)
+    try:
+        wait_listening(port)
+        with Server(tiny, f"tcp://127.0.0.1:{port}") as server, server.ws() as first, server.ws() as second:
+            health = json.loads(urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=30).read())
+            assert health["source"] == "stream" and health["source_state"] == "live"
+            first.send(json.dumps({"type": "prompt", "expressions": ["the bed"]}))
+            frame = messages(first, lambda m: isinstance(m, dict) and m["type"] == "frame" and m["prompt_id"] == 1)[-1]
+            assert (frame["width"], frame["height"]) == (320, 180) and len(frame["objects"]) == 1
+            other = messages(second, lambda m: isinstance(m, dict) and m["type"] == "frame")[-1]
+            assert other["prompt_id"] == 0  # one connection to the stream, two pages, each its own prompt
+            assert server.app.shared_source.subscribers == 2
+            sender.kill()  # the stream drops: every page is told, tracking resumes when it is back
+            sender.wait()
+            messages(first, lambda m: isinstance(m, dict) and m.get("state") == "reconnecting")
+            messages(second, lambda m: isinstance(m, dict) and m.get("state") == "reconnecting")
+            sender = tcp_server(bedroom_mp4, port)
+            back = messages(first, lambda m: isinstance(m, dict) and m.get("state") == "tracking", timeout=60)[-1]
+            assert back["prompt_id"] == 1
+            later = messages(first, lambda m: isinstance(m, dict) and m["type"] == "frame")[-1]
+            assert later["frame_id"] > frame["frame_id"] and later["prompt_id"] == 1
+        assert not server.app.shared_source.is_alive()  # stopped with the server
+    finally:
+        sender.kill()
+        sender.wait()

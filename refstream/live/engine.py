@@ -2,10 +2,11 @@
 
 Three threads, no frame queue anywhere:
 
-* the **source thread** (:class:`FileSource` for a video file or frame folder played in real time) writes each
-  decoded frame into a :class:`LatestFrameSlot` (size 1) with its frame id and capture time (Unix seconds) and
-  into a ring buffer of the last 16 frames seen. A frame the tracker has not taken when the next one arrives
-  is replaced and counted as a drop;
+* the **source thread** (:mod:`refstream.live.sources`: a file or frame folder played in real time, a camera
+  or network stream through PyAV, or the page's own camera) writes each decoded frame into a
+  :class:`LatestFrameSlot` (size 1) with its frame id and capture time (Unix seconds) and into a ring buffer of
+  the last 16 frames seen. A frame the tracker has not taken when the next one arrives is replaced and counted
+  as a drop. While a stream reconnects the engine's state is ``reconnecting``;
 * the **grounding thread** turns a prompt (one or more expressions) into [SEG] embeddings: the ring buffer's
   frames are the encoder frames, chosen by the same rule as ``refstream run``
   (:func:`video_pipeline.plan.encoder_positions`), then CLIP, the pruning method (one selection for every
@@ -30,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import cv2
 import numpy as np
 import torch
 
@@ -38,121 +38,12 @@ from refstream.errors import ExpressionError, RefStreamError
 from refstream.options import LiveOptions, clean_expressions, make_method
 from refstream.outputs import logits_to_mask
 from refstream.pipeline import AnswerResult, Pipeline, clip_view
-from video_pipeline.decode import open_video
+from refstream.live.sources import FrameSource, LatestFrameSlot, LiveFrame, open_source
 from video_pipeline.plan import encoder_positions
 from video_pipeline.preprocess import sam2_preprocess
 from workers.sam2_decoder import Sam2VideoDecoder
 
 log = logging.getLogger("refstream.live")
-
-
-@dataclass
-class LiveFrame:
-    """One captured frame: id (0, 1, 2, ... in capture order), capture time (Unix seconds), uint8 [H, W, 3] RGB."""
-
-    frame_id: int
-    t_capture: float
-    image: np.ndarray
-
-
-class LatestFrameSlot:
-    """A slot that holds only the newest frame (size 1): the consumer always gets the most recent one.
-
-    ``put`` replaces a frame nobody took (counted in :attr:`drops`); ``take`` waits for a frame newer than the
-    last one taken. Thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._frame: LiveFrame | None = None
-        self._taken = True
-        self._closed = False
-        #: frames replaced before anyone took them
-        self.drops = 0
-        #: frames put
-        self.frames = 0
-
-    def put(self, frame: LiveFrame) -> None:
-        with self._cond:
-            if not self._taken:
-                self.drops += 1
-            self._frame, self._taken = frame, False
-            self.frames += 1
-            self._cond.notify_all()
-
-    def take(self, timeout: float | None = None) -> LiveFrame | None:
-        """The newest frame not yet taken; None on timeout (seconds) or once closed and empty."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: not self._taken or self._closed, timeout):
-                return None
-            if self._taken:
-                return None
-            self._taken = True
-            return self._frame
-
-    def close(self) -> None:
-        """Wake every waiter; ``take`` returns None once the last frame is taken."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class FileSource(threading.Thread):
-    """Plays a video file or frame folder in real time into a :class:`LatestFrameSlot` and a ring buffer.
-
-    Args:
-        path: a video file or a folder of frames (any input ``refstream run`` takes).
-        slot: where each frame goes.
-        ring: a ``deque(maxlen=16)`` of the last frames seen (the encoder frames of a grounding).
-        fps: frames per second to play at (default: the file's own rate; 24 for a frame folder).
-        loop: start again at the end (default: stop).
-        decoder: ``decord`` or ``pyav``.
-        size: (width, height) in pixels to resize every frame to (OpenCV ``INTER_AREA``), or None.
-
-    Raises (at construction):
-        InputError: the input cannot be opened (named, with the fix).
-    """
-
-    def __init__(self, path, slot: LatestFrameSlot, ring: collections.deque, *, fps: float | None = None,
-                 loop: bool = False, decoder: str = "decord", size: tuple[int, int] | None = None):
-        super().__init__(daemon=True, name="refstream-live-source")
-        self.path, self.slot, self.ring, self.loop, self.decoder, self.size = path, slot, ring, loop, decoder, size
-        with open_video(path, decoder) as source:  # fail at start, naming the input
-            self.fps = float(fps or source.fps or 24.0)
-            self.num_frames, self.height, self.width = source.num_frames, source.height, source.width
-        if size is not None:
-            self.width, self.height = size
-        self._halt = threading.Event()
-        self.error: BaseException | None = None
-        self.finished = threading.Event()
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def run(self) -> None:
-        frame_id, start = 0, time.monotonic()
-        try:
-            while not self._halt.is_set():
-                with open_video(self.path, self.decoder) as source:
-                    for _, frames in source.iter_chunks(range(source.num_frames), chunk_size=8):
-                        for image in frames:
-                            delay = start + frame_id / self.fps - time.monotonic()
-                            if delay > 0 and self._halt.wait(delay):
-                                return
-                            if self.size is not None:
-                                image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
-                            frame = LiveFrame(frame_id, time.time(), image)
-                            self.ring.append(frame)
-                            self.slot.put(frame)
-                            frame_id += 1
-                if not self.loop:
-                    return
-        except Exception as exc:  # noqa: BLE001 - reported through .error and the log; the tracker ends
-            self.error = exc
-            log.error("live source %s failed: %s: %s", self.path, type(exc).__name__, exc)
-        finally:
-            self.finished.set()
-            self.slot.close()
 
 
 @dataclass
@@ -208,12 +99,15 @@ class LiveEngine:
 
     Args:
         pipeline: a loaded :class:`refstream.pipeline.Pipeline` (e.g. ``refstream.load("tiny").pipeline``).
-        source_path: a video file or frame folder, played in real time.
+        source: what :func:`refstream.live.sources.open_source` takes (a file or frame folder, ``/dev/videoN``,
+            a stream URL, ``browser``; the engine owns and stops it), or a started shared
+            :class:`refstream.live.sources.FrameSource` (the engine only subscribes to it).
         options: :class:`refstream.options.LiveOptions`: the pruning and prompt options of ``refstream run``, the
             first prompt (``expressions``, optional), how to play the source (``fps``, ``loop``) and
             ``reground_every`` (seconds; None: never).
         on_result: called on the tracking thread with each :class:`LiveResult`.
-        on_status: called with ``(state, prompt_id)``, state ``grounding`` | ``tracking`` | ``idle`` | ``ended``.
+        on_status: called with ``(state, prompt_id)``, state ``grounding`` | ``tracking`` | ``idle`` |
+            ``reconnecting`` | ``error`` | ``ended``.
         model_lock: held while the model runs (grounding, each SAM2 step); engines that share one model must
             share one lock (CLIP's feature hooks and SAM2's anchor hook live on the model).
 
@@ -221,15 +115,17 @@ class LiveEngine:
         InputError: the source cannot be opened. ConfigError / ExpressionError: bad options.
     """
 
-    def __init__(self, pipeline: Pipeline, source_path, options: LiveOptions, *,
+    def __init__(self, pipeline: Pipeline, source, options: LiveOptions, *,
                  on_result: Callable[[LiveResult], None] | None = None,
                  on_status: Callable[[str, int], None] | None = None, model_lock: threading.Lock | None = None):
         self.pipeline, self.options = pipeline, options
         self.method = make_method(options.method, options.variant)
         self.slot = LatestFrameSlot()
         self.ring: collections.deque = collections.deque(maxlen=pipeline.config.num_frames)
-        self.source = FileSource(source_path, self.slot, self.ring, fps=options.fps, loop=options.loop,
-                                 decoder=options.decoder, size=options.frame_size)
+        self.source = open_source(source, fps=options.fps, loop=options.loop, decoder=options.decoder,
+                                  size=options.frame_size, options=options.source_options)
+        self._owns_source = not isinstance(source, FrameSource)  # a source handed in is shared: not ours to stop
+        self.source.subscribe(self.slot, self.ring, self._source_state)
         self.reground_every = options.reground_every
         self.on_result, self.on_status = on_result, on_status
         self.stats = LiveStats()
@@ -246,13 +142,14 @@ class LiveEngine:
         self._threads = [threading.Thread(target=self._ground_loop, daemon=True, name="refstream-live-ground"),
                          threading.Thread(target=self._track_loop, daemon=True, name="refstream-live-track")]
         self._last_grounding = 0.0
-        self.state = "idle"
+        self.state = self._settled_state = "idle"
         if options.expressions:
             self.prompt(options.expressions)
 
     # ---------------------------------------------------------------------------------------------- control
     def start(self) -> "LiveEngine":
-        self.source.start()
+        if self._owns_source:
+            self.source.start()
         for t in self._threads:
             t.start()
         return self
@@ -261,9 +158,11 @@ class LiveEngine:
         """Stop the source and both threads (waits for a running grounding or SAM2 step to end)."""
         self._stop.set()
         self._wake.set()
-        self.source.stop()
+        self.source.unsubscribe(self.slot, self._source_state)
+        if self._owns_source:
+            self.source.stop()
         self.slot.close()
-        for t in (self.source, *self._threads):
+        for t in ((self.source,) if self._owns_source else ()) + tuple(self._threads):
             if t.is_alive():
                 t.join(timeout)
 
@@ -300,7 +199,18 @@ class LiveEngine:
         self._wake.set()
         return self.prompt_id
 
+    def _source_state(self, state: str) -> None:
+        """The source dropped (``reconnecting``) or came back (``live``: the engine's own state again)."""
+        if state == "reconnecting":
+            self._status("reconnecting")
+        elif self.state == "reconnecting":
+            self._status(self._settled_state)
+
     def _status(self, state: str, prompt_id: int | None = None) -> None:
+        if state in ("grounding", "tracking", "idle"):
+            self._settled_state = state
+        if state in ("grounding", "tracking", "idle") and self.source.state == "reconnecting":
+            state = "reconnecting"  # the page keeps saying so until frames flow again
         self.state = state
         if self.on_status is not None:
             self.on_status(state, self.prompt_id if prompt_id is None else prompt_id)

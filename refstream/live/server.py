@@ -22,6 +22,7 @@ with a token, ``?token=`` must match; at most ``max_sessions`` sessions (more ar
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -38,6 +39,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from refstream.errors import RefStreamError
 from refstream.live.engine import LiveEngine, LiveResult
+from refstream.live.sources import BrowserSource, FrameSource, is_stream, open_source
 from refstream.options import LiveOptions
 from refstream.outputs import encode_rle
 from refstream.pipeline import Pipeline
@@ -54,7 +56,9 @@ class LiveSettings:
 
     Attributes:
         pipeline: the loaded model, shared by every session.
-        source: the video file or frame folder every session plays.
+        source: what each session watches: a video file or frame folder (each session plays it from the start),
+            a camera or stream URL or a started :class:`refstream.live.sources.FrameSource` (one source, shared
+            by every session), or ``browser`` (each page sends its own camera's frames).
         options: the sessions' :class:`refstream.options.LiveOptions` (first prompt, pruning, playback).
         token: when set, ``?token=`` must match it.
         max_sessions: sessions at once; more are refused with a message.
@@ -62,12 +66,19 @@ class LiveSettings:
     """
 
     pipeline: Pipeline
-    source: str | Path
+    source: str | Path | FrameSource
     options: LiveOptions
     token: str | None = None
     max_sessions: int = 4
     jpeg_quality: int = 80
     model_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def source_kind(self) -> str:
+        """``browser``, ``stream`` (a camera or network stream, shared) or ``file``."""
+        if str(self.source) == "browser":
+            return "browser"
+        return "stream" if isinstance(self.source, FrameSource) or is_stream(self.source) else "file"
 
 
 class LiveMetrics:
@@ -128,19 +139,26 @@ class _Session:
                 await self.websocket.send_text(json.dumps(status))
             if result is None:
                 continue
-            message, jpeg = await asyncio.to_thread(self._encode, result, quality)
+            message, jpeg = await asyncio.to_thread(self._encode, result, quality, self.browser)
             await self.websocket.send_text(message)
-            await self.websocket.send_bytes(jpeg)
+            if jpeg is not None:  # the page has its own camera frames: only the masks go back
+                await self.websocket.send_bytes(jpeg)
             self.app.metrics.send_seconds.observe(max(0.0, time.time() - result.t_capture))
 
+    @property
+    def browser(self) -> bool:
+        return isinstance(getattr(self.engine, "source", None), BrowserSource)
+
     @staticmethod
-    def _encode(result: LiveResult, quality: list[int]) -> tuple[str, bytes]:
+    def _encode(result: LiveResult, quality: list[int], masks_only: bool = False) -> tuple[str, bytes | None]:
         message = json.dumps({
             "type": "frame", "frame_id": result.frame_id, "prompt_id": result.prompt_id,
             "t_capture": result.t_capture, "t_done": result.t_done, "width": result.width,
             "height": result.height,
             "objects": [{"expression": e, "mask": encode_rle(m)} for e, m in zip(result.expressions, result.masks)],
         })
+        if masks_only:
+            return message, None
         ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(result.frame, cv2.COLOR_RGB2BGR), quality)
         if not ok:
             raise RuntimeError(f"OpenCV could not JPEG-encode frame {result.frame_id}")
@@ -153,7 +171,7 @@ class _Session:
             if message["type"] == "websocket.disconnect":
                 return
             if message.get("text") is None:
-                await self.error("binary frames are only taken with SOURCE browser")
+                await self.frame(message.get("bytes") or b"")
                 continue
             try:
                 data = json.loads(message["text"])
@@ -177,6 +195,17 @@ class _Session:
             else:
                 await self.error(f"unknown message type {kind!r}: use prompt, clear or ping")
 
+    async def frame(self, jpeg: bytes) -> None:
+        """A camera frame from the page (SOURCE browser): decoded off the event loop, into the engine's slot."""
+        source = self.engine.source
+        if not isinstance(source, BrowserSource):
+            await self.error("binary frames are only taken with SOURCE browser (refstream live browser)")
+            return
+        try:
+            await asyncio.to_thread(source.push, jpeg)
+        except RefStreamError as exc:
+            await self.error(str(exc))
+
     async def error(self, text: str) -> None:
         await self.websocket.send_text(json.dumps({"type": "error", "message": text}))
 
@@ -188,11 +217,30 @@ class LiveApp:
         self.settings = settings
         self.metrics = LiveMetrics()
         self.sessions: set[_Session] = set()
-        self.api = FastAPI(title="RefStream live")
+        self.shared_source: FrameSource | None = None
+        if settings.source_kind == "stream":  # one camera / stream connection for every session
+            options = settings.options
+            self.shared_source = open_source(settings.source, size=options.frame_size,
+                                             options=options.source_options)
+            if not self.shared_source.is_alive() and not self.shared_source.finished.is_set():
+                self.shared_source.start()
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_api):
+            yield
+            await asyncio.to_thread(self.close)
+
+        self.api = FastAPI(title="RefStream live", lifespan=lifespan)
         self.api.add_api_route("/", self.page, methods=["GET"], response_class=HTMLResponse)
         self.api.add_api_route("/healthz", self.healthz, methods=["GET"])
         self.api.add_api_route("/metrics", self.prometheus, methods=["GET"])
         self.api.add_api_websocket_route("/ws", self.websocket)
+
+    def close(self) -> None:
+        """Stop the shared source (the server is shutting down; sessions stop their own engines)."""
+        if self.shared_source is not None:
+            self.shared_source.stop()
+            self.shared_source.join(10)
 
     async def page(self) -> HTMLResponse:
         html = resources.files("refstream.live").joinpath("static/index.html").read_text()
@@ -200,8 +248,10 @@ class LiveApp:
 
     async def healthz(self) -> JSONResponse:
         config = self.settings.pipeline.config
+        source = self.shared_source
         return JSONResponse({"ok": True, "sessions": len(self.sessions), "model": config.name,
-                             "random_weights": config.random_weights})
+                             "random_weights": config.random_weights, "source": self.settings.source_kind,
+                             "source_state": source.state if source is not None else "live"})
 
     async def prometheus(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -232,7 +282,7 @@ class LiveApp:
         self.metrics.sessions.set(len(self.sessions))
         try:
             session.engine = await asyncio.to_thread(
-                LiveEngine, self.settings.pipeline, self.settings.source, self.settings.options,
+                LiveEngine, self.settings.pipeline, self.shared_source or self.settings.source, self.settings.options,
                 on_result=session.on_result, on_status=session.on_status, model_lock=self.settings.model_lock)
             session.engine.start()
             sender = asyncio.create_task(session.send_loop())
