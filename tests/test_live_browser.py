@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import shutil
 from pathlib import Path
 
@@ -63,3 +64,36 @@ def test_page_tracks_typed_expressions_and_reprompts(browser, bedroom_mp4, tmp_p
             shutil.copy(shot, REPO / "docs" / "live.png")
         for p in pages:
             p.close()
+
+
+def test_page_with_source_browser_sends_its_fake_camera(bedroom_mp4, tmp_path):
+    """SOURCE browser: Chromium's fake camera plays a .y4m made from the example; the page sends its frames as
+    JPEG over the websocket and paints the masks that come back on its own frames."""
+    camera = tmp_path / "camera.y4m"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(bedroom_mp4), "-t", "4", "-vf", "scale=320:180",
+                    "-pix_fmt", "yuv420p", str(camera)], check=True)
+    pipeline = refstream.load("tiny", device="cpu").pipeline
+    flags = FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                     f"--use-file-for-fake-video-capture={camera}"]
+    with Server(pipeline, "browser") as server, sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+                                                       args=flags, headless=True)
+        try:
+            page = context.new_page()
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("() => window.refstreamStats.painted_frames >= 5", timeout=120_000)
+            page.fill("#expression", "the bed")
+            page.press("#expression", "Enter")
+            page.wait_for_function("() => window.refstreamStats.prompt_id === 1 && "
+                                   "window.refstreamStats.painted_frames >= 30 && window.refstreamStats.mask_pixels > 0",
+                                   timeout=120_000)
+            seen = stats(page)
+            assert seen["state"] == "tracking" and seen["source_fps"] > 0 and seen["latency_ms_p95"] > 0
+            (session,) = server.app.sessions
+            source = session.engine.source
+            assert type(source).__name__ == "BrowserSource" and source.frames_pushed >= 30
+            assert (source.width, source.height) == (320, 180)
+            page.screenshot(path=str(tmp_path / "camera.png"))
+            assert (tmp_path / "camera.png").stat().st_size > 10_000
+        finally:
+            context.close()

@@ -144,14 +144,15 @@ def test_cli_serves_until_sigterm_and_refuses_bad_sources(tmp_path, bedroom_mp4)
     open_host = subprocess.run([REFSTREAM, "live", str(bedroom_mp4), "--model", "tiny", "--host", "0.0.0.0"],
                                capture_output=True, text=True, timeout=120)
     assert open_host.returncode == 2 and "--token" in open_host.stderr
-    proc = subprocess.Popen([REFSTREAM, "live", str(bedroom_mp4), "--model", "tiny", "--device", "cpu", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert "refstream live: open http://127.0.0.1:" in line, line
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+    for source in (str(bedroom_mp4), "browser"):
+        proc = subprocess.Popen([REFSTREAM, "live", source, "--model", "tiny", "--device", "cpu", "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            line = proc.stdout.readline()
+            assert "refstream live: open http://127.0.0.1:" in line, line
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0
 
 
 def test_a_stream_source_is_shared_and_its_drop_shows_as_reconnecting(tiny, bedroom_mp4):

@@ -426,6 +426,8 @@ class BrowserSource(FrameSource):
     def __init__(self, *, size: tuple[int, int] | None = None, max_pixels: int = 3840 * 2160):
         super().__init__(size=size, name="refstream-live-browser")
         self.max_pixels = max_pixels
+        #: frames the page has sent (decoded or not)
+        self.frames_pushed = 0
 
     def push(self, jpeg: bytes) -> LiveFrame:
         """Decode ``jpeg`` and hand it to the engine.
@@ -433,11 +435,16 @@ class BrowserSource(FrameSource):
         Raises:
             InputError: not a JPEG/PNG image OpenCV decodes, or larger than ``max_pixels``.
         """
+        self.frames_pushed += 1
         image = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
         if image is None:
+            with self._lock:
+                self._next_id += 1  # the page counted it: keep the ids of later frames matching the page's
             raise InputError(f"a binary message of {len(jpeg)} bytes is not a JPEG image. Fix: send each camera "
                              "frame as one JPEG (canvas.toBlob('image/jpeg')).")
         if image.shape[0] * image.shape[1] > self.max_pixels:
+            with self._lock:
+                self._next_id += 1
             raise InputError(f"a frame of {image.shape[1]}x{image.shape[0]} is too large. Fix: send at most "
                              f"{self.max_pixels} pixels per frame.")
         self.height, self.width = image.shape[:2]
