@@ -369,7 +369,7 @@ class Pipeline:
                                  on_run_done if clip_index == len(clips) - 1 else None, progress)
         return SweepResult(
             frames=names, height=source.height, width=source.width, shared_seconds=dict(shared.seconds),
-            run_seconds=[dict(t.seconds) for t in per_run],
+            run_seconds=[dict(t.seconds) for t in per_run], clips=len(clips),
         )
 
     def _sweep_clip(self, source, plan, runs, methods, options: "SweepOptions", shared: StageTimer,
@@ -435,11 +435,15 @@ class Pipeline:
 
 @dataclass
 class SweepResult:
+    """What :meth:`Pipeline.run_sweep` returns: the SAM2 frame names, the frame size (pixels), seconds per stage
+    (shared by every run, and per run) and the number of clips the video was cut into (1: the whole video)."""
+
     frames: list[str]
     height: int
     width: int
     shared_seconds: dict[str, float]
     run_seconds: list[dict[str, float]]
+    clips: int = 1
 
 
 @dataclass

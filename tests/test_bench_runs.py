@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from refstream.bench.runs import merge_objects, report_rows
+from refstream.errors import ConfigError
 
 BLACKSWAN_FRAMES = 50
 
@@ -61,17 +62,36 @@ def tree_digest(folder: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- by hand
-def test_merge_objects_argmax_against_background_by_hand():
+def test_merge_objects_binarises_first_and_the_first_object_wins():
+    """Hand-made probabilities where the old rule (highest probability above 0.1) gives other labels."""
     probs = np.array([
-        [[0.05, 0.60, 0.30], [0.11, 0.10, 0.90]],  # object id 1
-        [[0.09, 0.70, 0.30], [0.02, 0.10, 0.95]],  # object id 3
+        [[0.05, 0.60, 0.30], [0.45, 0.10, 0.90]],  # object id 1
+        [[0.09, 0.70, 0.30], [0.02, 0.51, 0.95]],  # object id 3
     ])
-    labels = merge_objects(probs, [1, 3], background=0.1)
-    # (0,0): both <= 0.1 -> 0; (0,1): 3 wins 0.7; (0,2): tie 0.3 -> the first object; (1,0): 0.11 > 0.1 -> 1;
-    # (1,1): 0.10 is not above the background -> 0; (1,2): 3 wins 0.95
-    assert labels.tolist() == [[0, 3, 1], [1, 0, 3]]
-    assert labels.dtype == np.uint8
+    # VideoGLaMM (logit > 0 first, then the first object): (0,1) both above 0.5 -> 1 (not 3, the higher);
+    # (0,2) 0.3 is below 0.5 -> background (the old rule: 1); (1,0) 0.45 -> background (old: 1);
+    # (1,1) 0.51 -> 3; (1,2) both above -> 1 (old: 3)
+    assert merge_objects(probs, [1, 3]).tolist() == [[0, 1, 0], [0, 3, 1]]
+    # ReferFormer's variant: above 0.5 first, then the highest probability
+    assert merge_objects(probs, [1, 3], "highest-probability").tolist() == [[0, 3, 0], [0, 3, 3]]
+    assert merge_objects(probs, [1, 3]).dtype == np.uint8
     assert merge_objects(np.zeros((0, 2, 2)), []).tolist() == [[0, 0], [0, 0]]
+    with pytest.raises(ConfigError, match="unknown merge rule"):
+        merge_objects(probs, [1, 3], "max")
+
+
+def test_merge_objects_equals_videoglamms_torch_steps():
+    """The original's order of operations (binarise at logit > 0, zero below 0.5, argmax against a 0.1 plane),
+    written out with torch on random logits, gives the same labels."""
+    torch = pytest.importorskip("torch")
+    logits = torch.randn(4, 2, 30, 40, generator=torch.Generator().manual_seed(0)) * 3
+    masks = (logits > 0).float()  # VideoGLaMM.py L873
+    masks[masks < 0.5] = 0.0  # eval_referdavis_infer.py L251
+    planes = torch.cat([torch.full((1, *masks.shape[1:]), 0.1), masks])  # L252-253
+    expected = torch.argmax(planes, dim=0).numpy()  # L254: 0 = background, i = the i-th object
+    ids = np.array([1, 2, 3, 4])
+    got = np.stack([merge_objects(torch.sigmoid(logits[:, t]).numpy(), ids) for t in range(2)])
+    assert (got == expected).all()
 
 
 def result(dataset, method, budget, j, f, fps=2.0, tokens=3328.0):
@@ -403,3 +423,76 @@ def test_an_unreadable_unit_status_is_logged_and_the_unit_reruns(mevis_root, tmp
     with caplog.at_level("WARNING", logger="refstream.bench"):
         assert run._done("none_576", "blackswan", "0") is False
     assert "unreadable unit status" in caplog.text and str(status) in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ protocols
+def test_every_protocol_loads_and_cites_the_original_for_each_field(tmp_path, monkeypatch):
+    from refstream.bench import protocol as protocols
+
+    davis = protocols.load_protocol("ref-davis17")
+    assert (davis.clip_length, davis.merge, davis.answer, davis.mask_threshold) == (64, "first-wins", "generate", 0.0)
+    for name in ("mevis", "refytvos"):
+        p = protocols.load_protocol(name)
+        assert p.clip_length is None and p.merge is None and p.dataset == name
+        assert all("L" in p.sources[f] for f in ("clip_length", "answer", "max_new_tokens"))  # file:line cited
+    assert davis.record() == {"name": "videoglamm-ref-davis17", "clip_length": 64, "merge": "first-wins",
+                              "answer": "generate", "seed": 0, "off_protocol": False}
+    off = davis.record({"clip_length": None})
+    assert off["off_protocol"] is True and off["clip_length"] is None
+    assert off["overrides"] == {"clip_length": {"protocol": 64, "used": None}}
+    # a protocol without a source for a field, or of the wrong shape, is refused naming the file
+    (tmp_path / "protocols").mkdir()
+    data = davis.model_dump()
+    del data["sources"]["merge"]
+    (tmp_path / "protocols" / "ref-davis17.yaml").write_text(json.dumps(data))
+    monkeypatch.setattr(protocols, "protocol_dir", lambda: tmp_path / "protocols")
+    with pytest.raises(ConfigError, match="ref-davis17.yaml is not a valid protocol.*missing: merge"):
+        protocols.load_protocol("ref-davis17")
+    with pytest.raises(ConfigError, match="no evaluation protocol for 'mevis'"):
+        protocols.load_protocol("mevis")
+
+
+def hundred_frame_ref_davis(ref_davis: Path, tmp_path: Path) -> Path:
+    """The mini Ref-DAVIS-17 with blackswan played forward then backward: 100 frames, longer than one 64-frame
+    clip (frames at 1/4 size to keep it quick)."""
+    from PIL import Image
+
+    root = tmp_path / "ref-davis-100"
+    shutil.copytree(ref_davis, root, symlinks=False)
+    for kind, ext in (("JPEGImages", "jpg"), ("Annotations_unsupervised", "png")):
+        folder = root / "DAVIS" / kind / "480p" / "blackswan"
+        frames = sorted(folder.glob(f"*.{ext}"))
+        assert len(frames) == 50
+        for i, src in enumerate(frames + frames[::-1]):
+            image = Image.open(src)
+            size = (image.width // 4, image.height // 4)
+            image = image.resize(size, Image.NEAREST if ext == "png" else Image.BILINEAR)
+            image.save(folder / f"{i:05d}.{ext}.tmp", format="PNG" if ext == "png" else "JPEG")
+        for tmp in folder.glob("*.tmp"):
+            tmp.rename(tmp.with_suffix(""))
+    return root
+
+
+def test_ref_davis_runs_in_64_frame_clips_by_its_protocol(ref_davis, tmp_path, capsys):
+    """A 100-frame video: the protocol's 64-frame clips (2 clips, each its own answer and SAM2 state) give other
+    masks than the whole video as one clip (the old default); leaving the protocol is warned and recorded."""
+    root = hundred_frame_ref_davis(ref_davis, tmp_path)
+    base = ["--dataset", "ref-davis17", "--method", "none", "--budget", "576", "--answer", "forced",
+            "--workers", "0", "--no-score"]
+    assert bench(*common(root, tmp_path / "clips", *base)) == 0
+    assert bench(*common(root, tmp_path / "whole", *base, "--clip-length", "0")) == 0
+    err = capsys.readouterr().err
+    assert ("WARNING: bench run: --clip-length 0 (the whole video) (protocol: 64), --answer forced (protocol: "
+            "generate) leaves the videoglamm-ref-davis17 protocol") in err
+    clips = json.loads((tmp_path / "clips" / "results" / "none_576.json").read_text())
+    whole = json.loads((tmp_path / "whole" / "results" / "none_576.json").read_text())
+    assert clips["protocol"]["clip_length"] == 64 and clips["protocol"]["merge"] == "first-wins"
+    assert clips["protocol"]["off_protocol"] is True  # --answer forced leaves it too (the protocol generates)
+    assert set(clips["protocol"]["overrides"]) == {"answer"}
+    assert set(whole["protocol"]["overrides"]) == {"answer", "clip_length"}
+    unit = "blackswan/0_1"
+    assert json.loads((tmp_path / "clips" / "status" / "none_576" / f"{unit}.json").read_text())["clips"] == 2
+    assert json.loads((tmp_path / "whole" / "status" / "none_576" / f"{unit}.json").read_text())["clips"] == 1
+    a = np.load(tmp_path / "clips" / "units" / "none_576" / f"{unit}.npz")["probs"]
+    b = np.load(tmp_path / "whole" / "units" / "none_576" / f"{unit}.npz")["probs"]
+    assert a.shape == b.shape == (100, 120, 213) and not np.array_equal(a[64:], b[64:])

@@ -78,9 +78,10 @@ class TestLLMTokenizer:
         assert ids.count(264) == 1 and ids.count(261) == 2
         assert llm_tok.decode(ids, skip_special_tokens=True) == "\nYou are a helpful AI assistant.\n\nWhat?\n\nSure, ."
 
-    def test_no_special_tokens_added_by_default(self, llm_tok):
-        # the prompt builder adds BOS itself
-        assert llm_tok("hi").input_ids == llm_tok("hi", add_special_tokens=False).input_ids
+    def test_bos_added_like_add_bos_token_true(self, llm_tok):
+        # as a Llama-style tokenizer with add_bos_token: true; the prompt builder keeps one BOS (see
+        # tests/test_videoglamm.py::TestPrompt::test_bos_only_when_the_tokenizer_adds_one)
+        assert llm_tok("hi").input_ids == [llm_tok.bos_token_id] + llm_tok("hi", add_special_tokens=False).input_ids
 
 
 class TestClipTokenizer:

@@ -167,6 +167,26 @@ class TestPrompt:
         assert model.llm_tokenizer.decode(suffix).endswith("<|end|>\n<|assistant|>\n")
         assert model.llm_tokenizer.decode(prefix) == self.PREFIX
 
+    def test_bos_only_when_the_tokenizer_adds_one(self, model):
+        """tokenizer_image_token (VideoGLaMM mm_utils.py L17-37): one BOS if the tokenizer adds BOS, else none."""
+        from workers.tokenizers import PHI3_SPECIAL_TOKENS, SEG_TOKEN, _byte_level_tokenizer
+
+        with_bos = model.llm_tokenizer
+        assert with_bos("x").input_ids[0] == with_bos.bos_token_id  # the tiny tokenizer adds BOS
+        prefix, suffix = model.prompt_ids("a dog", "Sure, [SEG].")
+        assert prefix.count(with_bos.bos_token_id) == 1 and prefix[0] == with_bos.bos_token_id
+        assert with_bos.bos_token_id not in suffix
+        without = _byte_level_tokenizer(PHI3_SPECIAL_TOKENS + (SEG_TOKEN,), bos_token="<s>",
+                                        eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<|endoftext|>")
+        assert without("x").input_ids[0] != without.bos_token_id  # add_bos_token: false (Phi-3-mini-4k today)
+        try:
+            model.llm_tokenizer = without
+            bare_prefix, bare_suffix = model.prompt_ids("a dog", "Sure, [SEG].")
+        finally:
+            model.llm_tokenizer = with_bos
+        assert without.bos_token_id not in bare_prefix + bare_suffix  # the old code always prepended it
+        assert bare_prefix == prefix[1:] and bare_suffix == suffix
+
     def test_special_tokens_are_single_ids(self, model):
         tok = model.llm_tokenizer
         prefix, suffix = model.prompt_ids("x", "Sure, [SEG].")

@@ -22,11 +22,12 @@ SEG_TOKEN = "[SEG]"
 CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
-def _byte_level_tokenizer(special_tokens: tuple[str, ...], **named_tokens: str):
+def _byte_level_tokenizer(special_tokens: tuple[str, ...], add_bos: bool = False, **named_tokens: str):
     """A fast tokenizer whose vocabulary is the 256 byte symbols followed by ``special_tokens``.
 
     Returns a ``transformers.PreTrainedTokenizerFast``; ``named_tokens`` (bos_token=..., eos_token=...,
-    pad_token=..., unk_token=...) name roles among the special tokens.
+    pad_token=..., unk_token=...) name roles among the special tokens. ``add_bos``: the tokenizer puts its BOS
+    before every text it encodes with special tokens (as a Llama-style ``add_bos_token: true``).
     """
     byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: ord(ch))
     vocab = {symbol: i for i, symbol in enumerate(byte_symbols)}
@@ -34,6 +35,10 @@ def _byte_level_tokenizer(special_tokens: tuple[str, ...], **named_tokens: str):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(special_tokens))
+    if add_bos:
+        bos = named_tokens["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, **named_tokens)
 
 
@@ -44,7 +49,7 @@ def tiny_llm_tokenizer():
     """
     return _byte_level_tokenizer(
         PHI3_SPECIAL_TOKENS + (SEG_TOKEN,), bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>",
-        pad_token="<|endoftext|>",
+        pad_token="<|endoftext|>", add_bos=True,
     )
 
 

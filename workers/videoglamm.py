@@ -182,7 +182,14 @@ class VideoGLaMM(nn.Module):
 
         ``<|system|>\\n{system}<|end|>\\n<|user|>\\n<image>\\n{question}<|end|>\\n<|assistant|>\\n{answer}``
         (VideoGLaMM ``model/videogpt_plus/conversation.py`` ``conv_phi3_instruct``, ``utils/conv_generator.py``
-        ``apply_for_chat``). The prefix carries the tokenizer's BOS as ``tokenizer_image_token`` keeps it.
+        ``apply_for_chat``).
+
+        BOS as the original's ``tokenizer_image_token`` (mbzuai-oryx/VideoGLaMM@6b15b1e
+        ``VideoGLaMM/model/videogpt_plus/mm_utils.py`` L17-37) leaves it: each side is tokenised with the
+        tokenizer's own special tokens; when the first side starts with BOS, that one BOS is kept and the second
+        side's leading token is dropped. So the sequence has exactly one BOS if the tokenizer adds one
+        (``add_bos_token``), none if it does not (e.g. a Phi-3 ``tokenizer_config.json`` with
+        ``add_bos_token: false``).
 
         Returns:
             (prefix ids, suffix ids); the visual tokens go between them.
@@ -193,10 +200,10 @@ class VideoGLaMM(nn.Module):
         )
         before, after = text.split(IMAGE_PLACEHOLDER)
         tok = self.llm_tokenizer
-        prefix = tok(before, add_special_tokens=False).input_ids
-        if tok.bos_token_id is not None:
-            prefix = [tok.bos_token_id] + prefix
-        return prefix, tok(after, add_special_tokens=False).input_ids
+        prefix, suffix = tok(before).input_ids, tok(after).input_ids
+        if tok.bos_token_id is not None and prefix[:1] == [tok.bos_token_id]:
+            suffix = suffix[1:]  # the original slices every chunk after the first [offset:] with offset 1
+        return prefix, suffix
 
     def sequence_length(self, num_visual: int, expression: str = "x") -> int:
         """LLM input length for ``num_visual`` visual tokens and the forced answer."""

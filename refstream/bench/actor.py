@@ -180,7 +180,8 @@ def _sweep(pipeline, task: dict, units: list[dict], run_dir: Path) -> list[dict]
                 "stage_seconds": {k: round(v / len(run_units[r]) + result.shared_seconds.get(k, 0.0) / n_unit_runs, 4)
                                   for k, v in {**{k: 0.0 for k in result.shared_seconds}, **stage[r]}.items()},
                 "visual_tokens": int(infos[r]["visual_tokens"][i]), "kept_per_frame": infos[r]["kept_per_frame"],
-                "frames": len(result.frames), "answer": infos[r]["answers"][i], "worker": os.getpid(),
+                "frames": len(result.frames), "clips": result.clips, "answer": infos[r]["answers"][i],
+                "worker": os.getpid(),
                 "task_seconds": round(time.perf_counter() - started, 3),
             })
     return records

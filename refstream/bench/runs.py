@@ -7,7 +7,8 @@ Run folder ``RUN`` (everything written atomically; rerunning the command resumes
                                                   attempts, error, visual tokens (a unit = video x expression,
                                                   per combo = method x budget, named <method>_<budget>)
     RUN/predictions/<combo>/...                   official layouts:
-        ref-davis17: anno_0..anno_3/<vid>/<frame>.png  indexed PNGs, objects merged by argmax against 0.1
+        ref-davis17: anno_0..anno_3/<vid>/<frame>.png  indexed PNGs, objects merged by the protocol's rule
+                                                       (:func:`merge_objects`: first object above 0.5 wins)
         mevis, refytvos: <vid>/<exp_id>/<frame>.png    0/255 PNGs, every frame
     RUN/units/<combo>/<vid>/<exp_id>.npz          Ref-DAVIS only: one object's probabilities (uint16 p*65535,
                                                   0 at or below 0.1) before the merge
@@ -45,6 +46,7 @@ from eval.mevis import MevisSplit, _score_one
 from eval.refytvos import RefYTVOS, make_submission_zip
 from refstream.bench import PROB_SCALE
 from refstream.bench.datasets import load_dataset
+from refstream.bench.protocol import APPLIED, apply_protocol, load_protocol
 from refstream.errors import ConfigError, RefStreamError
 from refstream.options import JobOptions, ModelOptions, SweepOptions, add_option_arguments, options_from_args
 from refstream.outputs import atomic_file, write_bytes_atomic, write_text_atomic
@@ -56,7 +58,7 @@ log = logging.getLogger("refstream.bench")
 #: the sweep options a run folder records (its ``run.json`` settings); see refstream.options.SweepOptions
 SWEEP_FIELDS = ("placement", "variant", "frames", "stride", "max_frames", "clip_text", "answer", "clip_length")
 SETTINGS = ("dataset", "root", "split", "model", "checkpoint", "placement", "variant", "frames", "stride",
-            "max_frames", "clip_text", "answer", "videos", "clip_length")
+            "max_frames", "clip_text", "answer", "videos", "clip_length", "merge", "protocol")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -65,24 +67,48 @@ def combo_name(method: str, budget: int) -> str:
     return f"{re.sub(r'[^A-Za-z0-9.+-]+', '-', method).strip('-')}_{int(budget)}"
 
 
-def merge_objects(probs: np.ndarray, obj_ids, background: float = 0.1) -> np.ndarray:
-    """Ref-DAVIS merge: per pixel, the id of the object with the highest probability if that probability
-    is above ``background``, else 0. Ties go to the earlier object.
+#: how Ref-DAVIS-17 objects become one indexed PNG (see :func:`merge_objects`)
+MERGE_RULES = ("first-wins", "highest-probability")
+
+
+def merge_objects(probs: np.ndarray, obj_ids, rule: str = "first-wins", threshold: float = 0.5) -> np.ndarray:
+    """Merge one frame's per-object probabilities into Ref-DAVIS-17 labels.
+
+    Every object is binarised first: foreground where ``p > threshold`` (0.5: ``logit > 0``). Then:
+
+    * ``first-wins`` (VideoGLaMM's evaluation): a pixel takes the id of the first object (in ``obj_ids`` order)
+      that is foreground there. The original binarises each mask at ``logit > 0``
+      (mbzuai-oryx/VideoGLaMM@6b15b1e ``VideoGLaMM/model/VideoGLaMM.py`` L873), zeroes values below 0.5 (a
+      no-op on 0/1 masks) and takes ``torch.argmax`` against a 0.1 background plane, whose ties go to the
+      first object (``VideoGLaMM/eval_referdavis_infer.py`` L248-254);
+    * ``highest-probability`` (ReferFormer's ``inference_davis.py`` L252-257, wjn922/ReferFormer@06fc218, on
+      probabilities): the object with the highest probability among those above the threshold; ties to the
+      first.
 
     Args:
         probs: float [N, ...] per-object probabilities (``sigmoid(logit)``), N >= 0.
-        obj_ids: the N object ids (the values written).
+        obj_ids: the N object ids (the values written), in the order ties are settled.
+        rule: one of :data:`MERGE_RULES`.
+        threshold: probability a pixel must exceed to be an object's (0.5 in both originals).
 
     Returns:
-        uint8 [...] labels (uint16 for ids above 255).
+        uint8 [...] labels (uint16 for ids above 255); 0 is background.
+
+    Raises:
+        ConfigError: an unknown ``rule``.
     """
+    if rule not in MERGE_RULES:
+        raise ConfigError(f"unknown merge rule {rule!r}. Fix: use one of {', '.join(MERGE_RULES)}.")
     obj_ids = np.asarray(list(obj_ids))
     dtype = np.uint8 if (obj_ids.size == 0 or obj_ids.max() < 256) else np.uint16
     if probs.shape[0] == 0:
         return np.zeros(probs.shape[1:], dtype)
-    best = np.argmax(probs, axis=0)
-    top = np.take_along_axis(probs, best[None], axis=0)[0]
-    return np.where(top > background, obj_ids[best], 0).astype(dtype)
+    foreground = probs > threshold
+    if rule == "first-wins":
+        best = np.argmax(foreground, axis=0)  # the first True (argmax returns the first maximum)
+    else:
+        best = np.argmax(np.where(foreground, probs, -1.0), axis=0)
+    return np.where(foreground.any(axis=0), obj_ids[best], 0).astype(dtype)
 
 
 def _write_json(path: Path, data) -> None:
@@ -147,16 +173,38 @@ class BenchRun:
         self.progress, self.score = progress, score
         self.dataset = load_dataset(settings["dataset"], settings["root"], settings["split"], settings["videos"])
         self.kind = self.dataset.kind
+        self.merge_rule = settings.get("merge") or "first-wins"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchRun":
         """From ``refstream bench run`` arguments (sweep and model options parsed by the one options model)."""
-        shared = options_from_args(SweepOptions, args)
+        protocol = load_protocol(args.dataset)
+        given = {}
+        if hasattr(args, "clip_length"):
+            given["clip_length"] = args.clip_length or None  # --clip-length 0: the whole video as one clip
+        if hasattr(args, "answer"):
+            given["answer"] = args.answer
+        if args.merge is not None:
+            if protocol.merge is None:
+                raise ConfigError(f"--merge is for ref-davis17 (several objects per PNG); {args.dataset} has one "
+                                  "object per expression. Fix: leave --merge out.")
+            given["merge"] = args.merge
+        values, overrides = apply_protocol(protocol, given)
+        if overrides:
+            def shown(value):
+                return "0 (the whole video)" if value is None else value
+
+            changed = ", ".join(f"{flag} {shown(values[field])} (protocol: {shown(getattr(protocol, field))})"
+                                for field, flag in APPLIED if field in overrides)
+            print(f"WARNING: bench run: {changed} leaves the {protocol.name} protocol "
+                  f"(configs/protocols/{args.dataset}.yaml); results are marked off_protocol.", file=sys.stderr)
+        shared = options_from_args(SweepOptions, args, clip_length=values["clip_length"], answer=values["answer"])
         model = options_from_args(ModelOptions, args)
         settings = {
             "dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
             "model": model.model, "checkpoint": model.checkpoint, "videos": args.video,
             **{k: getattr(shared, k) for k in SWEEP_FIELDS},
+            "merge": values["merge"], "protocol": protocol.record(overrides),
         }
         return cls(settings, args.method or [], args.budget or [], args.out, address=args.address,
                    workers=args.workers, retries=args.retries, device=model.device, num_gpus=args.gpus_per_worker,
@@ -400,6 +448,7 @@ class BenchRun:
             "frames": int(sum(frames_by_video.values())), "seconds": round(seconds, 3),
             "frames_per_second": round(sum(frames_by_video.values()) / seconds, 3) if seconds > 0 else None,
             "J": None, "F": None, "J&F": None,
+            "protocol": self.settings.get("protocol"),
         }
         partial = bool(bad) or self.settings["max_frames"] is not None or self.settings["stride"] != 1
         if self.kind == "merged":
@@ -434,7 +483,7 @@ class BenchRun:
                     stacked = np.stack(probs).astype(np.float32) / PROB_SCALE
                 folder = self.out / "predictions" / combo / run / video
                 for t, name in enumerate(frames):
-                    labels = merge_objects(stacked[:, t], ids, 0.1)
+                    labels = merge_objects(stacked[:, t], ids, self.merge_rule)
                     write_bytes_atomic(folder / f"{name}.png", _indexed_png(labels))
 
     def _video_frames(self, video: str) -> tuple[list[str], tuple[int, int]]:
@@ -576,6 +625,8 @@ def add_bench_run_parsers(bench_subparsers) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="default 1 when the cluster has GPUs, else 0")
     p.add_argument("--video", action="append", help="repeatable: only these videos")
     add_option_arguments(p, SweepOptions)
+    p.add_argument("--merge", choices=MERGE_RULES, default=None,
+                   help="ref-davis17: how objects are merged into one PNG (default: the protocol's, first-wins)")
     add_option_arguments(p, ModelOptions, only=["model", "checkpoint", "device"])
     p.add_argument("--retries", type=int, default=1, help="times a failed unit is retried before it is reported")
     p.add_argument("--no-score", action="store_true")
