@@ -243,6 +243,12 @@ def _add_live_parser(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=4, help="pages at once (default 4)")
     p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
                    help="only play sources under these folders (repeatable; the same rule as serve)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment, the model in the VideoGLaMM GPU worker actor (a GPU of the "
+                   "cluster when it has one); default: one process")
+    p.add_argument("--address", default=None,
+                   help="with --ray: join this Ray cluster (auto, host:port or ray://host:port; default: start a "
+                   "local Ray)")
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
@@ -263,9 +269,18 @@ def _cmd_live(args: argparse.Namespace) -> int:
         raise ConfigError(f"--host {args.host} lets other machines in: give a --token they must pass as ?token=")
     if args.max_sessions < 1:
         raise ConfigError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    if args.address and not args.ray:
+        raise ConfigError(f"--address {args.address} joins a Ray cluster: give --ray too")
     if args.allowed_root:  # the same rule as refstream serve: symlinks and .. resolved first
         InputPolicy(args.allowed_root).check(args.source)
     open_video(args.source, options.decoder).close()  # fail fast on a bad source, before loading the model
+    if args.ray:
+        from refstream.live.ray_serve import serve_live  # lazy: Ray and Serve load only with --ray
+
+        return serve_live(args.source, options, model, address=args.address, host=args.host, port=args.port,
+                          token=args.token, max_sessions=args.max_sessions,
+                          on_ready=lambda url: print(f"refstream live: open {url} (Ray Serve; Ctrl-C to stop)",
+                                                     flush=True))
     segmenter = load(model.model, checkpoint=model.checkpoint, device=model.device, dtype=model.dtype)
     app = LiveApp(LiveSettings(segmenter.pipeline, args.source, options, token=args.token,
                                max_sessions=args.max_sessions))
