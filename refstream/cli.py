@@ -245,6 +245,12 @@ def _add_live_parser(sub) -> None:
     p.add_argument("--max-sessions", type=int, default=4, help="pages at once (default 4)")
     p.add_argument("--allowed-root", action="append", default=[], metavar="DIR",
                    help="only play sources under these folders (repeatable; the same rule as serve)")
+    p.add_argument("--ray", action="store_true",
+                   help="serve as a Ray Serve deployment, the model in the VideoGLaMM GPU worker actor (a GPU of the "
+                   "cluster when it has one); default: one process")
+    p.add_argument("--address", default=None,
+                   help="with --ray: join this Ray cluster (auto, host:port or ray://host:port; default: start a "
+                   "local Ray)")
 
 
 def _cmd_live(args: argparse.Namespace) -> int:
@@ -265,6 +271,8 @@ def _cmd_live(args: argparse.Namespace) -> int:
         raise ConfigError(f"--host {args.host} lets other machines in: give a --token they must pass as ?token=")
     if args.max_sessions < 1:
         raise ConfigError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    if args.address and not args.ray:
+        raise ConfigError(f"--address {args.address} joins a Ray cluster: give --ray too")
     source = args.source
     if is_stream(source):  # opened now (fails fast, before the model loads) and shared by every page
         source = open_source(source, size=options.frame_size, options=options.source_options)
@@ -273,6 +281,16 @@ def _cmd_live(args: argparse.Namespace) -> int:
             InputPolicy(args.allowed_root).check(source)
         open_source(source, fps=options.fps, decoder=options.decoder, size=options.frame_size,
                     options=options.source_options)  # fail fast on a bad source, before loading the model
+    if args.ray:
+        from refstream.live.ray_serve import serve_live  # lazy: Ray and Serve load only with --ray
+
+        if not isinstance(source, str):  # a stream is opened again inside the Serve replica
+            source.close_unstarted()
+            source = args.source
+        return serve_live(source, options, model, address=args.address, host=args.host, port=args.port,
+                          token=args.token, max_sessions=args.max_sessions,
+                          on_ready=lambda url: print(f"refstream live: open {url} (Ray Serve; Ctrl-C to stop)",
+                                                     flush=True))
     segmenter = load(model.model, checkpoint=model.checkpoint, device=model.device, dtype=model.dtype)
     app = LiveApp(LiveSettings(segmenter.pipeline, source, options, token=args.token,
                                max_sessions=args.max_sessions))

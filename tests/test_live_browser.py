@@ -20,15 +20,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def playwright():
     if not Path(CHROMIUM).exists():
         pytest.fail("chromium is not installed: apt-get install chromium (.ci/run does)")
-    with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=FLAGS, headless=True,
-            viewport={"width": 1100, "height": 760})
-        yield context
-        context.close()
+    with sync_playwright() as p:  # one Playwright per module: its sync API cannot nest
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, tmp_path_factory):
+    context = playwright.chromium.launch_persistent_context(
+        str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=FLAGS, headless=True,
+        viewport={"width": 1100, "height": 760})
+    yield context
+    context.close()
 
 
 def stats(page) -> dict:
@@ -66,7 +71,7 @@ def test_page_tracks_typed_expressions_and_reprompts(browser, bedroom_mp4, tmp_p
             p.close()
 
 
-def test_page_with_source_browser_sends_its_fake_camera(bedroom_mp4, tmp_path):
+def test_page_with_source_browser_sends_its_fake_camera(playwright, bedroom_mp4, tmp_path):
     """SOURCE browser: Chromium's fake camera plays a .y4m made from the example; the page sends its frames as
     JPEG over the websocket and paints the masks that come back on its own frames."""
     camera = tmp_path / "camera.y4m"
@@ -75,8 +80,8 @@ def test_page_with_source_browser_sends_its_fake_camera(bedroom_mp4, tmp_path):
     pipeline = refstream.load("tiny", device="cpu").pipeline
     flags = FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
                      f"--use-file-for-fake-video-capture={camera}"]
-    with Server(pipeline, "browser") as server, sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
+    with Server(pipeline, "browser") as server:
+        context = playwright.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
                                                        args=flags, headless=True)
         try:
             page = context.new_page()

@@ -17,6 +17,11 @@ Three threads, no frame queue anywhere:
   steps it frame by frame. SAM2 only ever runs on this thread (a stream's anchor hook is not thread-safe), and
   its memory bank stays bounded (:class:`workers.sam2_decoder.Sam2Stream`, ``prune_memory``).
 
+The model calls (grounding, opening a SAM2 stream, each step) go through a
+:class:`refstream.live.model.LiveModel`: in this process (:class:`refstream.live.model.LocalLiveModel`, the
+default) or on the VideoGLaMM GPU worker Ray actor (:class:`refstream.live.model.RayLiveModel`,
+``refstream live --ray``); the threads above are the same either way.
+
 Every result carries the ``prompt_id`` of the prompt it answers (increasing with each prompt); results of an
 older prompt are never emitted once a newer one is tracking. ``reground_every`` re-grounds the current
 expressions every so many seconds (drift recovery). Docs: docs/design.md, section Data flow (Live tracking).
@@ -28,20 +33,18 @@ import collections
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from refstream.errors import ExpressionError, RefStreamError
+from refstream.live.model import Grounding, LiveModel, LocalLiveModel
 from refstream.options import LiveOptions, clean_expressions, make_method
-from refstream.outputs import logits_to_mask
-from refstream.pipeline import AnswerResult, Pipeline, clip_view
+from refstream.pipeline import Pipeline
 from refstream.live.sources import FrameSource, LatestFrameSlot, LiveFrame, open_source
 from video_pipeline.plan import encoder_positions
-from video_pipeline.preprocess import sam2_preprocess
-from workers.sam2_decoder import Sam2VideoDecoder
 
 log = logging.getLogger("refstream.live")
 
@@ -80,7 +83,7 @@ class _Grounded:
 
     prompt_id: int
     expressions: list[str]
-    answer: AnswerResult | None  # None: cleared (no objects)
+    answer: Grounding | None  # None: cleared (no objects)
     anchor: LiveFrame | None
     view: np.ndarray | None = None
 
@@ -109,7 +112,10 @@ class LiveEngine:
         on_status: called with ``(state, prompt_id)``, state ``grounding`` | ``tracking`` | ``idle`` |
             ``reconnecting`` | ``error`` | ``ended``.
         model_lock: held while the model runs (grounding, each SAM2 step); engines that share one model must
-            share one lock (CLIP's feature hooks and SAM2's anchor hook live on the model).
+            share one lock (CLIP's feature hooks and SAM2's anchor hook live on the model). Not used with ``model``.
+        model: where the model calls go (:class:`refstream.live.model.LiveModel`); default
+            ``LocalLiveModel(pipeline, model_lock)``. With a model ``pipeline`` may be None (e.g.
+            :class:`refstream.live.model.RayLiveModel`: the model is in a Ray actor).
 
     Raises:
         InputError: the source cannot be opened. ConfigError / ExpressionError: bad options.
@@ -117,11 +123,13 @@ class LiveEngine:
 
     def __init__(self, pipeline: Pipeline, source, options: LiveOptions, *,
                  on_result: Callable[[LiveResult], None] | None = None,
-                 on_status: Callable[[str, int], None] | None = None, model_lock: threading.Lock | None = None):
+                 on_status: Callable[[str, int], None] | None = None, model_lock: threading.Lock | None = None,
+                 model: LiveModel | None = None):
         self.pipeline, self.options = pipeline, options
         self.method = make_method(options.method, options.variant)
         self.slot = LatestFrameSlot()
-        self.ring: collections.deque = collections.deque(maxlen=pipeline.config.num_frames)
+        self.ring: collections.deque = collections.deque(
+            maxlen=pipeline.config.num_frames if model is None else model.num_frames)
         self.source = open_source(source, fps=options.fps, loop=options.loop, decoder=options.decoder,
                                   size=options.frame_size, options=options.source_options)
         self._owns_source = not isinstance(source, FrameSource)  # a source handed in is shared: not ours to stop
@@ -130,6 +138,8 @@ class LiveEngine:
         self.on_result, self.on_status = on_result, on_status
         self.stats = LiveStats()
         self.model_lock = model_lock or threading.Lock()
+        self.model: LiveModel = model if model is not None else LocalLiveModel(pipeline, self.model_lock)
+        self.track_key = f"live-{uuid.uuid4().hex}"  # this engine's SAM2 stream in the model (one at a time)
         self.prompt_id = 0  # of the newest prompt asked for
         self.tracking_prompt_id = 0  # of the prompt whose masks are being emitted
         self.expressions: list[str] = []
@@ -255,80 +265,69 @@ class LiveEngine:
         frames = list(self.ring)
         if not frames:
             return None
-        options, pipeline = self.options, self.pipeline
+        options = self.options
         chosen = [frames[p] for p in encoder_positions(len(frames), options.frames)]
         started = time.perf_counter()
-        with self.model_lock:
-            video = pipeline.encode_frames(np.stack([f.image for f in chosen]),
-                                           with_scores=self.method.needs_scores,
-                                           with_penultimate=self.method.needs_penultimate)
-            answer = pipeline.answer(video, self.method, options.budget, options.placement, expressions,
-                                     options.answer, options.clip_text)
+        grounding = self.model.ground(np.stack([f.image for f in chosen]), expressions, options)
         self._last_grounding = time.monotonic()
         self.stats.groundings += 1
         log.info("grounded prompt %d (%s) in %.2f s", prompt_id, "; ".join(expressions),
                  time.perf_counter() - started)
-        return _Grounded(prompt_id, expressions, answer, frames[-1], clip_view(video.clip_pixels))
+        return _Grounded(prompt_id, expressions, grounding, frames[-1], grounding.view)
 
     # --------------------------------------------------------------------------------------------- tracking
     def _track_loop(self) -> None:
-        decoder = Sam2VideoDecoder(self.pipeline.model.sam2)
-        stream, expressions, prompted = None, [], []
+        tracking, expressions = False, []  # tracking: this engine's track is open in the model
         try:
             while not self._stop.is_set():
                 with self._lock:
                     grounded, self._grounded = self._grounded, None
                 if grounded is not None:
-                    if stream is not None:
-                        stream.close()
-                    stream, expressions, prompted = self._anchor(decoder, grounded)
+                    tracking, expressions = self._anchor(grounded)
                 frame = self.slot.take(timeout=0.1)
                 if frame is None:
                     if self.source.finished.is_set():  # nothing left untaken: the slot hands out every last frame
                         break
                     continue
                 started = time.perf_counter()
-                masks = self._masks(decoder, stream, prompted, len(expressions), frame)
+                masks = self._masks(tracking, len(expressions), frame)
+                if masks is None:  # the model failed this track (status "error" sent): no objects until a prompt
+                    tracking, masks = False, np.zeros((len(expressions), *frame.image.shape[:2]), dtype=bool)
                 self.stats.processed += 1
                 self.stats.process_seconds.append(time.perf_counter() - started)
                 if self.on_result is not None:
                     self.on_result(LiveResult(frame.frame_id, self.tracking_prompt_id, frame.t_capture, time.time(),
                                               list(expressions), masks, frame.image))
         finally:
-            if stream is not None:
-                stream.close()
+            self.model.close_track(self.track_key)
             self._status("ended")
 
-    def _anchor(self, decoder: Sam2VideoDecoder, grounded: _Grounded):
-        """Open a fresh SAM2 stream with the prompt on the grounding's newest frame (the anchor frame)."""
+    def _anchor(self, grounded: _Grounded) -> tuple[bool, list[str]]:
+        """Open a fresh SAM2 track with the prompt on the grounding's newest frame (the anchor frame), replacing
+        the one open; returns (whether a track is open, the expressions)."""
         self.tracking_prompt_id = grounded.prompt_id
         if grounded.answer is None:
+            self.model.close_track(self.track_key)
             self._status("idle", grounded.prompt_id)
-            return None, [], []
+            return False, []
         self.tokens_view = grounded.view
-        answers = grounded.answer.answers
-        prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
-        stream = None
-        if prompted:
-            seg = torch.stack([answers[i].embedding for i in prompted])
-            image = grounded.anchor.image
-            with self.model_lock:
-                stream = decoder.open_stream(seg, image.shape[:2])
-                stream.step(self._pixels(decoder, image))  # the anchor frame carries the prompt
+        try:
+            self.model.open_track(self.track_key, grounded.answer, grounded.anchor.image)
+        except RefStreamError as exc:
+            log.warning("anchoring prompt %d failed: %s", grounded.prompt_id, exc)
+            self._status("error", grounded.prompt_id)
+            return False, grounded.expressions
         self._status("tracking", grounded.prompt_id)
-        return stream, grounded.expressions, prompted
+        return True, grounded.expressions
 
-    def _pixels(self, decoder: Sam2VideoDecoder, image: np.ndarray) -> torch.Tensor:
-        pixels = sam2_preprocess(image[None], style=self.pipeline.sam2_style, size=decoder.image_size)[0]
-        return pixels.to(self.pipeline.device, self.pipeline.model.dtype)
-
-    def _masks(self, decoder, stream, prompted: list[int], count: int, frame: LiveFrame) -> np.ndarray:
-        """bool [N, H, W] for the tracked objects on ``frame`` (all False for an answer without [SEG])."""
-        size = frame.image.shape[:2]
-        masks = np.zeros((count, *size), dtype=bool)
-        if stream is not None:
-            with self.model_lock:
-                logits = stream.step(self._pixels(decoder, frame.image))
-            for k, i in enumerate(prompted):
-                masks[i] = logits_to_mask(logits[k].float().cpu(), size)
-        return masks
+    def _masks(self, tracking: bool, count: int, frame: LiveFrame) -> np.ndarray | None:
+        """bool [N, H, W] for the tracked objects on ``frame`` (all False for an answer without [SEG], or with no
+        track open); None when the model failed the track (logged, status ``error``; the track is closed)."""
+        if not tracking:
+            return np.zeros((count, *frame.image.shape[:2]), dtype=bool)
+        try:
+            return self.model.step(self.track_key, frame.image)
+        except RefStreamError as exc:
+            log.warning("tracking prompt %d failed on frame %d: %s", self.tracking_prompt_id, frame.frame_id, exc)
+            self._status("error", self.tracking_prompt_id)
+            return None

@@ -1,9 +1,11 @@
 """The live tracking web app: ``GET /`` (the page), ``WS /ws`` (the protocol), ``GET /metrics``, ``GET /healthz``.
 
-One :class:`refstream.live.engine.LiveEngine` per websocket session, all sharing one loaded model (a lock
-serialises the model's use: CLIP's feature hooks and SAM2's anchor hook are per model, not per call). Torch
-work runs on the engines' threads, never on the event loop; results reach the socket through a latest-result
-slot, so a slow client skips frames instead of growing a send buffer.
+One :class:`refstream.live.engine.LiveEngine` per websocket session, all sharing one
+:class:`refstream.live.model.LiveModel`: a loaded model in this process (a lock serialises its use: CLIP's
+feature hooks and SAM2's anchor hook are per model, not per call), or the VideoGLaMM GPU worker Ray actor
+(``refstream live --ray``: this app then runs as a Ray Serve deployment, :mod:`refstream.live.ray_serve`).
+Model calls run on the engines' threads, never on the event loop; results reach the socket through a
+latest-result slot, so a slow client skips frames instead of growing a send buffer.
 
 Protocol (names fixed; other tools depend on them):
 
@@ -39,6 +41,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from refstream.errors import RefStreamError
 from refstream.live.engine import LiveEngine, LiveResult
+from refstream.live.model import LiveModel, LocalLiveModel
 from refstream.live.sources import BrowserSource, FrameSource, is_stream, open_source
 from refstream.options import LiveOptions
 from refstream.outputs import encode_rle
@@ -55,7 +58,7 @@ class LiveSettings:
     """What the app serves: the loaded model, the source and the session limits.
 
     Attributes:
-        pipeline: the loaded model, shared by every session.
+        pipeline: the loaded model, shared by every session (None with ``model``).
         source: what each session watches: a video file or frame folder (each session plays it from the start),
             a camera or stream URL or a started :class:`refstream.live.sources.FrameSource` (one source, shared
             by every session), or ``browser`` (each page sends its own camera's frames).
@@ -63,15 +66,20 @@ class LiveSettings:
         token: when set, ``?token=`` must match it.
         max_sessions: sessions at once; more are refused with a message.
         jpeg_quality: of the frames sent (0-100).
+        model_lock: serialises the use of ``pipeline``.
+        model: where the model calls go, shared by every session (default: ``pipeline`` in this process,
+            :class:`refstream.live.model.LocalLiveModel`; :class:`refstream.live.model.RayLiveModel` for a Ray
+            actor).
     """
 
-    pipeline: Pipeline
+    pipeline: Pipeline | None
     source: str | Path | FrameSource
     options: LiveOptions
     token: str | None = None
     max_sessions: int = 4
     jpeg_quality: int = 80
     model_lock: threading.Lock = field(default_factory=threading.Lock)
+    model: LiveModel | None = None
 
     @property
     def source_kind(self) -> str:
@@ -215,6 +223,7 @@ class LiveApp:
 
     def __init__(self, settings: LiveSettings):
         self.settings = settings
+        self.model = settings.model or LocalLiveModel(settings.pipeline, settings.model_lock)
         self.metrics = LiveMetrics()
         self.sessions: set[_Session] = set()
         self.shared_source: FrameSource | None = None
@@ -247,10 +256,11 @@ class LiveApp:
         return HTMLResponse(html)
 
     async def healthz(self) -> JSONResponse:
-        config = self.settings.pipeline.config
+        model = self.model.describe()
         source = self.shared_source
-        return JSONResponse({"ok": True, "sessions": len(self.sessions), "model": config.name,
-                             "random_weights": config.random_weights, "source": self.settings.source_kind,
+        return JSONResponse({"ok": True, "sessions": len(self.sessions), "model": model["name"],
+                             "random_weights": model["random_weights"], "device": model["device"],
+                             "runs_in": model["runs_in"], "source": self.settings.source_kind,
                              "source_state": source.state if source is not None else "live"})
 
     async def prometheus(self) -> Response:
@@ -283,7 +293,7 @@ class LiveApp:
         try:
             session.engine = await asyncio.to_thread(
                 LiveEngine, self.settings.pipeline, self.shared_source or self.settings.source, self.settings.options,
-                on_result=session.on_result, on_status=session.on_status, model_lock=self.settings.model_lock)
+                on_result=session.on_result, on_status=session.on_status, model=self.model)
             session.engine.start()
             sender = asyncio.create_task(session.send_loop())
             try:

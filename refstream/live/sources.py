@@ -317,6 +317,12 @@ class StreamSource(FrameSource):
         if size is not None:
             self.width, self.height = size
 
+    def close_unstarted(self) -> None:
+        """Close the connection opened to check the stream, for a source that will not be started."""
+        if self._container is not None and not self.is_alive():
+            self._container.close()
+            self._container = None
+
     def _check_port(self) -> None:
         parts = urlsplit(self.url)
         if parts.port is None:

@@ -12,7 +12,14 @@ references, heartbeats, restarts).
   expression); then the SAM2 frames arrive as a list of object references to preprocessed chunks, fetched
   one at a time (never the whole video in memory), and one mask per frame and expression is yielded as
   soon as it is decoded;
-- :meth:`health`: process id, device, whether CUDA works, frames processed.
+- :meth:`health`: process id, device, whether CUDA works, frames processed;
+- live tracking (``refstream live --ray``, :class:`refstream.live.model.RayLiveModel` calls them):
+  :meth:`live_ground` (encoder frames uint8 [T, H, W, 3] + expressions -> a
+  :class:`refstream.live.model.Grounding`, [SEG] embeddings on the CPU), :meth:`live_open` /
+  :meth:`live_step` / :meth:`live_close` (one SAM2 stream per session key, frames uint8 [H, W, 3] in, bit-packed
+  bool masks [N, H, W] out), :meth:`live_info`. At most ``live_max_tracks`` streams are open at once (a full
+  worker evicts a track idle for 60 s, else refuses); a failing session's stream is closed and the others go
+  on. These run one call at a time like every method here (the actor's single thread serialises the model).
 
 With ``heartbeat=`` (Redis URL, key prefix, name) a thread in the actor also writes a heartbeat hash to Redis
 every second (:class:`refstream.service.worker.HeartbeatThread`: ``role=videoglamm``, ``state`` idle/running,
@@ -33,6 +40,9 @@ import numpy as np
 import torch
 
 from refstream.config import load_model_config
+from refstream.errors import ConfigError
+from refstream.live.model import Grounding, LocalLiveModel, pack_masks
+from refstream.options import LiveOptions
 from refstream.pipeline import Pipeline
 from refstream.service.worker import HeartbeatThread
 from workers.gpu_worker import is_cuda_error, segment_clip
@@ -50,14 +60,19 @@ class VideoGLaMMWorker:
         threads: torch intra-op threads in this process (None: leave torch's setting).
         heartbeat: ``{"redis_url": ..., "prefix": ..., "name": ...}`` to beat in Redis (None: no heartbeat).
         parts: ``all`` or ``decoder`` (no CLIP / InternVideo2 on the device: they run in encoder actors);
-            see :func:`workers.build.build_model`.
+            see :func:`workers.build.build_model`. Live tracking needs ``all``.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16`` (:class:`refstream.pipeline.Pipeline`).
+        live_max_tracks: live SAM2 streams open at once (the ``live_*`` methods).
     """
 
     def __init__(self, model: str = "videoglamm", checkpoint: str | None = None, device: str = "auto",
-                 threads: int | None = None, heartbeat: dict | None = None, parts: str = "all"):
+                 threads: int | None = None, heartbeat: dict | None = None, parts: str = "all",
+                 dtype: str = "auto", live_max_tracks: int = 16):
         if threads:  # torch intra-op threads in this process (None: leave torch's setting)
             torch.set_num_threads(int(threads))
-        self.pipeline = Pipeline(load_model_config(model, checkpoint), device, parts=parts)
+        self.pipeline = Pipeline(load_model_config(model, checkpoint), device, dtype, parts=parts)
+        self.parts, self.live_max_tracks = parts, live_max_tracks
+        self._live: LocalLiveModel | None = None
         self.frames_done = 0
         self.clips = 0
         self.state, self.label = "idle", ""
@@ -142,6 +157,53 @@ class VideoGLaMMWorker:
             if index >= 0:
                 self.frames_done += 1
             yield index, item
+
+
+    # ------------------------------------------------------------------------------------------- live tracking
+    def live_info(self) -> dict:
+        """What a :class:`refstream.live.model.RayLiveModel` needs: ``num_frames`` (encoder frames), ``name``,
+        ``random_weights``, ``device``; and ``tracks`` open now, ``max_tracks``, ``frames`` stepped."""
+        live = self._live_model()
+        config = self.pipeline.config
+        return {"num_frames": live.num_frames, "name": config.name, "random_weights": config.random_weights,
+                "device": str(self.pipeline.device), "tracks": live.tracks, "max_tracks": live.max_tracks,
+                "frames": live.frames}
+
+    def live_ground(self, images: np.ndarray, expressions: list[str], options: LiveOptions) -> Grounding:
+        """:meth:`refstream.live.model.LocalLiveModel.ground` here: images uint8 [T, H, W, 3] -> a Grounding with
+        its [SEG] embeddings float [C] on the CPU."""
+        return self._live_call(lambda live: live.ground(images, expressions, options).to_cpu())
+
+    def live_open(self, key: str, grounding: Grounding, image: np.ndarray) -> None:
+        """Open the SAM2 stream ``key`` anchored on ``image`` uint8 [H, W, 3] (replacing the one under ``key``)."""
+        self._live_call(lambda live: live.open_track(key, grounding, image))
+
+    def live_step(self, key: str, image: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+        """Step the stream ``key`` on ``image`` uint8 [H, W, 3]: bool masks [N, H, W] bit-packed
+        (:func:`refstream.live.model.pack_masks`; ``unpack_masks`` reverses it)."""
+        masks = self._live_call(lambda live: live.step(key, image))
+        self.frames_done += 1
+        return pack_masks(masks)
+
+    def live_close(self, key: str) -> None:
+        """Close the stream ``key`` (nothing when there is none)."""
+        self._live_call(lambda live: live.close_track(key))
+
+    def _live_model(self) -> LocalLiveModel:
+        if self._live is None:
+            if self.parts != "all":
+                raise ConfigError(f"live tracking needs CLIP and InternVideo2 in the worker: load it with "
+                                  f"parts='all' (this one has parts={self.parts!r})")
+            self._live = LocalLiveModel(self.pipeline, max_tracks=self.live_max_tracks)
+        return self._live
+
+    def _live_call(self, call):
+        try:
+            return call(self._live_model())
+        except Exception as exc:  # noqa: BLE001 - the failing track is closed already; others go on
+            if is_cuda_error(exc):
+                os._exit(1)  # let Ray restart the actor with a fresh CUDA context (the tracks are lost)
+            raise
 
 
 class ChunkFeed:
