@@ -58,6 +58,8 @@ def test_page_tracks_typed_expressions_and_reprompts(browser, bedroom_mp4, tmp_p
         page.press("#expression", "Enter")
         page.wait_for_function("() => window.refstreamStats.prompt_id === 2", timeout=120_000)
         assert page.locator("#legend span").count() == 2
+        assert page.locator("#tokens").is_visible()  # the kept tokens of the grounding, as tokens.png
+        assert page.evaluate("() => document.getElementById('tokens').naturalWidth") == 336
         assert page.locator("#banner").is_visible()  # tiny: random weights
         other = stats(pages[1])
         assert other["prompt_id"] == 0 and other["painted_frames"] > 0  # the second page shows the video untouched

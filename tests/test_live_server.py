@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import socket
@@ -85,6 +86,10 @@ def test_protocol_prompt_frames_ping_errors_and_clear(tiny, blackswan_dir):
         got = messages(ws, lambda m: isinstance(m, dict) and m["type"] == "frame" and m["prompt_id"] == 1)
         statuses = [(m["state"], m["prompt_id"]) for m in got if isinstance(m, dict) and m["type"] == "status"]
         assert ("grounding", 1) in statuses and ("tracking", 1) in statuses
+        tracking = next(m for m in got if isinstance(m, dict) and m.get("state") == "tracking")
+        png = base64.b64decode(tracking["tokens"].removeprefix("data:image/png;base64,"))
+        picture = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)  # the kept tokens, drawn
+        assert picture.shape == (336, 336, 3) and len(np.unique(picture.reshape(-1, 3), axis=0)) > 100
         frame = got[-1]
         assert (frame["width"], frame["height"]) == (854, 480) and frame["t_done"] >= frame["t_capture"]
         assert [o["expression"] for o in frame["objects"]] == ["the black swan", "the water"]

@@ -37,7 +37,7 @@ import torch
 
 from refstream.errors import RefStreamError
 from refstream.options import LiveOptions, make_method
-from refstream.outputs import logits_to_mask
+from refstream.outputs import logits_to_mask, render_tokens
 from refstream.pipeline import Pipeline, clip_view
 from video_pipeline.preprocess import sam2_preprocess
 from workers.sam2_decoder import Sam2VideoDecoder
@@ -61,7 +61,9 @@ class Grounding:
         embeddings: per expression the [SEG] embedding, float [C] (C = SAM2 prompt size: 256 full, 128 tiny),
             or None when the answer has no [SEG] (that expression gets empty masks).
         texts: per expression the LLM's answer text.
-        view: uint8 [336, 336, 3], the first CLIP input frame (what a tokens picture is drawn on).
+        view: uint8 [336, 336, 3], the first CLIP input frame with the kept visual tokens drawn as ``tokens.png``
+            draws them (:func:`refstream.outputs.render_tokens`: pruned areas dimmed, similarity-aware tokens
+            red, context tokens green).
     """
 
     expressions: list[str]
@@ -182,8 +184,10 @@ class LocalLiveModel(LiveModel):
             answer = pipeline.answer(video, method, options.budget, options.placement, list(expressions),
                                      options.answer, options.clip_text)
         answers = answer.answers
-        return Grounding(list(expressions), [a.embedding for a in answers], [a.text for a in answers],
-                         clip_view(video.clip_pixels))
+        selection = answer.selection
+        view = np.asarray(render_tokens(clip_view(video.clip_pixels), selection.indices[0].cpu().numpy(),
+                                        selection.similarity_aware[0].cpu().numpy(), selection.grid, scale=1))
+        return Grounding(list(expressions), [a.embedding for a in answers], [a.text for a in answers], view)
 
     def open_track(self, key: str, grounding: Grounding, image: np.ndarray) -> None:
         prompted = [i for i, e in enumerate(grounding.embeddings) if e is not None]

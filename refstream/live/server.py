@@ -13,7 +13,8 @@ Protocol (names fixed; other tools depend on them):
   ``{"type": "clear"}``, ``{"type": "ping", "t": <client ms>}``;
 * server -> client: per processed frame a JSON text ``{"type": "frame", "frame_id", "prompt_id", "t_capture",
   "t_done", "width", "height", "objects": [{"expression", "mask": COCO RLE}]}`` followed by one binary message
-  with the frame as JPEG; ``{"type": "status", "state": "grounding"|"tracking"|"idle"|..., "prompt_id"}``;
+  with the frame as JPEG; ``{"type": "status", "state": "grounding"|"tracking"|"idle"|"reconnecting"|...,
+  "prompt_id"}`` (``tracking`` also carries ``"tokens"``: the grounding's kept visual tokens as a PNG data URL);
   ``{"type": "pong", "t": <client ms>, "server_t": <Unix s>}``; ``{"type": "error", "message": str}`` (a bad
   prompt gets one and changes nothing).
 
@@ -24,6 +25,7 @@ with a token, ``?token=`` must match; at most ``max_sessions`` sessions (more ar
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -130,8 +132,14 @@ class _Session:
         self.loop.call_soon_threadsafe(self.wake.set)
 
     def on_status(self, state: str, prompt_id: int) -> None:
+        status = {"type": "status", "state": state, "prompt_id": prompt_id}
+        view = getattr(self.engine, "tokens_view", None)
+        if state == "tracking" and view is not None:  # the kept tokens of the grounding now tracked
+            ok, png = cv2.imencode(".png", cv2.cvtColor(view, cv2.COLOR_RGB2BGR))
+            if ok:
+                status["tokens"] = "data:image/png;base64," + base64.b64encode(png.tobytes()).decode()
         with self.lock:
-            self.statuses.append({"type": "status", "state": state, "prompt_id": prompt_id})
+            self.statuses.append(status)
         self.loop.call_soon_threadsafe(self.wake.set)
 
     async def send_loop(self) -> None:
