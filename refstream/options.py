@@ -182,8 +182,10 @@ class SharedOptions(_Options):
     decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder")
     clip_text: Literal["question", "expression"] = Field(
         "question", description="text given to CLIP for LiteLVLM: the LLM question or the bare expression")
-    answer: Literal["forced", "generate"] = Field(
-        "forced", description='forced: answer "Sure, [SEG]." in one prefill; generate: greedy decoding')
+    answer: Literal["forced", "generate", "sample"] = Field(
+        "forced", description='forced: answer "Sure, [SEG]." in one prefill; generate: greedy decoding; sample: '
+        "sampling with the checkpoint's temperature and top-p (generation_config.json), seeded by --seed")
+    seed: int = Field(0, description="seed of --answer sample (recorded with the results)")
 
     @field_validator("variant")
     @classmethod
@@ -360,7 +362,7 @@ def _is_optional(annotation) -> tuple[Any, bool]:
 
 #: the order options are listed in ``--help``: what to segment, how to prune, which frames, which model
 FLAG_ORDER = ("expressions", "method", "variant", "budget", "placement", "frames", "clip_length", "stride",
-              "max_frames", "decoder", "clip_text", "answer", "sam2_pass", "model", "checkpoint", "device", "dtype")
+              "max_frames", "decoder", "clip_text", "answer", "seed", "sam2_pass", "model", "checkpoint", "device", "dtype")
 
 
 def _flag_rank(name: str) -> int:

@@ -266,7 +266,7 @@ def pruning_report(options, selection, llm_info: dict | None = None) -> dict:
 
     Args:
         options: a :class:`refstream.options.JobOptions` (method, variant, budget, placement, clip_text,
-            clip_length).
+            clip_length, answer, seed).
         selection: the :class:`pruning.registry.Selection` of the first clip (``kept_per_frame``, ``unit``).
         llm_info: extra facts from the LLM (FastV: ``llm_layer_lengths`` per expression, per layer).
     """
@@ -282,6 +282,9 @@ def pruning_report(options, selection, llm_info: dict | None = None) -> dict:
     }
     if options.clip_length is not None:
         report["clip_length"] = options.clip_length
+    report["answer"] = options.answer
+    if options.answer == "sample":
+        report["seed"] = options.seed
     return report
 
 

@@ -176,7 +176,7 @@ class Pipeline:
 
     def answer(self, video: "VideoFeatures", method, budget: int, placement: str, expressions: Sequence[str],
                answer_mode: str = "forced", clip_text: str = "question",
-               timer: "StageTimer | None" = None) -> "AnswerResult":
+               timer: "StageTimer | None" = None, seed: int = 0) -> "AnswerResult":
         """Prune (one selection shared by ``expressions``; LiteLVLM's rule over N texts) and run the LLM.
 
         Args:
@@ -185,8 +185,9 @@ class Pipeline:
             budget: visual tokens kept per frame, of 576 (pooled: ``round(budget / 4)`` of the 144 cells).
             placement: ``pooled`` or ``patch``.
             expressions: E referring expressions (stripped, non-empty).
-            answer_mode: ``forced`` or ``generate``.
+            answer_mode: ``forced``, ``generate`` or ``sample`` (see :meth:`workers.videoglamm.VideoGLaMM.seg_answers`).
             clip_text: what CLIP's text tower reads (``question`` or ``expression``).
+            seed: of ``sample``.
 
         Returns:
             an :class:`AnswerResult`.
@@ -200,10 +201,10 @@ class Pipeline:
         with timer("llm"):
             llm_info = {}
             if selection.stage == "llm":  # prunes inside the LLM (FastV): indices come from the LLM's run
-                answers, selection = method.run_llm(model, visual, list(expressions), selection, answer_mode)
+                answers, selection = method.run_llm(model, visual, list(expressions), selection, answer_mode, seed)
                 llm_info = {"llm_layer_lengths": [a.layer_lengths for a in answers]}  # per expression, per layer
             else:
-                answers = model.seg_answers(visual, list(expressions), answer_mode)
+                answers = model.seg_answers(visual, list(expressions), answer_mode, seed=seed)
         seq_len = max(model.sequence_length(visual.shape[0], e) for e in expressions)
         return AnswerResult(answers=list(answers), selection=selection, visual_tokens=int(visual.shape[0]),
                             llm_sequence_length=seq_len, llm_info=llm_info)
@@ -389,13 +390,13 @@ class Pipeline:
             timer = per_run[r]
             if method.needs_text:
                 parts = [self.answer(video, method, budget, options.placement, [e], options.answer,
-                                     options.clip_text, timer) for e in expressions]
+                                     options.clip_text, timer, options.seed) for e in expressions]
                 answers = [p.answers[0] for p in parts]
                 tokens = [p.visual_tokens for p in parts]
                 kept = parts[0].selection.kept_per_frame
             else:
                 part = self.answer(video, method, budget, options.placement, expressions, options.answer,
-                                   options.clip_text, timer)
+                                   options.clip_text, timer, options.seed)
                 answers, tokens, kept = part.answers, [part.visual_tokens] * len(expressions), part.selection.kept_per_frame
             all_answers.append(answers)
             if on_run_start is not None:
@@ -643,7 +644,7 @@ class JobStream:
         video = pipeline.encode_video(source, clip, with_scores=method.needs_scores,
                                       with_penultimate=method.needs_penultimate, timer=self.timer)
         answer = pipeline.answer(video, method, options.budget, options.placement, options.expressions,
-                                 options.answer, options.clip_text, self.timer)
+                                 options.answer, options.clip_text, self.timer, options.seed)
         self.visual_tokens = max(self.visual_tokens, answer.visual_tokens)
         self.llm_sequence_length = max(self.llm_sequence_length, answer.llm_sequence_length)
         if self._first is None:

@@ -496,3 +496,19 @@ def test_ref_davis_runs_in_64_frame_clips_by_its_protocol(ref_davis, tmp_path, c
     a = np.load(tmp_path / "clips" / "units" / "none_576" / f"{unit}.npz")["probs"]
     b = np.load(tmp_path / "whole" / "units" / "none_576" / f"{unit}.npz")["probs"]
     assert a.shape == b.shape == (100, 120, 213) and not np.array_equal(a[64:], b[64:])
+
+
+def test_sampled_answers_are_seeded_and_recorded(mevis_root, tmp_path, capsys):
+    argv = common(mevis_root, tmp_path / "run", "--dataset", "mevis", "--split", "valid_u", "--method", "none",
+                  "--budget", "576", "--max-frames", "4", "--workers", "0", "--answer", "sample", "--seed", "3")
+    assert bench(*argv) == 0
+    assert "--answer sample (protocol: generate), --seed 3 (protocol: 0)" in capsys.readouterr().err
+    result = json.loads((tmp_path / "run" / "results" / "none_576.json").read_text())
+    assert result["answer"] == {"mode": "sample", "seed": 3, "max_new_tokens": 32, "temperature": 1.0, "top_p": 1.0}
+    assert result["protocol"]["name"] == "videoglamm-mevis" and result["protocol"]["seed"] == 3
+    assert set(result["protocol"]["overrides"]) == {"answer", "seed"}
+    texts = [json.loads(p.read_text())["answer"] for p in sorted((tmp_path / "run" / "status").rglob("*.json"))]
+    assert bench(*argv) == 0  # resumed: nothing reruns
+    assert bench(*common(mevis_root, tmp_path / "again", *argv[argv.index("--dataset"):])) == 0
+    again = [json.loads(p.read_text())["answer"] for p in sorted((tmp_path / "again" / "status").rglob("*.json"))]
+    assert texts == again and texts  # the same seed, the same sampled answers

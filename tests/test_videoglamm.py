@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -451,3 +452,46 @@ def test_build_model_parts_keep_only_what_an_actor_role_needs():
         - count(whole.text_hidden_fcs) == count(whole)
     with pytest.raises(ValueError, match="parts must be one of"):
         build_model(config, parts="llm")
+
+
+class TestSampledAnswer:
+    """--answer sample: temperature and top-p of the checkpoint's generation_config.json, a seeded generator."""
+
+    def test_seeded_sampling_is_reproducible_and_differs_from_greedy(self, model, visual):
+        expressions = ["a dog", "the black swan"]
+        first = model.seg_answers(visual, expressions, "sample", seed=7)
+        again = model.seg_answers(visual, expressions, "sample", seed=7)
+        assert [a.text for a in first] == [a.text for a in again]
+        other = [model.seg_answers(visual, expressions, "sample", seed=s)[0].text for s in range(1, 6)]
+        greedy = model.seg_answers(visual, expressions, "generate")[0].text
+        assert len(set(other)) > 1 and any(t != greedy for t in other)  # temperature 1 on random weights
+        # each expression has its own generator: an answer does not depend on the other expressions
+        assert model.seg_answers(visual, expressions[1:], "sample", seed=7)[0].text == first[1].text
+
+    def test_near_zero_temperature_is_greedy_and_top_p_keeps_the_top_token(self, model, visual):
+        config = model.config
+        try:
+            model.config = config.model_copy(update={"temperature": 1e-6})
+            cold = model.seg_answers(visual, ["a dog"], "sample", seed=3)[0].text
+            model.config = config.model_copy(update={"top_p": 1e-9})  # nucleus of one token: greedy too
+            narrow = model.seg_answers(visual, ["a dog"], "sample", seed=3)[0].text
+        finally:
+            model.config = config
+        greedy = model.seg_answers(visual, ["a dog"], "generate")[0].text
+        assert cold == greedy == narrow
+        with pytest.raises(ValueError, match="'forced', 'generate' or 'sample'"):
+            model.seg_answers(visual, ["a dog"], "beam")
+
+    def test_generation_settings_come_from_the_checkpoint(self, tmp_path):
+        from refstream.errors import ConfigError
+        from workers.config import generation_settings, load_model_config
+
+        assert generation_settings(tmp_path) == {} and generation_settings(None) == {}
+        (tmp_path / "generation_config.json").write_text(
+            json.dumps({"do_sample": True, "temperature": 0.2, "top_p": 0.7, "eos_token_id": 32000}))
+        assert generation_settings(tmp_path) == {"temperature": 0.2, "top_p": 0.7}
+        config = load_model_config("tiny", checkpoint=str(tmp_path))
+        assert (config.temperature, config.top_p, config.max_new_tokens) == (0.2, 0.7, 32)
+        (tmp_path / "generation_config.json").write_text("[1, 2]")
+        with pytest.raises(ConfigError, match="generation_config.json is not a JSON object"):
+            generation_settings(tmp_path)

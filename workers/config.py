@@ -17,6 +17,7 @@ This module sits in ``workers`` because the model code reads it; :mod:`refstream
 from __future__ import annotations
 
 import functools
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -223,7 +224,35 @@ class ModelConfig(_Strict):
     question: str = "What is {expression} in this video? Please respond with segmentation masks."
     clip_question: str = "What is {expression} in this video? Please respond with segmentation masks."
     forced_answer: str = "Sure, [SEG]."
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32  # generate / sample; a checkpoint's generation_config.json may set it
+    temperature: float = 1.0  # sample; from the checkpoint's generation_config.json when it has one
+    top_p: float = 1.0  # sample (nucleus); likewise
+
+
+#: the generation_config.json fields ``--answer sample`` takes from a checkpoint (transformers' names)
+GENERATION_FIELDS = ("temperature", "top_p", "max_new_tokens")
+
+
+def generation_settings(checkpoint: str | Path | None) -> dict:
+    """``temperature``, ``top_p`` and ``max_new_tokens`` from ``<checkpoint>/generation_config.json`` (those it
+    sets; {} without the file). The released VideoGLaMM answers with ``generate`` and no sampling arguments, so
+    these come from that file (mbzuai-oryx/VideoGLaMM@6b15b1e ``VideoGLaMM/model/VideoGLaMM.py`` L790-799).
+
+    Raises:
+        ConfigError: the file exists but is not a JSON object.
+    """
+    if checkpoint is None:
+        return {}
+    path = Path(checkpoint) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}. Fix: restore the checkpoint's generation_config.json.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object. Fix: restore the checkpoint's generation_config.json.")
+    return {k: data[k] for k in GENERATION_FIELDS if data.get(k) is not None}
 
 
 def load_model_config(model: str, checkpoint: str | None = None) -> ModelConfig:
@@ -253,6 +282,7 @@ def load_model_config(model: str, checkpoint: str | None = None) -> ModelConfig:
         raise ConfigError(f"invalid model config {path}: expected a mapping of fields, got {type(data).__name__}")
     if checkpoint is not None:
         data["checkpoint"] = str(checkpoint)
+    data.update(generation_settings(data.get("checkpoint")))
     try:
         return ModelConfig(**data)
     except ValidationError as exc:

@@ -32,7 +32,7 @@ def is_cuda_error(exc: BaseException) -> bool:
 
 def segment_clip(model, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
                  frame_chunks: Iterable[torch.Tensor], answer_mode: str = "forced", report_answers: bool = False,
-                 fastv=None) -> Iterator[tuple[int, np.ndarray | dict]]:
+                 fastv=None, seed: int = 0) -> Iterator[tuple[int, np.ndarray | dict]]:
     """Answer once, then stream masks.
 
     Args:
@@ -43,7 +43,7 @@ def segment_clip(model, visual_tokens: torch.Tensor, expressions: Sequence[str],
         video_size: (H, W) of the original frames (masks come back at this size).
         frame_chunks: SAM2-preprocessed frames, float32 [t, 3, S, S] per chunk, in order; the first frame of
             the first chunk is the anchor frame. Pulled one chunk at a time.
-        answer_mode: ``forced`` or ``generate``.
+        answer_mode: ``forced``, ``generate`` or ``sample`` (seeded by ``seed``).
         report_answers: first yield ``(-1, report)``, ``report`` a dict with ``answers`` (the answer text per
             expression, for ``masks.json``), ``fastv_kept`` (int64 [F, keep] CLIP units FastV kept for the
             first expression, or None) and ``llm_layer_lengths`` (FastV: per expression, the sequence length
@@ -56,7 +56,7 @@ def segment_clip(model, visual_tokens: torch.Tensor, expressions: Sequence[str],
         empty masks), one per frame, in order.
     """
     answers = model.seg_answers(visual_tokens.to(model.device, model.dtype), list(expressions), answer_mode,
-                                fastv=fastv)
+                                fastv=fastv, seed=seed)
     if report_answers:
         kept = answers[0].fastv_kept
         yield -1, {"answers": [a.text for a in answers], "fastv_kept": None if kept is None else kept.cpu(),

@@ -215,7 +215,7 @@ class VideoGLaMM(nn.Module):
         would exceed the LLM's positions."""
         limit = self.llm.config.max_position_embeddings
         longest = max(self.sequence_length(num_visual, e) for e in expressions)
-        if mode == "generate":
+        if mode in ("generate", "sample"):
             longest += self.config.max_new_tokens
         if longest > limit:
             raise SequenceTooLongError(
@@ -226,18 +226,22 @@ class VideoGLaMM(nn.Module):
     # ------------------------------------------------------------------ [SEG]
     @torch.inference_mode()
     def seg_answers(self, visual: torch.Tensor, expressions: Sequence[str], mode: str = "forced",
-                    fastv=None) -> list[SegAnswer]:
+                    fastv=None, seed: int = 0) -> list[SegAnswer]:
         """Run the LLM on the visual tokens for each expression and return the [SEG] prompts.
 
         Args:
             visual: float [V, H] visual tokens in LLM order (CLIP frame-major, then InternVideo2).
             expressions: E referring expressions.
             mode: ``"forced"`` (teacher-forced answer ``config.forced_answer``, one batched prefill,
-                deterministic) or ``"generate"`` (greedy decoding with the KV cache, up to
-                ``config.max_new_tokens``; the first generated ``[SEG]`` is used).
+                deterministic), ``"generate"`` (greedy decoding with the KV cache, up to
+                ``config.max_new_tokens``; the first generated ``[SEG]`` is used) or ``"sample"`` (the same,
+                sampling each token with ``config.temperature`` and nucleus ``config.top_p``, the checkpoint's
+                ``generation_config.json`` values when it has one; a generator seeded with ``seed`` per
+                expression, so an answer does not depend on the others).
             fastv: a :class:`pruning.methods.fastv.FastVSettings` to prune CLIP tokens inside the LLM
                 (FastV: the first ``fastv.frames * fastv.units_per_frame`` visual tokens are the CLIP
                 tokens), or None.
+            seed: seeds ``"sample"`` (ignored otherwise).
 
         Returns:
             E :class:`SegAnswer`; ``embedding`` is float [seg_dim] or None when no [SEG] was produced.
@@ -261,7 +265,9 @@ class VideoGLaMM(nn.Module):
             return self._forced(visual, expressions, fastv)
         if mode == "generate":
             return [self._generate(visual, e, fastv) for e in expressions]
-        raise ValueError(f"unknown answer mode {mode!r}: use 'forced' or 'generate'")
+        if mode == "sample":
+            return [self._generate(visual, e, fastv, sample_seed=seed) for e in expressions]
+        raise ValueError(f"unknown answer mode {mode!r}: use 'forced', 'generate' or 'sample'")
 
     def _embed(self, prefix: list[int], visual: torch.Tensor, suffix: list[int]) -> torch.Tensor:
         embed = self.llm.get_input_embeddings()
@@ -302,7 +308,20 @@ class VideoGLaMM(nn.Module):
             for i, e in enumerate(expressions)
         ]
 
-    def _generate(self, visual: torch.Tensor, expression: str, fastv=None) -> SegAnswer:
+    def _next_token(self, last: torch.Tensor, generator: torch.Generator | None) -> int:
+        """Greedy (``generator`` None) or sampled: softmax(logits / temperature), then the smallest set of tokens
+        whose probability reaches ``top_p`` (nucleus sampling, Holtzman et al. 2020; transformers'
+        ``TopPLogitsWarper`` keeps the same set)."""
+        logits = self.llm.lm_head(last).float()
+        if generator is None:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / max(self.config.temperature, 1e-5), dim=-1).cpu()
+        ordered, order = probs.sort(descending=True)
+        before = ordered.cumsum(0) - ordered  # probability mass ranked above each token
+        ordered[before >= self.config.top_p] = 0.0  # always keeps the most likely token
+        return int(order[torch.multinomial(ordered, 1, generator=generator)])
+
+    def _generate(self, visual: torch.Tensor, expression: str, fastv=None, sample_seed: int | None = None) -> SegAnswer:
         prefix, suffix = self.prompt_ids(expression)
         tok = self.llm_tokenizer
         stop = {i for i in (tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")) if i is not None}
@@ -328,9 +347,10 @@ class VideoGLaMM(nn.Module):
 
         generated: list[int] = []
         seg_embedding = None
+        generator = None if sample_seed is None else torch.Generator().manual_seed(int(sample_seed))
         for step in range(self.config.max_new_tokens):
             last = prefill_last if fastv is not None and step == 0 else forward(inputs)
-            token = int(self.llm.lm_head(last).argmax())
+            token = self._next_token(last, generator)
             if token in stop:
                 break
             generated.append(token)

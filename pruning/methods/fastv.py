@@ -143,10 +143,11 @@ class FastV(PruningMethod):
         settings = FastVSettings(self.layer, keep, frames, grid * grid, self.query)
         return FastVSelection(indices, torch.zeros_like(indices, dtype=torch.bool), unit, grid, stage="llm", fastv=settings)
 
-    def run_llm(self, model, visual: torch.Tensor, expressions, selection: FastVSelection, mode: str = "forced"):
-        """Run ``model.seg_answers`` with FastV; returns (answers, selection filled with the first
-        expression's kept units)."""
-        answers = model.seg_answers(visual, list(expressions), mode, fastv=selection.fastv)
+    def run_llm(self, model, visual: torch.Tensor, expressions, selection: FastVSelection, mode: str = "forced",
+                seed: int = 0):
+        """Run ``model.seg_answers`` with FastV (``seed``: of ``mode="sample"``); returns (answers, selection
+        filled with the first expression's kept units)."""
+        answers = model.seg_answers(visual, list(expressions), mode, fastv=selection.fastv, seed=seed)
         return answers, selection.with_kept(answers[0].fastv_kept)
 
     def apply_llm(self, model, visual: torch.Tensor, expressions, selection: FastVSelection) -> FastVSelection:

@@ -5,7 +5,7 @@ field with the original file and lines it was read from (``sources``). ``refstre
 dataset's protocol for every field the command line leaves alone; a flag that changes a protocol field is
 allowed, printed as a warning, and the results are marked ``"protocol": {..., "off_protocol": true}``.
 
-Fields the sweep applies today: ``clip_length``, ``answer`` and ``merge``. The others (``dtype``,
+Fields the sweep applies today: ``clip_length``, ``answer``, ``merge`` and ``seed``. The others (``dtype``,
 ``max_new_tokens``, ``runs_scored``, ``frames``) are recorded and shown so a result can be read against the
 original; docs/design.md, section Evaluation, says where RefStream still differs.
 """
@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from refstream.errors import ConfigError
 
 #: the fields a run applies from its protocol, as (protocol field, ``bench run`` flag)
-APPLIED = (("clip_length", "--clip-length"), ("answer", "--answer"), ("merge", "--merge"))
+APPLIED = (("clip_length", "--clip-length"), ("answer", "--answer"), ("merge", "--merge"), ("seed", "--seed"))
 #: what every result JSON records under ``"protocol"``
 RECORDED = ("name", "clip_length", "merge", "answer", "seed")
 

@@ -56,9 +56,9 @@ from video_pipeline.plan import plan_frames
 log = logging.getLogger("refstream.bench")
 
 #: the sweep options a run folder records (its ``run.json`` settings); see refstream.options.SweepOptions
-SWEEP_FIELDS = ("placement", "variant", "frames", "stride", "max_frames", "clip_text", "answer", "clip_length")
+SWEEP_FIELDS = ("placement", "variant", "frames", "stride", "max_frames", "clip_text", "answer", "clip_length", "seed")
 SETTINGS = ("dataset", "root", "split", "model", "checkpoint", "placement", "variant", "frames", "stride",
-            "max_frames", "clip_text", "answer", "videos", "clip_length", "merge", "protocol")
+            "max_frames", "clip_text", "answer", "videos", "clip_length", "merge", "protocol", "seed")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -184,6 +184,8 @@ class BenchRun:
             given["clip_length"] = args.clip_length or None  # --clip-length 0: the whole video as one clip
         if hasattr(args, "answer"):
             given["answer"] = args.answer
+        if hasattr(args, "seed"):
+            given["seed"] = args.seed
         if args.merge is not None:
             if protocol.merge is None:
                 raise ConfigError(f"--merge is for ref-davis17 (several objects per PNG); {args.dataset} has one "
@@ -198,7 +200,8 @@ class BenchRun:
                                 for field, flag in APPLIED if field in overrides)
             print(f"WARNING: bench run: {changed} leaves the {protocol.name} protocol "
                   f"(configs/protocols/{args.dataset}.yaml); results are marked off_protocol.", file=sys.stderr)
-        shared = options_from_args(SweepOptions, args, clip_length=values["clip_length"], answer=values["answer"])
+        shared = options_from_args(SweepOptions, args, clip_length=values["clip_length"], answer=values["answer"],
+                                   seed=values["seed"])
         model = options_from_args(ModelOptions, args)
         settings = {
             "dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
@@ -449,6 +452,7 @@ class BenchRun:
             "frames_per_second": round(sum(frames_by_video.values()) / seconds, 3) if seconds > 0 else None,
             "J": None, "F": None, "J&F": None,
             "protocol": self.settings.get("protocol"),
+            "answer": self._answer_settings(),
         }
         partial = bool(bad) or self.settings["max_frames"] is not None or self.settings["stride"] != 1
         if self.kind == "merged":
@@ -460,6 +464,19 @@ class BenchRun:
             result["submission"] = str(self._zip(combo, complete=not partial))
         _write_json(self.out / "results" / f"{combo}.json", result)
         return result
+
+    def _answer_settings(self) -> dict:
+        """How the LLM answered: the mode, and for generate / sample the limits and sampling values used."""
+        from workers.config import load_model_config
+
+        mode = self.sweep.answer
+        answer = {"mode": mode, "seed": self.sweep.seed}
+        if mode != "forced":
+            config = load_model_config(self.settings["model"], self.settings.get("checkpoint"))
+            answer["max_new_tokens"] = config.max_new_tokens
+            if mode == "sample":
+                answer.update(temperature=config.temperature, top_p=config.top_p)
+        return answer
 
     def _assemble_ref_davis(self, combo: str) -> None:
 

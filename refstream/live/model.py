@@ -182,7 +182,7 @@ class LocalLiveModel(LiveModel):
             video = pipeline.encode_frames(np.ascontiguousarray(images), with_scores=method.needs_scores,
                                            with_penultimate=method.needs_penultimate)
             answer = pipeline.answer(video, method, options.budget, options.placement, list(expressions),
-                                     options.answer, options.clip_text)
+                                     options.answer, options.clip_text, seed=options.seed)
         answers = answer.answers
         selection = answer.selection
         view = np.asarray(render_tokens(clip_view(video.clip_pixels), selection.indices[0].cpu().numpy(),

@@ -110,7 +110,7 @@ class VideoGLaMMWorker:
 
     def segment_stream(self, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
                        frame_chunks: Sequence, answer_mode: str = "forced", report_answers: bool = False,
-                       fastv=None, label: str = "") -> Iterator[tuple[int, np.ndarray]]:
+                       fastv=None, label: str = "", seed: int = 0) -> Iterator[tuple[int, np.ndarray]]:
         """Answer once, then stream masks.
 
         Args:
@@ -122,7 +122,7 @@ class VideoGLaMMWorker:
             frame_chunks: object references (or tensors) of SAM2-preprocessed frames, each float32
                 [t, 3, S, S]; the first frame of the first chunk is the anchor frame. Any iterable works, e.g.
                 a :class:`ChunkFeed` that pulls the chunks one at a time from a decode actor (bounded memory).
-            answer_mode: ``forced`` or ``generate``.
+            answer_mode: ``forced``, ``generate`` or ``sample`` (seeded by ``seed``).
             report_answers: first yield ``(-1, report)``, ``report`` a dict with ``answers`` (the answer text
                 per expression, for ``masks.json``), ``fastv_kept`` (int64 [F, keep] CLIP units FastV kept for
                 the first expression, or None) and ``llm_layer_lengths`` (FastV: per expression, the sequence
@@ -139,7 +139,7 @@ class VideoGLaMMWorker:
         self.clips += 1
         try:
             yield from self._segment(visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers,
-                                     fastv)
+                                     fastv, seed)
         except Exception as exc:  # noqa: BLE001
             if is_cuda_error(exc):
                 os._exit(1)  # let Ray restart the actor with a fresh CUDA context
@@ -148,12 +148,12 @@ class VideoGLaMMWorker:
             self.state, self.label = "idle", ""
 
     def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers=False,
-                 fastv=None):
+                 fastv=None, seed: int = 0):
         import ray  # lazy: Ray is only loaded in processes that run actors
 
         chunks = (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref for ref in frame_chunks)
         for index, item in segment_clip(self.pipeline.model, visual_tokens, expressions, video_size, chunks,
-                                        answer_mode, report_answers, fastv):
+                                        answer_mode, report_answers, fastv, seed):
             if index >= 0:
                 self.frames_done += 1
             yield index, item

@@ -424,7 +424,7 @@ def _start_stream(worker, decoder, decode_id: str, visual_ref, expressions: list
     return worker.segment_stream.options(
         num_returns="streaming", _generator_backpressure_num_objects=MASKS_AHEAD).remote(
         visual_ref, expressions, (meta["height"], meta["width"]), ChunkFeed(decoder, decode_id), options.answer,
-        report_answers=True, fastv=encoded["fastv"], label=label)
+        report_answers=True, fastv=encoded["fastv"], label=label, seed=options.seed)
 
 
 def _receive_masks(stream, decoder, decode_id: str, writer: JobWriter, timer: StageTimer,
