@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from eval.cli import add_eval_parser, run_eval
+from refstream.bench.live import add_bench_live_parser, main_bench_live
 from refstream.bench.metrics import add_bench_metrics_parser, main_bench_metrics
 from refstream.bench.runs import add_bench_run_parsers, run_bench_command
 from refstream.bench.service import add_bench_service_parser, main_bench_service
@@ -145,6 +146,7 @@ def _add_bench_parser(sub) -> None:
     add_bench_metrics_parser(bsub)
     add_bench_run_parsers(bsub)
     add_bench_service_parser(bsub)
+    add_bench_live_parser(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -154,6 +156,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return run_bench_command(args)
     if args.bench == "metrics":
         return main_bench_metrics(args)
+    if args.bench == "live":
+        return main_bench_live(args)
     from refstream.bench.pruning import main_bench_pruning  # lazy: torch (see the top)
 
     if args.video is None:
