@@ -295,6 +295,9 @@ class LiveOptions(JobOptions):
     fps: float | None = Field(None, description="play a file source at this rate (default: its own)",
                               json_schema_extra={"metavar": "FPS"})
     loop: bool = Field(False, description="play a file source again from the start when it ends")
+    decoder: Literal["decord", "pyav"] = Field(
+        "pyav", description="decoder of a file source: pyav (streams with flat memory) or decord (its reader "
+        "buffers swing RSS by 250-500 MiB on a looped 540p file, measured by tests/test_live_memory.py's author)")
     reground_every: float | None = Field(
         None, description="re-ground the current expressions every so many seconds (drift recovery; default off)",
         json_schema_extra={"metavar": "SECONDS"})

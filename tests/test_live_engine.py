@@ -38,6 +38,7 @@ def test_latest_frame_slot_keeps_only_the_newest_and_counts_drops():
 
 def test_live_options_share_the_run_options_checks():
     assert LiveOptions().expressions == [] and LiveOptions(expressions=[" the dog "]).expressions == ["the dog"]
+    assert LiveOptions().decoder == "pyav"  # flat memory for a looped file (tests/test_live_memory.py)
     with pytest.raises(ExpressionError, match="empty"):
         LiveOptions(expressions=["  "])
     with pytest.raises(ConfigError, match="--budget 0"):

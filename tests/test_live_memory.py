@@ -47,7 +47,7 @@ def test_rss_stays_flat_over_3000_tracked_frames(bedroom_mp4):
             done.set()
 
     # 60 fps: the source always has a newer frame than the tracker (~15-20 fps on 2 cores) can take
-    options = LiveOptions(expressions=["the bed"], fps=60, loop=True, size="160x90", decoder="pyav")
+    options = LiveOptions(expressions=["the bed"], fps=60, loop=True, size="160x90")  # decoder: pyav, the default
     engine = LiveEngine(pipeline, bedroom_mp4, options, on_result=on_result)
     started = time.monotonic()
     with engine:

@@ -30,7 +30,7 @@ What the columns are (times in milliseconds, rates per second):
   the tracker's step); browser: the page's ``process_ms`` (the same difference, read by the page);
 * capture-to-display ms p50/p95 (browser): the page's per-frame ``latency_ms`` (painted time on the server's
   clock minus the capture time: the tracker, encode, websocket, JPEG decode, mask blending and the canvas
-  draw). The page keeps its last 300 painted frames' samples (``latencyMs``, ``processMs``; read from the page
+  draw). The page keeps its last 300 painted frames' samples (``window.refstreamSamples()``; read from the page
   at the end of the window, the window's own frames kept); if the page no longer has those arrays, its own
   percentiles over its last 300 painted frames are used instead, and the report says so.
 
@@ -249,11 +249,13 @@ def _page_stats(page) -> dict:
     return page.evaluate("() => ({...window.refstreamStats})")
 
 
-#: the stats and the page's per-frame samples, read at one instant (the page's script-level ``latencyMs`` and
-#: ``processMs``: ms, oldest first, the last 300 painted frames), null where the page has no such array
-_PAGE_SAMPLES_JS = """() => ({stats: {...window.refstreamStats},
-  latency: typeof latencyMs === "undefined" ? null : latencyMs.slice(),
-  process: typeof processMs === "undefined" ? null : processMs.slice()})"""
+#: the stats and the page's per-frame samples, read at one instant (``window.refstreamSamples()``: ms, oldest
+#: first, the last 300 painted frames), null where the page has no such function
+_PAGE_SAMPLES_JS = """() => {
+  const samples = typeof window.refstreamSamples === "function" ? window.refstreamSamples() : null;
+  return {stats: {...window.refstreamStats}, latency: samples && samples.latency_ms,
+          process: samples && samples.process_ms};
+}"""
 
 
 def _window_percentiles(end: dict, painted: int) -> dict:
@@ -300,8 +302,7 @@ def run_browser(server: LiveServer, context, *, seconds: float = 10.0, warmup: f
         page.wait_for_function("() => window.refstreamStats.prompt_id >= 1 && window.refstreamStats.painted_frames > 0",
                                timeout=FIRST_TRACKED_TIMEOUT_S * 1000)
         first = time.monotonic() - started
-        session = next(iter(server.app.sessions))
-        engine = session.engine
+        (engine,) = server.app.engines()
         time.sleep(warmup)
         s0, n0, begin = _page_stats(page), engine.stats.processed, time.monotonic()
         samples = []

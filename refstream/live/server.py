@@ -253,6 +253,10 @@ class LiveApp:
         self.api.add_api_route("/metrics", self.prometheus, methods=["GET"])
         self.api.add_api_websocket_route("/ws", self.websocket)
 
+    def engines(self) -> list[LiveEngine]:
+        """The engines of the open sessions (one per page; a session still starting has none yet)."""
+        return [s.engine for s in list(self.sessions) if s.engine is not None]
+
     def close(self) -> None:
         """Stop the shared source (the server is shutting down; sessions stop their own engines)."""
         if self.shared_source is not None:
