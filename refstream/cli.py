@@ -21,6 +21,7 @@ from typing import Sequence
 from eval.cli import add_eval_parser, run_eval
 from refstream.bench.live import add_bench_live_parser, main_bench_live
 from refstream.bench.metrics import add_bench_metrics_parser, main_bench_metrics
+from refstream.bench.reproduce import add_reproduce_parser, run_reproduce_command
 from refstream.bench.runs import add_bench_run_parsers, run_bench_command
 from refstream.bench.service import add_bench_service_parser, main_bench_service
 from refstream.config import load_model_config
@@ -353,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_service_parsers(sub)
     add_convert_parser(sub)
+    add_reproduce_parser(sub)
     return parser
 
 
@@ -365,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "live":
             return _cmd_live(args)
+        if args.command == "reproduce":
+            return run_reproduce_command(args)
         if args.command == "explain":
             return _cmd_explain(args)
         if args.command == "analyze":

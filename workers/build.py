@@ -268,6 +268,26 @@ def _locally_available(ref: str) -> bool:
         return False
 
 
+def check_released_weights(config: ModelConfig) -> None:
+    """Fail before any work when released weights are missing (nothing to check for random weights).
+
+    Raises:
+        WeightsNotFoundError: every missing file listed, with where to get it and where to put it.
+    """
+    if config.random_weights:
+        return
+    problems = missing_weights(config)
+    if problems:
+        folder = resolve_checkpoint(config)
+        raise WeightsNotFoundError(
+            "VideoGLaMM weights not found:\n  - " + "\n  - ".join(problems) + "\n"
+            f"Get the VideoGLaMM checkpoint folder from {VIDEOGLAMM_SOURCE} and put it at {folder} (or pass "
+            f"--checkpoint DIR / set $REFSTREAM_CHECKPOINT); put InternVideo2-stage2_1b-224p-f4.pt "
+            f"(OpenGVLab/InternVideo2-Stage2_1B-224p-f4) inside it; download {config.clip.weights} and "
+            f"{config.sam2.weights} with `huggingface-cli download <id>` on a machine with internet. {TINY_NOTE}"
+        )
+
+
 def build_released(config: ModelConfig, dtype: torch.dtype | None = torch.float32):
     """VideoGLaMM from released weights: a ``refstream convert`` folder, else the official download folder.
 
@@ -282,16 +302,8 @@ def build_released(config: ModelConfig, dtype: torch.dtype | None = torch.float3
         WeightsNotFoundError: files are missing (all of them listed, with where to get them);
         CheckpointMismatchError / CheckpointFileMissingError (both WeightsNotFoundError): see the module docstring.
     """
-    problems = missing_weights(config)
+    check_released_weights(config)
     folder = resolve_checkpoint(config)
-    if problems:
-        raise WeightsNotFoundError(
-            "VideoGLaMM weights not found:\n  - " + "\n  - ".join(problems) + "\n"
-            f"Get the VideoGLaMM checkpoint folder from {VIDEOGLAMM_SOURCE} and put it at {folder} (or pass "
-            f"--checkpoint DIR / set $REFSTREAM_CHECKPOINT); put InternVideo2-stage2_1b-224p-f4.pt "
-            f"(OpenGVLab/InternVideo2-Stage2_1B-224p-f4) inside it; download {config.clip.weights} and "
-            f"{config.sam2.weights} with `huggingface-cli download <id>` on a machine with internet. {TINY_NOTE}"
-        )
     if (folder / LAYOUT_FILE).is_file():
         return load_refstream_folder(config, folder, dtype)
     return _load_released(config, folder, dtype)
