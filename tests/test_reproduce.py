@@ -70,3 +70,20 @@ def test_missing_weights_or_data_exit_2_naming_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "VideoGLaMM weights not found" in err and "no-checkpoint" in err and "--checkpoint DIR" in err
     assert not (tmp_path / "r").exists()  # nothing ran
+
+
+def test_estimate_counts_the_data_and_runs_nothing(examples_dir, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["reproduce", "table2", "--root", str(examples_dir / "ref-davis17-mini"), "--out", str(out),
+                 "--estimate", "100"]) == 0  # the full model's FLOPs, no weights needed
+    printed = capsys.readouterr().out
+    assert "1 videos, 50 frames, 4 expressions" in printed and "PFLOPs" in printed and "at 100 TFLOP/s" in printed
+    assert not out.exists()
+    from refstream.bench.datasets import load_dataset
+    from refstream.bench.reproduce import estimate
+
+    table = load_paper_tables()["table2"]
+    est = estimate(table, load_dataset("ref-davis17", examples_dir / "ref-davis17-mini"), tflops=50)
+    assert est["total_flops"] == est["shared_flops"] + sum(r["flops"] for r in est["rows"])
+    assert est["rows"][0]["flops"] > est["rows"][2]["flops"] > est["rows"][4]["flops"]  # fewer tokens, less LLM
+    assert abs(est["seconds"] - est["total_flops"] / 50e12) < 1e-9

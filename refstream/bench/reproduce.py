@@ -107,8 +107,19 @@ def reproduce(args: argparse.Namespace) -> dict:
 
     tables = load_paper_tables()
     table = tables[args.table]
-    check_released_weights(load_model_config(args.model, args.checkpoint))
+    if getattr(args, "estimate", None) is None:
+        check_released_weights(load_model_config(args.model, args.checkpoint))
     dataset = load_dataset(table.dataset, args.root, args.split)  # the layout, checked before any work
+    if getattr(args, "estimate", None) is not None:
+        est = estimate(table, dataset, "videoglamm" if args.model == "tiny" else args.model, args.estimate)
+        lines = [f"{table.title}: {est['videos']} videos, {est['frames']} frames, {est['units']} expressions "
+                 f"({dataset.name} {dataset.split}, full-size model)",
+                 *(f"  {r['model']} {r['budget']}: {r['flops'] / 1e15:.1f} PFLOPs" for r in est["rows"]),
+                 f"  encoders, once per video and clip for every row: {est['shared_flops'] / 1e15:.1f} PFLOPs",
+                 f"  total {est['total_flops'] / 1e15:.1f} PFLOPs: about {est['seconds'] / 3600:.2f} h at "
+                 f"{est['tflops']:g} TFLOP/s sustained"]
+        return {"table": args.table, "title": table.title, "estimate": est, "markdown": "\n".join(lines) + "\n",
+                "failed": 0, "rows": []}
     parser = argparse.ArgumentParser(prog="refstream reproduce")
     add_bench_run_parsers(parser.add_subparsers(dest="bench", required=True))
     failed = 0
@@ -126,6 +137,57 @@ def reproduce(args: argparse.Namespace) -> dict:
     write_text_atomic(out / f"reproduce_{args.table}.csv", table_csv)
     return {"table": args.table, "title": table.title, "rows": rows, "markdown": markdown, "csv": table_csv,
             "failed": failed}
+
+
+def video_frames(dataset) -> dict[str, int]:
+    """Frames segmented per video: the listed frames (MeViS, Refer-YouTube-VOS) or the folder's JPEG/PNG."""
+    counts = {}
+    for video in dataset.videos():
+        listed = dataset.frames.get(video)
+        if listed:
+            counts[video] = len(listed)
+        else:
+            folder = Path(dataset.video_paths[video])
+            counts[video] = sum(1 for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return counts
+
+
+def estimate(table: PaperTable, dataset, model: str = "videoglamm", tflops: float = 100.0) -> dict:
+    """FLOPs of a table's rows on ``dataset`` (from :func:`workers.stats.stage_flops`, as ``refstream flops``)
+    and the wall time at ``tflops`` sustained TFLOP/s; nothing runs.
+
+    Per video (its protocol's clips): the encoders (CLIP, InternVideo2, projectors) once per clip for every row
+    (``bench run`` computes them once per video); per row, the LLM prefill once per expression and clip, SAM2's
+    image encoder once per frame (a row's expressions share one SAM2 pass) and memory attention once per frame
+    and expression. Generated answer tokens, SAM2's mask decoder and memory encoder are not counted.
+
+    Returns:
+        ``{"rows": [{"model", "budget", "flops"}], "shared_flops", "total_flops", "seconds", "videos", "frames",
+        "units", "tflops"}``.
+    """
+    from refstream.bench.protocol import load_protocol
+    from workers.config import load_model_config
+    from workers.stats import build_skeleton, stage_flops
+
+    protocol = load_protocol(table.dataset)
+    config = load_model_config(model)
+    parts = build_skeleton(config)
+    frames = video_frames(dataset)
+    units = {}
+    for unit in dataset.units:
+        units[unit.video] = units.get(unit.video, 0) + 1
+    clips = {v: -(-n // protocol.clip_length) if protocol.clip_length else 1 for v, n in frames.items()}
+    rows, shared = [], None
+    for row in table.rows:
+        f = stage_flops(parts, config, frames=protocol.encoder_frames, method=row.method, budget=row.budget)["flops"]
+        encoders = f["clip"] + f["internvideo2"] + f["projectors"]
+        shared = encoders * sum(clips.values())
+        per_row = sum(units.get(v, 0) * clips[v] * f["llm_prefill"] + n * f["sam2_image_encoder"]
+                      + units.get(v, 0) * n * f["sam2_memory_attention"] for v, n in frames.items())
+        rows.append({"model": row.model, "budget": row.budget, "flops": per_row})
+    total = (shared or 0.0) + sum(r["flops"] for r in rows)
+    return {"rows": rows, "shared_flops": shared, "total_flops": total, "seconds": total / (tflops * 1e12),
+            "videos": len(frames), "frames": sum(frames.values()), "units": sum(units.values()), "tflops": tflops}
 
 
 def _rows(table: PaperTable, results: dict[str, dict], scored: bool) -> list[dict]:
@@ -195,6 +257,9 @@ def add_reproduce_parser(sub) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local one)")
     p.add_argument("--workers", type=int, default=None, help="actors (default: one per GPU, else 1; 0 = no Ray)")
     p.add_argument("--split", default=None, help="default: the protocol's (MeViS valid_u, scored here)")
+    p.add_argument("--estimate", type=float, default=None, metavar="TFLOPS",
+                   help="print the table's FLOPs on this data and the wall time at TFLOPS sustained (e.g. 100 for an "
+                   "H100 in bf16 at ~10%% of peak); runs nothing and needs no weights")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -202,5 +267,6 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
     """Exit code 0, 1 when units failed; errors (exit 2) propagate as RefStreamError."""
     report = reproduce(args)
     print(report["markdown"])
-    print(f"wrote {Path(args.out) / ('reproduce_' + args.table + '.md')} and .csv")
+    if "estimate" not in report:
+        print(f"wrote {Path(args.out) / ('reproduce_' + args.table + '.md')} and .csv")
     return 1 if report["failed"] else 0
