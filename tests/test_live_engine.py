@@ -104,6 +104,20 @@ def test_a_slow_consumer_drops_frames_and_only_the_newest_prompt_is_tracked(tiny
     assert [r.expressions for r in results if r.prompt_id == 2][0] == ["the water"]
 
 
+def test_a_clear_during_grounding_wins(tiny, blackswan_dir):
+    results, states = [], []
+    engine = LiveEngine(tiny, blackswan_dir, LiveOptions(fps=25, loop=True), on_result=results.append,
+                        on_status=lambda s, p: states.append((s, p)))
+    with engine:
+        wait_for(lambda: len(results) >= 2, 60, "frames before any prompt")
+        assert engine.prompt("the black swan") == 1
+        assert engine.clear() == 2  # while prompt 1 waits for (or is in) its grounding
+        wait_for(lambda: sum(r.prompt_id == 2 for r in results) >= 3, 120, "frames after the clear")
+    assert 1 not in {r.prompt_id for r in results}  # the cleared prompt is never tracked
+    assert all(r.masks.shape[0] == 0 for r in results if r.prompt_id == 2) and ("idle", 2) in states
+    assert ("tracking", 1) not in states
+
+
 def test_a_source_that_cannot_be_opened_is_refused_at_start(tiny, tmp_path):
     with pytest.raises(InputError, match="missing.mp4"):
         LiveEngine(tiny, tmp_path / "missing.mp4", LiveOptions())
