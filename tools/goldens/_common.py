@@ -4,8 +4,8 @@ Every script takes the path of a checkout of an original repository, imports the
 (nothing of it is copied into RefStream), runs it on inputs rebuilt from recorded seeds and writes a golden
 file under ``tests/golden/`` with the commit it actually ran.
 
-The commit is read with ``git -C CHECKOUT rev-parse HEAD`` when the checkout is a git work tree; for an
-exported tree (``git archive COMMIT | tar -x``) put the commit in a file ``COMMIT`` at its root or pass
+The commit is read from a ``COMMIT`` file at the checkout's root when there is one (write it when exporting a
+tree with ``git archive COMMIT | tar -x``), else with ``git rev-parse HEAD`` in the checkout, else from
 ``--commit``.
 """
 
@@ -48,7 +48,8 @@ def use_repository() -> None:
 
 
 def checkout_commit(name: str, checkout: Path, given: str | None = None) -> str:
-    """The full commit of ``checkout``: git HEAD, else its ``COMMIT`` file, else ``given``; printed.
+    """The full commit of ``checkout``: its ``COMMIT`` file, else git HEAD of the work tree it is in (not
+    RefStream's own), else ``given`` (``--commit``); printed.
 
     A commit other than the one the committed golden records is allowed (the new golden then records it),
     with a warning."""
@@ -56,22 +57,23 @@ def checkout_commit(name: str, checkout: Path, given: str | None = None) -> str:
     if not checkout.is_dir():
         sys.exit(f"{checkout}: not a folder (pass a checkout of {URLS[name]})")
     commit = None
-    try:
-        proc = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
-        top = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel"], capture_output=True,
-                             text=True)
-        if proc.returncode == 0 and top.returncode == 0 and Path(top.stdout.strip()).resolve() == checkout.resolve():
-            commit = proc.stdout.strip()
-    except OSError:
-        pass
-    if commit is None and (checkout / "COMMIT").is_file():
+    if (checkout / "COMMIT").is_file():
         commit = (checkout / "COMMIT").read_text().split()[0]
+    else:
+        try:
+            top = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--show-toplevel"], capture_output=True,
+                                 text=True)
+            head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+            if top.returncode == 0 and head.returncode == 0 and Path(top.stdout.strip()).resolve() != REPO.resolve():
+                commit = head.stdout.strip()
+        except OSError:
+            pass
     if commit is None:
         commit = given
     elif given and not commit.startswith(given) and not given.startswith(commit):
         sys.exit(f"{checkout} is at {commit}, not at --commit {given}")
     if not commit:
-        sys.exit(f"cannot tell which commit {checkout} is: it is not a git checkout and has no COMMIT file; "
+        sys.exit(f"cannot tell which commit {checkout} is: it is not in a git checkout and has no COMMIT file; "
                  f"pass --commit")
     print(f"{name}: running the original code of {checkout} at commit {commit}")
     if not EXPECTED[name].startswith(commit) and not commit.startswith(EXPECTED[name][:7]):
