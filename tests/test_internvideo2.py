@@ -1,16 +1,26 @@
 """Tests for workers.internvideo2: InternVideo2 (VideoGLaMM temporal encoder) on InternVLVisionModel.
 
-The core test re-implements the ORIGINAL InternVideo2 vision encoder math from its equations
-(github mbzuai-oryx/VideoGLaMM @ 6b15b1e, VideoGLaMM/model/videogpt_plus/model/internvideo/internvideo2.py:
-3-D patch conv, CLS + learned pos-embed, pre-norm blocks with RMSNorm, fused qkv without bias, RMSNorm on
-the full-width q and k, LayerScale, GELU MLP, loop stopped after block depth-2) directly on a state dict in
-the original key names, converts that state dict, loads it into the transformers host and compares.
+The core parity test compares RefStream's converted encoder with a golden made by the ORIGINAL module
+(``tests/golden/internvideo2_parity.*``, built by ``tools/goldens/internvideo2_parity.py`` from a checkout of
+github mbzuai-oryx/VideoGLaMM @ 6b15b1e): ``build_internvideo`` -> ``InternVideo2_Stage2V`` ->
+``PretrainInternVideo2`` (VideoGLaMM/model/videogpt_plus/model/internvideo/) loaded a tiny random stage-2
+checkpoint (1B geometry - 224 px, patch 14, 4 frames - at width 64, 4 heads, MLP 128, depth 3) and encoded
+8 seeded frames as ``arch.py`` ``encode_videos`` does (chunks of 4, ``x_vis_return_idx=-2``, CLS dropped).
+The golden holds the state dict and the original's features; the frames come from the recorded seed.
+
+``_reference_forward`` re-implements the same math from the original's equations (3-D patch conv, CLS +
+learned pos-embed, pre-norm blocks with RMSNorm, fused qkv without bias, RMSNorm on the full-width q and k,
+LayerScale, GELU MLP, loop stopped after block depth-2); it is itself checked against the golden, and serves
+the tests that need the encoder's behaviour on other weights (e.g. that the last block is dropped).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,6 +45,7 @@ FULL = load_model_config("videoglamm").internvideo2
 DIM, HEADS, MLP, DEPTH, FRAMES, PATCH, SIZE = 64, 4, 128, 3, 4, 14, 224
 EPS = 1e-6
 TOKENS = FRAMES * (SIZE // PATCH) ** 2  # 1024
+GOLDEN = Path(__file__).parent / "golden" / "internvideo2_parity"
 
 
 def _original_state_dict(seed: int = 0, depth: int = DEPTH, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -182,22 +193,50 @@ def test_full_param_count_on_meta_device():
 # ------------------------------------------------------------------------------- parity (core test)
 
 
+@pytest.fixture(scope="module")
+def golden() -> tuple[dict, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(meta, original state dict, frames rebuilt from the seed, the original's features [8, 256, D])."""
+    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
+    arrays = np.load(GOLDEN.with_suffix(".npz"))
+    sd = {k[2:]: torch.from_numpy(arrays[k]) for k in arrays.files if k.startswith("w.")}
+    g = meta["geometry"]
+    frames = torch.randn(g["video_frames"], 3, g["size"], g["size"],
+                         generator=torch.Generator().manual_seed(meta["frame_seed"]))
+    drift = (frames.mean(dim=(2, 3)) - torch.from_numpy(arrays["frame_channel_means"])).abs().max().item()
+    assert drift < 1e-6, f"torch.randn no longer rebuilds the golden's frames (channel means differ by {drift})"
+    return meta, sd, frames, torch.from_numpy(arrays["features"])
+
+
+def test_golden_is_the_original_at_the_tested_geometry(golden):
+    meta, sd, frames, features = golden
+    assert meta["source"]["commit"] == "6b15b1e7f75009d0e1a858ac08e28021c4faaf11"
+    assert meta["geometry"] == {"dim": DIM, "heads": HEADS, "mlp": MLP, "depth": DEPTH, "frames_per_chunk": FRAMES,
+                                "patch": PATCH, "size": SIZE, "video_frames": 8}
+    assert set(sd) == set(_original_state_dict())
+    assert features.shape == (8, 256, DIM) and features.std() > 0.1  # the blocks do real work
+
+
 @pytest.mark.parametrize("wrapper", ["model", "module"])
-def test_parity_with_original_block_math(wrapper):
-    sd = _original_state_dict(seed=3)
+def test_parity_with_original_module(golden, wrapper):
+    """RefStream's converted encoder against the ORIGINAL InternVideo2 module's features (the golden)."""
+    _, sd, frames, features = golden
     enc = build_internvideo2(internvideo2_vision_config(TINY), seed=7)
     enc.load_original_state_dict(_stage2_checkpoint(sd, wrapper))
-    frames = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
         ours = enc(frames)  # [8, 256, D]
-        # VideoGLaMM: 2 chunks of 4 consecutive frames as [B, C, T, H, W]; blocks 0..depth-2; CLS dropped.
-        video = frames.reshape(2, 4, 3, SIZE, SIZE).permute(0, 2, 1, 3, 4)
+    diff = (ours - features).abs().max().item()
+    print(f"InternVideo2 parity with the original module: max abs diff {diff:.3g} (std {features.std().item():.3g})")
+    assert ours.shape == features.shape and ours.dtype == torch.float32
+    assert diff < 1e-5  # measured 1.4e-6 at generation
+
+
+def test_reference_forward_matches_original_module(golden):
+    """The in-test re-implementation reproduces the original module, so the tests below may rely on it."""
+    _, sd, frames, features = golden
+    with torch.no_grad():
+        video = frames.reshape(2, 4, 3, SIZE, SIZE).permute(0, 2, 1, 3, 4)  # 2 chunks as [B, C, T, H, W]
         ref = _reference_forward(sd, video, run_blocks=DEPTH - 1)[:, 1:].reshape(8, 256, DIM)
-    diff = (ours - ref).abs().max().item()
-    print(f"InternVideo2 parity max abs diff: {diff:.3g} (output std {ref.std().item():.3g})")
-    assert ours.shape == (8, 256, DIM) and ours.dtype == torch.float32
-    assert ref.std() > 0.1  # the blocks do real work, the comparison is not trivial
-    assert diff < 1e-5
+    assert (ref - features).abs().max().item() < 1e-5
 
 
 def test_last_block_is_dropped_and_matters(tiny_loaded):

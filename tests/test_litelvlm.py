@@ -189,7 +189,8 @@ GOLDEN = Path(__file__).parent / "golden" / "litelvlm_official_released.json"
 
 @pytest.mark.parametrize("case", range(8))
 def test_official_matches_released_code(case):
-    """Inputs and selections recorded by running the released LiteLVLM code (see the file's "source")."""
+    """Inputs and selections recorded by running the released LiteLVLM code (``tools/goldens/litelvlm_official.py``;
+    see the file's "source" and "how")."""
     data = json.loads(GOLDEN.read_text())["cases"][case]
     dtype = getattr(torch, data["dtype"])
     t = {name: torch.tensor(data[name], dtype=dtype) for name in ("hidden", "q", "k", "v", "patch_embeds", "text_embeds")}

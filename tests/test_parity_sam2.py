@@ -1,9 +1,10 @@
 """Parity of :class:`workers.sam2_decoder.Sam2VideoDecoder` with the ORIGINAL VideoGLaMM SAM2 video predictor.
 
-Golden values recorded once outside the project (details in ``tests/golden/sam2_parity.json``; no original
-code is committed): github.com/mbzuai-oryx/VideoGLaMM @ 6b15b1e7f75009d0e1a858ac08e28021c4faaf11,
-``model/segment_anything_2/sam2`` (``build_sam.py::build_sam2_video_predictor``, ``sam2_video_predictor.py``,
-``modeling/*``) run on CPU in a scratch copy, with a tiny YAML laid out like ``sam2_configs/sam2_hiera_l.yaml``
+Golden values made by ``tools/goldens/sam2_parity.py`` from a checkout of the original (details in
+``tests/golden/sam2_parity.json``; no original code is committed): github.com/mbzuai-oryx/VideoGLaMM @
+6b15b1e7f75009d0e1a858ac08e28021c4faaf11, ``model/segment_anything_2/sam2``
+(``build_sam.py::build_sam2_video_predictor``, ``sam2_video_predictor.py``, ``modeling/*``) run unchanged on
+CPU, with the checkout's ``sam2_configs/sam2_hiera_l.yaml`` with only its sizes changed
 (dims of :func:`parity_sam2_video_config`), the tiny random weights of ``build_sam2(parity config, seed,
 init="test")`` converted with :func:`workers.checkpoint.sam2_state_dict_to_original` and loaded with
 ``strict=True``. The text-prompted path of ``model/VideoGLaMM.py`` ``inference_video_branch`` (l. 846-873):
@@ -20,14 +21,17 @@ sizes that the tiny config shrinks: mask decoder ``mlp_dim=2048, num_heads=8, io
 Measured at generation (max abs logit difference over 6 frames of 854x480, logits std ~0.3-0.9):
 
 * as both implementations run (memory features stored in **bfloat16**, original ``sam2_video_predictor.py``
-  l. 967 / 1011, transformers ``_encode_new_memory``): 4.8e-6 on the anchor frame, 1.07e-4 at worst (frame 4);
+  l. 967 / 1011, transformers ``_encode_new_memory``): 5.2e-6 on the anchor frame, 4.8e-5 at worst (frame 5);
   masks agree on >= 99.998 % of pixels (the few flips sit at |logit| < 1e-4);
-* with the bfloat16 cast disabled in both (a diagnostic run): <= 5.0e-6 on every frame.
+* with the bfloat16 cast disabled in both (a diagnostic run): <= 5.3e-6 on every frame.
+
+The original's own results move at the 1e-6 level with the CPU thread count, which bf16 memory carries to
+~1e-4 (an earlier golden, made with another thread count, measured 1.07e-4 at worst).
 
 So the only divergence above float32 rounding is bf16 rounding of memory features (an fp32 difference of
 ~1e-6 in the memory encoder flips a bf16 rounding, a relative step of 2^-8, which memory attention carries into
-the next frames). The bf16 test therefore uses a tolerance of 5e-4 (measured 1.07e-4) and the fp32-memory
-test the 1e-4 target (measured 5.0e-6).
+the next frames). The bf16 test therefore uses a tolerance of 5e-4 (measured 4.8e-5, 1.07e-4 before) and the
+fp32-memory test the 1e-4 target (measured 5.3e-6).
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ from workers.config import Sam2Spec, load_model_config
 from workers.sam2_decoder import Sam2VideoDecoder, build_sam2, sam2_video_config
 
 GOLDEN = Path(__file__).parent / "golden" / "sam2_parity"
-TOL_BF16 = 5e-4  # bf16 memory storage in both implementations (measured 1.07e-4), see module doc
-TOL_FP32 = 1e-4  # bf16 cast disabled in both (measured 5.0e-6)
+TOL_BF16 = 5e-4  # bf16 memory storage in both implementations (measured 4.8e-5), see module doc
+TOL_FP32 = 1e-4  # bf16 cast disabled in both (measured 5.3e-6)
 MIN_AGREEMENT = 0.9999
 
 
