@@ -47,7 +47,7 @@ def test_bedroom_console_script_end_to_end(bedroom_mp4, tmp_path):
     assert masks["model"] == "tiny"
     assert masks["pruning"] == {
         "method": "litelvlm", "variant": "paper", "budget": 196, "placement": "pooled", "kept_per_frame": 49,
-        "unit": "cell", "clip_text": "question",
+        "unit": "cell", "clip_text": "question", "answer": "forced",
     }
     (obj,) = masks["objects"]
     assert obj["expression"] == "the bed" and len(obj["masks"]) == 200

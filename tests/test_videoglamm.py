@@ -297,7 +297,7 @@ class TestForced:
 
     def test_unknown_mode(self, model, visual):
         with pytest.raises(ValueError, match="mode"):
-            model.seg_answers(visual, ["a dog"], mode="sample")
+            model.seg_answers(visual, ["a dog"], mode="beam")
 
 
 class TestGenerate:
