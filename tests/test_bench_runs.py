@@ -185,6 +185,8 @@ def test_ref_davis_sweep_on_ray_then_resume(ray_cluster, ref_davis, tmp_path):
     for combo, res in summary["results"].items():
         assert res["units_ok"] == 4 and res["J&F"] is not None and res["scored_partial"] is True
         assert set(res["runs"]) == {"anno_0", "anno_1", "anno_2", "anno_3"}
+        assert res["runs_scored"] == ["anno_0", "anno_1", "anno_2"]  # VideoGLaMM's metrics script: 3 of 4
+        assert res["J&F_runs_scored"] == pytest.approx(np.mean([res["runs"][f"anno_{k}"] for k in range(3)]))
         for k in range(4):
             pngs = sorted((out / "predictions" / combo / f"anno_{k}" / "blackswan").glob("*.png"))
             assert [p.stem for p in pngs] == [f"{i:05d}" for i in range(8)]

@@ -516,8 +516,13 @@ class BenchRun:
 
             res = evaluate_ref_davis17(self.dataset.root, pred, missing_as_empty=missing_as_empty,
                                        sequences=self.dataset.videos())
-            return {"J": res["J"]["mean"], "F": res["F"]["mean"], "J&F": res["J&F"],
-                    "runs": {k: v["J&F"] for k, v in res["runs"].items()}}
+            runs = {k: v["J&F"] for k, v in res["runs"].items()}
+            # VideoGLaMM's metrics script scores 3 of the 4 annotator runs, each alone (the protocol's runs_scored):
+            # their mean is reported beside the mean of all 4
+            scored = [k for k in load_protocol("ref-davis17").runs_scored if runs.get(k) is not None]
+            return {"J": res["J"]["mean"], "F": res["F"]["mean"], "J&F": res["J&F"], "runs": runs,
+                    "runs_scored": scored,
+                    "J&F_runs_scored": float(np.mean([runs[k] for k in scored])) if scored else None}
 
         split = MevisSplit(self.dataset.root)
         per = {}
