@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import typing
+import unicodedata
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -152,7 +153,18 @@ def clean_expressions(value: list[str], required: bool = True) -> list[str]:
     cleaned = [e.strip() for e in value]
     if any(not e for e in cleaned):
         raise ValueError('a referring expression is empty: pass --expression "the black swan"')
+    for e in cleaned:
+        if not any(_visible(ch) for ch in e):
+            raise ValueError(f"a referring expression has no visible character ({len(e)} invisible: "
+                             f"{', '.join(sorted({f'U+{ord(ch):04X}' for ch in e}))}): pass words, e.g. "
+                             '--expression "the black swan"')
     return cleaned
+
+
+def _visible(ch: str) -> bool:
+    """A character that shows: not whitespace, not a format or control character (zero-width spaces, joiners,
+    BOMs, bidi marks: Unicode categories Cf, Cc, Z*)."""
+    return not ch.isspace() and unicodedata.category(ch)[0] not in ("C", "Z")
 
 
 def _positive(value: int | None, fix: str) -> int | None:

@@ -152,3 +152,15 @@ def test_submit_cli_is_derived_from_the_job_options():
     assert set(JobOptions.model_fields) <= dests and not dests & {"model", "device", "dtype"}
     args = parser.parse_args(["submit", "v.mp4", "-e", "the dog", "--clip-length", "64", "--frames", "8"])
     assert options_from_args(JobOptions, args) == JobOptions(expressions=["the dog"], clip_length=64, frames=8)
+
+
+def test_an_expression_without_a_visible_character_is_refused():
+    from refstream.options import JobOptions, LiveOptions, clean_expressions
+
+    for invisible in ("\u200b\u200b", "\u200d", "\ufeff \u200b", "\u2060"):
+        with pytest.raises(ValueError, match="no visible character.*U\\+"):
+            clean_expressions([invisible])
+        with pytest.raises(Exception, match="no visible character"):
+            JobOptions(expressions=[invisible])
+    assert clean_expressions(["le cygne\u200b noir"]) == ["le cygne\u200b noir"]  # words with one inside: kept
+    assert LiveOptions(expressions=["黒い白鳥"]).expressions == ["黒い白鳥"]

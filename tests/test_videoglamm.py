@@ -495,3 +495,15 @@ class TestSampledAnswer:
         (tmp_path / "generation_config.json").write_text("[1, 2]")
         with pytest.raises(ConfigError, match="generation_config.json is not a JSON object"):
             generation_settings(tmp_path)
+
+
+def test_too_long_names_the_expressions_own_token_count_and_the_limit(model):
+    from refstream.errors import SequenceTooLongError
+
+    limit = model.llm.config.max_position_embeddings
+    with pytest.raises(SequenceTooLongError, match=r"the referring expression is too long: 10000 tokens "
+                                                   r"\(10000 characters\).*Fix: shorten the expression to at most \d+"):
+        model.check_sequence_length(64, ["x" * 10000])
+    with pytest.raises(SequenceTooLongError, match=rf"the expression 3\) but the LLM has {limit} positions.*--frames"):
+        model.check_sequence_length(limit, ["dog"])  # the visual tokens alone do not fit
+    model.check_sequence_length(64, ["a dog"])  # fits: nothing raised

@@ -214,14 +214,24 @@ class VideoGLaMM(nn.Module):
         """Raise :class:`SequenceTooLongError` when the prompt (plus ``max_new_tokens`` when generating)
         would exceed the LLM's positions."""
         limit = self.llm.config.max_position_embeddings
-        longest = max(self.sequence_length(num_visual, e) for e in expressions)
+        lengths = {e: self.sequence_length(num_visual, e) for e in expressions}
+        worst = max(lengths, key=lengths.get)
+        longest = lengths[worst]
         if mode in ("generate", "sample"):
             longest += self.config.max_new_tokens
-        if longest > limit:
+        if longest <= limit:
+            return
+        own = len(self.llm_tokenizer(worst, add_special_tokens=False).input_ids)
+        others = longest - own  # the template, the visual tokens and the room for the answer
+        if others <= limit:  # without the expression it would fit: the expression is what is too long
             raise SequenceTooLongError(
-                f"the LLM input would be {longest} tokens ({num_visual} visual) but the LLM has {limit} positions. "
-                f"Use fewer encoder frames (--frames), a smaller budget (--budget), or --placement pooled."
-            )
+                f"the referring expression is too long: {own} tokens ({len(worst)} characters), but the LLM has "
+                f"{limit} positions and the prompt template, {num_visual} visual tokens and the answer take "
+                f"{others}. Fix: shorten the expression to at most {limit - others} tokens.")
+        raise SequenceTooLongError(
+            f"the LLM input would be {longest} tokens ({num_visual} visual, the expression {own}) but the LLM has "
+            f"{limit} positions. Use fewer encoder frames (--frames), a smaller budget (--budget), or --placement "
+            "pooled.")
 
     # ------------------------------------------------------------------ [SEG]
     @torch.inference_mode()
