@@ -501,3 +501,57 @@ def test_preprocess_rejects_bad_input():
         internvideo_preprocess(np.zeros((1, 8, 8, 3), np.uint8), chunk_size=0)
     with pytest.raises(ConfigError, match="style"):
         sam2_preprocess(np.zeros((1, 8, 8, 3), np.uint8), style="opencv")
+
+
+# ------------------------------------------------------------------------------- odd frames (issue 13)
+def test_sixteen_bit_grey_frames_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    from video_pipeline.decode import open_video
+
+    folder = tmp_path / "frames16"
+    folder.mkdir()
+    ramp = (np.arange(64, dtype=np.uint32)[None, :].repeat(8, 0) * 1024).astype(np.uint16)  # 0 .. 64512
+    for i in range(3):
+        Image.fromarray(ramp).save(folder / f"{i:05d}.png")
+    assert Image.open(folder / "00000.png").mode.startswith("I")  # a real 16-bit PNG
+    with open_video(folder) as video:
+        frames = video.read(range(3))
+    assert frames.dtype == np.uint8 and frames.shape == (3, 8, 64, 3)
+    expected = np.rint(ramp.astype(np.float64) / 65535 * 255).astype(np.uint8)
+    assert (frames[0, :, :, 0] == expected).all() and (frames[..., 0] == frames[..., 2]).all()
+    assert frames.max() < 255 and len(np.unique(frames)) > 50  # the old convert("RGB") made it all 255
+
+
+def _png_claiming(path, width: int, height: int) -> None:
+    """A 1x1 PNG whose header claims width x height (only the header is ever read)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = bytearray(data[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def test_frames_above_the_pixel_limit_are_refused_from_the_header(tmp_path, bedroom_mp4):
+    from refstream.errors import InputError
+    from video_pipeline.decode import open_video
+
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    _png_claiming(folder / "00000.png", 20000, 10000)  # Pillow's own bomb limit is exceeded at open
+    with pytest.raises(InputError, match="far too large to decode.*Fix: downscale"):
+        open_video(folder)
+    _png_claiming(folder / "00000.png", 9000, 5000)  # above 8K, below Pillow's limit
+    with pytest.raises(InputError, match=r"9000x5000 = 45,000,000 pixels, above the limit of 33,177,600"):
+        open_video(folder)
+    with pytest.raises(InputError, match=r"960x540 = 518,400 pixels, above the limit of 100,000.*ffmpeg"):
+        open_video(bedroom_mp4, max_pixels=100_000)  # a video file: from the stream header
+    with open_video(bedroom_mp4, max_pixels=None) as video:
+        assert (video.width, video.height) == (960, 540)

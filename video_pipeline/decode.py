@@ -13,6 +13,7 @@ fix; an unknown decoder name raises :class:`refstream_errors.ConfigError`.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from refstream_errors import ConfigError
 from video_pipeline.source import VideoSource, input_error
-from video_pipeline.video_file import DecordVideo, PyAVVideo, probe
+from video_pipeline.video_file import MAX_PIXELS, DecordVideo, PyAVVideo, check_frame_size, probe
 
 __all__ = [
     "DECODERS",
@@ -37,6 +38,20 @@ DECODERS = ("decord", "pyav")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
+def to_rgb8(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of any Pillow image: palette, grey, RGBA as Pillow converts them; 16- and 32-bit
+    integer and float grey (``I;16*``, ``I``, ``F``) scaled from their full range, not clipped (Pillow's
+    ``convert("RGB")`` clips them to 255: a 16-bit PNG turns white)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        grey = np.asarray(image).astype(np.float64)
+        top = 65535.0 if image.mode != "F" and grey.max(initial=0) <= 65535 else max(grey.max(initial=0), 1.0)
+        if image.mode == "F" and grey.max(initial=0) <= 1.0:
+            top = 1.0
+        grey = np.clip(np.rint(grey / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(image.convert("RGB"))
+
+
 class FrameFolder(VideoSource):
     """Frames stored as JPEG/PNG files in one folder, ordered by file name (DAVIS ``JPEGImages`` layout).
 
@@ -47,7 +62,7 @@ class FrameFolder(VideoSource):
         InputError: no JPEG/PNG in the folder, an unreadable image, or frames of different sizes.
     """
 
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, max_pixels: int | None = MAX_PIXELS):
         self.path = Path(path)
         try:
             entries = list(self.path.iterdir())
@@ -67,10 +82,14 @@ class FrameFolder(VideoSource):
         sizes = {}
         for f in self.files:
             try:
-                with Image.open(f) as im:
+                with Image.open(f) as im:  # the header only: nothing is decoded here
                     sizes[f] = im.size
+            except Image.DecompressionBombError as e:  # Pillow refuses twice its own pixel limit at open
+                raise input_error(f, f"frame is far too large to decode ({e})",
+                                  "downscale the frames, e.g. to 1920 pixels wide") from None
             except (UnidentifiedImageError, OSError) as e:
                 raise input_error(f, f"frame is not a readable image ({e})", "replace or remove this file") from e
+            check_frame_size(f, *sizes[f], max_pixels)
         self.width, self.height = sizes[self.files[0]]
         for f, size in sizes.items():
             if size != (self.width, self.height):
@@ -89,8 +108,10 @@ class FrameFolder(VideoSource):
         for k, i in enumerate(indices):
             f = self.files[i]
             try:
-                with Image.open(f) as im:
-                    rgb = np.asarray(im.convert("RGB"))
+                with warnings.catch_warnings():  # the size was checked at construction (max_pixels)
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(f) as im:
+                        rgb = to_rgb8(im)
             except OSError as e:
                 raise input_error(f, f"cannot decode frame {i} ({e})", "replace or remove this file") from e
             if rgb.shape != out.shape[1:]:
@@ -103,21 +124,24 @@ class FrameFolder(VideoSource):
         return out
 
 
-def open_video(path: Path | str, decoder: str = "decord") -> VideoSource:
+def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None = MAX_PIXELS) -> VideoSource:
     """Open a video file (anything FFmpeg reads) or a folder of JPEG/PNG frames.
 
     Args:
         path: a video file, or a folder of frames sorted by name.
         decoder: ``"decord"`` (fast sequential/batch reads) or ``"pyav"`` (pure FFmpeg via PyAV);
             ignored for folders. Both give the same frame count and near-identical pixels.
+        max_pixels: the largest frame taken (pixels; default :data:`MAX_PIXELS`, 8K), checked from the headers
+            before anything is decoded; None: no limit.
 
     Returns:
         A :class:`VideoSource` (:class:`FrameFolder`, :class:`DecordVideo` or :class:`PyAVVideo`).
 
     Raises:
         ConfigError: unknown ``decoder``.
-        InputError: missing path, empty file, a folder without JPEG/PNG, frames of different sizes, a file
-            that is not a video, a corrupt or truncated video, a file without a video stream.
+        InputError: missing path, empty file, a folder without JPEG/PNG, frames of different sizes, frames
+            above ``max_pixels``, a file that is not a video, a corrupt or truncated video, a file without a
+            video stream.
 
     A video file is always validated with PyAV first (open the container, find a video stream, index the
     packets, decode the first frame) so that decord, which can crash the interpreter on corrupt input,
@@ -131,10 +155,10 @@ def open_video(path: Path | str, decoder: str = "decord") -> VideoSource:
             path, "no such file or folder", "check the path; pass a video file or a folder of JPEG/PNG frames"
         )
     if path.is_dir():
-        return FrameFolder(path)
+        return FrameFolder(path, max_pixels)
     if not path.is_file():
         raise input_error(path, "not a regular file or folder", "pass a video file or a folder of JPEG/PNG frames")
     if path.stat().st_size == 0:
         raise input_error(path, "file is empty (0 bytes)", "re-download or re-export the video")
-    info = probe(path)
+    info = probe(path, max_pixels)
     return DecordVideo(path, info) if decoder == "decord" else PyAVVideo(path, info)

@@ -42,15 +42,35 @@ class ContainerInfo:
     seek_ts: tuple[int, ...]
 
 
-def probe(path: Path) -> ContainerInfo:
-    """Validate a video file with PyAV and index its first video stream.
+#: the largest frame taken, in pixels: 8K UHD (7680 x 4320 = 33,177,600); checked from the headers, before
+#: anything is decoded (a 20000x10000 frame would need 600 MB per RGB frame)
+MAX_PIXELS = 7680 * 4320
 
-    Opens the container, requires a video stream, demuxes every packet of it (no decoding) to count the
-    frames and locate keyframes, and decodes the first frame.
+
+def check_frame_size(path: Path, width: int, height: int, max_pixels: int | None = MAX_PIXELS) -> None:
+    """Refuse frames above ``max_pixels`` (None: no limit), before any decoding.
 
     Raises:
-        InputError: not a container FFmpeg can read, no video stream, no frames, the first frame does not
-            decode, or the file is truncated/corrupt (fewer packets than the container index lists).
+        InputError: naming the size, the limit and the fix.
+    """
+    if max_pixels is not None and width * height > max_pixels:
+        raise input_error(
+            path, f"frames are {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
+            f"(8K is {MAX_PIXELS:,})", "downscale first, e.g. ffmpeg -i IN -vf scale=1920:-2 OUT (or frames "
+            "with Pillow), or raise the limit (max_pixels)")
+
+
+def probe(path: Path, max_pixels: int | None = MAX_PIXELS) -> ContainerInfo:
+    """Validate a video file with PyAV and index its first video stream.
+
+    Opens the container, requires a video stream, checks the frame size against ``max_pixels`` (from the
+    headers), demuxes every packet of it (no decoding) to count the frames and locate keyframes, and decodes
+    the first frame.
+
+    Raises:
+        InputError: not a container FFmpeg can read, no video stream, frames above ``max_pixels``, no frames,
+            the first frame does not decode, or the file is truncated/corrupt (fewer packets than the container
+            index lists).
     """
     def open_container():
         try:
@@ -71,6 +91,7 @@ def probe(path: Path) -> ContainerInfo:
                 "pass a file with a video track or a folder of JPEG/PNG frames",
             )
         stream = container.streams.video[0]
+        check_frame_size(path, stream.codec_context.width, stream.codec_context.height, max_pixels)
         declared = int(stream.frames or 0)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else None
