@@ -555,3 +555,20 @@ def test_frames_above_the_pixel_limit_are_refused_from_the_header(tmp_path, bedr
         open_video(bedroom_mp4, max_pixels=100_000)  # a video file: from the stream header
     with open_video(bedroom_mp4, max_pixels=None) as video:
         assert (video.width, video.height) == (960, 540)
+
+
+def test_a_file_cut_inside_its_moov_box_is_called_truncated(tmp_path, bedroom_mp4):
+    from refstream.errors import InputError
+    from video_pipeline.decode import open_video
+
+    fast = tmp_path / "fast.mp4"  # moov before mdat (as phones and web exports write it)
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(bedroom_mp4), "-t", "1", "-c", "copy", "-movflags",
+                    "+faststart", str(fast)], check=True)
+    data = fast.read_bytes()
+    moov = data.index(b"moov") - 4
+    for cut in (moov + 128, moov + 600):  # FFmpeg sees a data track only / cannot open it at all
+        cut_file = tmp_path / f"cut{cut}.mp4"
+        cut_file.write_bytes(data[:cut])
+        with pytest.raises(InputError, match=rf"truncated file: the 'moov' box at byte {moov} declares .* bytes but "
+                                             r"the file ends after .*Fix: re-download"):
+            open_video(cut_file)

@@ -60,6 +60,39 @@ def check_frame_size(path: Path, width: int, height: int, max_pixels: int | None
             "with Pillow), or raise the limit (max_pixels)")
 
 
+def iso_box_truncation(path: Path) -> str | None:
+    """For an MP4/MOV (ISO base media) file: which top-level box runs past the end of the file, else None.
+
+    Walks the top-level boxes (32-bit size + 4-byte type; size 1 = a 64-bit size follows, 0 = to the end of
+    the file; ISO/IEC 14496-12 section 4.2) without reading their contents. A file cut inside its ``moov`` box
+    opens in FFmpeg with only some of its tracks, which would otherwise read as "no video stream".
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+            if len(head) < 12 or head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+                return None
+            offset = 0
+            while offset + 8 <= size:
+                fh.seek(offset)
+                header = fh.read(16)
+                box_size, kind = int.from_bytes(header[:4], "big"), header[4:8].decode("latin-1")
+                if box_size == 1 and len(header) >= 16:
+                    box_size = int.from_bytes(header[8:16], "big")
+                elif box_size == 0:
+                    return None
+                if box_size < 8:
+                    return None  # not a box structure we can follow
+                if offset + box_size > size:
+                    return (f"the '{kind}' box at byte {offset:,} declares {box_size:,} bytes but the file ends after "
+                            f"{size - offset:,} of them (the file is {size:,} bytes)")
+                offset += box_size
+    except OSError:
+        return None
+    return None
+
+
 def probe(path: Path, max_pixels: int | None = MAX_PIXELS) -> ContainerInfo:
     """Validate a video file with PyAV and index its first video stream.
 
@@ -76,6 +109,9 @@ def probe(path: Path, max_pixels: int | None = MAX_PIXELS) -> ContainerInfo:
         try:
             return av.open(str(path), metadata_errors="ignore")
         except (av.FFmpegError, OSError, UnicodeDecodeError) as e:
+            truncated = iso_box_truncation(path)
+            if truncated:
+                raise input_error(path, f"truncated file: {truncated}", REENCODE) from e
             raise input_error(
                 path,
                 f"not a video FFmpeg can read, or truncated/corrupt ({_describe(e)})",
@@ -84,6 +120,9 @@ def probe(path: Path, max_pixels: int | None = MAX_PIXELS) -> ContainerInfo:
 
     with open_container() as container:
         if not container.streams.video:
+            truncated = iso_box_truncation(path)
+            if truncated:
+                raise input_error(path, f"truncated file: {truncated}", REENCODE)
             kinds = sorted({s.type for s in container.streams}) or ["none"]
             raise input_error(
                 path,
