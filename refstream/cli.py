@@ -28,7 +28,7 @@ from refstream.config import load_model_config
 from refstream.convert import add_convert_parser, run_convert
 from refstream.errors import ConfigError, RefStreamError
 from refstream.options import LiveOptions, ModelOptions, RunOptions, add_option_arguments, options_from_args
-from refstream.outputs import RANDOM_WEIGHTS_NOTE
+from refstream.outputs import RANDOM_WEIGHTS_NOTE, check_out_folder
 from refstream.service.cli import SERVICE_COMMANDS, add_service_parsers, run_service_command
 
 # Each command's own module is imported when the command runs (the lazy imports below): they load torch,
@@ -226,6 +226,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     options = options_from_args(RunOptions, args)
     open_video(args.input, options.decoder).close()  # fail fast on a bad input, before loading the model
+    check_out_folder(args.out, args.input)  # and on an --out that cannot work
     if load_model_config(options.model, options.checkpoint).random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     segmenter = load(options.model, checkpoint=options.checkpoint, device=options.device, dtype=options.dtype)

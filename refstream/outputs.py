@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
+
+from refstream.errors import ConfigError
 
 #: the stages of a job whose wall seconds ``summary.json`` reports, in order
 STAGES = ("decode", "clip", "prune", "llm", "sam2", "write")
@@ -88,6 +91,63 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_out_folder(out: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
+    """Refuse an output folder that cannot work, before any model loads or frame decodes.
+
+    Refused: an existing file; a path under a file; the input frame folder itself or a folder inside it (the
+    outputs would become frames of the next run); a folder whose nearest existing parent is not writable.
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        ConfigError: naming ``--out`` (the ``out`` argument of the Python API), the problem and the fix.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder. Fix: pass a folder path (it is created).")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, so no folder can be made under it. Fix: pass a path "
+                          "whose parents are folders.")
+    if input_path is not None and Path(input_path).is_dir():
+        source = Path(input_path).resolve()
+        if out.resolve() == source or source in out.resolve().parents:
+            raise ConfigError(f"--out {out} is inside the input frame folder {input_path}: the outputs would be "
+                              "read as frames. Fix: pass a folder outside it.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied). Fix: pass a writable folder.")
+    return out
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike):
+    """Write a job's files into a temporary folder beside ``out``; move them into ``out`` only on success.
+
+    Yields the temporary folder. On an exception it is removed and ``out`` is left as it was (not created when
+    it did not exist): a failed run leaves no empty or partial output folder. On success each file is moved
+    with ``os.replace`` (atomic per file), replacing files of the same name in an existing ``out``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    try:
+        if not out.exists():
+            os.replace(stage, out)
+            return
+        for item in stage.iterdir():
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any, **dump_options: Any) -> None:

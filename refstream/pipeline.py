@@ -32,7 +32,7 @@ from refstream.config import ModelConfig, load_model_config
 from refstream.errors import ConfigError, ExpressionError
 from refstream.explain import clip_views
 from refstream.options import JobOptions, RunOptions, SweepOptions, make_method
-from refstream.outputs import JobResult, JobWriter, job_result, logits_to_mask
+from refstream.outputs import JobResult, JobWriter, check_out_folder, job_result, logits_to_mask, staged_folder
 from video_pipeline.decode import open_video
 from video_pipeline.plan import FramePlan, encoder_positions, plan_frames
 from video_pipeline.preprocess import clip_preprocess, internvideo_preprocess, sam2_preprocess
@@ -506,7 +506,9 @@ def clip_view(clip_pixels: torch.Tensor) -> np.ndarray:
 def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, progress: bool = True,
                   pipeline: Pipeline | None = None, load_seconds: float = 0.0, on_frames=None, on_open=None) -> dict:
     """Run a job and write ``masks.json``, ``overlay.mp4``, ``tokens.png`` and ``summary.json`` into ``out``
-    through the one :class:`refstream.outputs.JobWriter`.
+    through the one :class:`refstream.outputs.JobWriter`: ``out`` is checked first
+    (:func:`refstream.outputs.check_out_folder`), the files are written into a temporary folder beside it and
+    moved in only when the job succeeded (:func:`refstream.outputs.staged_folder`).
 
     ``on_open(source)`` and ``on_frames(position, frame, masks)`` are called as in :meth:`Pipeline.run`, after
     the writer's own handling (the service uses them for progress). ``pipeline`` is a loaded model (else one is
@@ -519,28 +521,30 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
         RefStreamError subclasses for bad input (exit code 2 in the CLI).
     """
     started = time.perf_counter()
+    check_out_folder(out, input_path)  # before the model loads or a frame decodes
     if pipeline is None:
         pipeline = Pipeline.from_options(options)
         load_seconds = time.perf_counter() - started
     else:
         started -= load_seconds  # the model was loaded by the caller just before
-    job = pipeline.stream(input_path, options, progress, on_open)
-    writer = None
-    try:
-        for item in job:
-            if writer is None:
-                writer = JobWriter(out, len(options.expressions), job.width, job.height, job.fps)
-            writer.add(item.frame, item.masks)
-            if on_frames is not None:
-                on_frames(item.position, item.frame, item.masks)
-        if writer is None:  # no SAM2 frame (cannot happen with a valid plan; kept for a clear error path)
-            writer = JobWriter(out, len(options.expressions), job.width, job.height, job.fps)
-        return writer.finish(job.result(writer.masks), device=str(pipeline.device), started=started,
-                             load_seconds=load_seconds)
-    finally:
-        job.close()
-        if writer is not None:
-            writer.close()
+    with staged_folder(out) as stage:  # a failed run leaves no empty or partial out folder
+        job = pipeline.stream(input_path, options, progress, on_open)
+        writer = None
+        try:
+            for item in job:
+                if writer is None:
+                    writer = JobWriter(stage, len(options.expressions), job.width, job.height, job.fps)
+                writer.add(item.frame, item.masks)
+                if on_frames is not None:
+                    on_frames(item.position, item.frame, item.masks)
+            if writer is None:  # no SAM2 frame (cannot happen with a valid plan; kept for a clear error path)
+                writer = JobWriter(stage, len(options.expressions), job.width, job.height, job.fps)
+            return writer.finish(job.result(writer.masks), device=str(pipeline.device), started=started,
+                                 load_seconds=load_seconds)
+        finally:
+            job.close()
+            if writer is not None:
+                writer.close()
 
 
 @dataclass
