@@ -38,13 +38,15 @@ def blackswan_dir(examples_dir: Path) -> Path:
 class RedisServer:
     """A real redis-server on a free loopback port, in its own folder (AOF on), for tests."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, args: tuple[str, ...] = ()):
+        """``args``: extra redis-server options (e.g. ``--requirepass``; tests/test_service_security.py)."""
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.folder = folder
+        self.args = tuple(args)
         self.proc = None
 
     @property
@@ -61,7 +63,7 @@ class RedisServer:
             pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder), "--appendonly", "yes",
-             "--save", "", "--protected-mode", "no"],
+             "--save", "", "--protected-mode", "no", *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         import redis
@@ -69,12 +71,22 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                self.ping()
                 return self
+            except (redis.exceptions.AuthenticationError, redis.exceptions.ResponseError):
+                return self  # up, and asking for a password
             except redis.exceptions.ConnectionError:
                 if time.monotonic() > deadline:
                     raise RuntimeError("redis-server did not start")
                 time.sleep(0.02)
+
+    def ping(self) -> None:
+        """Raises redis.exceptions.ConnectionError while the server is not up (overridden for TLS servers)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        redis.Redis(port=self.port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0)).ping()
 
     def stop(self, kill: bool = False) -> None:
         if self.proc is not None:

@@ -144,11 +144,11 @@ def test_text_logs_and_serve_options(capsys):
 
 
 def test_redis_password_is_redacted_in_logs():
-    from refstream.service.serve import _redact
+    from refstream.service.security import mask_url  # serve logs the URL through it (was serve._redact)
 
-    assert _redact("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
-    assert _redact("redis://user:s3cret@h/0") == "redis://user:***@h/0"
-    assert _redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert mask_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert mask_url("redis://user:s3cret@h/0") == "redis://user:***@h/0"
+    assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 def test_serve_gpu_shares_default_to_one_videoglamm_and_one_encoder_actor_per_gpu():

@@ -27,8 +27,18 @@ def add_service_parsers(sub) -> None:
 
 
 def _redis_url_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
-                   help="redis[s]://[user:password@]host:port/db (default $REFSTREAM_REDIS_URL)")
+    """The Redis connection options of every service verb (:class:`refstream.service.security.RedisSettings`)."""
+    p.add_argument("--redis-url", "--redis", dest="redis_url", default=DEFAULT_REDIS_URL,
+                   help="redis[s]://[user[:password]@]host:port/db (default $REFSTREAM_REDIS_URL); logged with the "
+                        "password masked")
+    p.add_argument("--redis-password-file", default=None, metavar="FILE",
+                   help="read the Redis password from FILE (default $REFSTREAM_REDIS_PASSWORD) instead of the URL")
+    p.add_argument("--redis-ca", default=os.environ.get("REFSTREAM_REDIS_CA"), metavar="FILE",
+                   help="rediss://: CA certificate(s) the server's certificate must chain to (verified)")
+    p.add_argument("--redis-cert", default=os.environ.get("REFSTREAM_REDIS_CERT"), metavar="FILE",
+                   help="rediss://: client certificate (servers with --tls-auth-clients yes)")
+    p.add_argument("--redis-key", default=os.environ.get("REFSTREAM_REDIS_KEY"), metavar="FILE",
+                   help="rediss://: the client certificate's private key")
 
 
 def _add_submit_parser(sub) -> None:
@@ -118,8 +128,21 @@ def run_service_command(args: argparse.Namespace) -> int:
     """Run one of :data:`SERVICE_COMMANDS`."""
     # lazy: ``refstream`` imports this module to build its parser; Redis (client) and Ray, torch (serve) load
     # only when a service verb runs
-    from refstream.service.client import RefStreamClient
+    from redis.exceptions import AuthenticationError, NoPermissionError
 
+    from refstream.service.client import RefStreamClient
+    from refstream.service.security import RedisSettings, check_connection, describe_error
+
+    redis_settings = RedisSettings.from_args(args)
+    # a wrong password / CA / cert fails here, fast and clearly (exit 2); serve waits for a Redis that is away
+    check_connection(redis_settings, unavailable_ok=args.command == "serve")
+    try:
+        return _run(args, redis_settings, RefStreamClient)
+    except (AuthenticationError, NoPermissionError) as exc:  # later on, e.g. an ACL user lacking a command
+        raise describe_error(redis_settings, exc) from None
+
+
+def _run(args: argparse.Namespace, redis_settings, RefStreamClient) -> int:
     if args.command == "serve":
         from refstream.service.serve import serve  # lazy: see above
 
@@ -128,7 +151,7 @@ def run_service_command(args: argparse.Namespace) -> int:
             quiet_ray_log_prefix()  # before Ray starts: forwarded worker lines stay pure JSON
         num_gpus, encoder_gpus = gpu_shares(args)
         num_cpus = args.num_cpus if args.num_cpus is not None else (1.0 if args.address else None)
-        serve(args.redis_url, address=args.address, workers=args.workers, model=args.model,
+        serve(redis_settings, address=args.address, workers=args.workers, model=args.model,
               checkpoint=args.checkpoint, device=args.device, allowed_roots=args.allowed_root,
               upload_root=args.upload_root, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
               lease_ms=args.lease_ms, max_deliveries=args.max_deliveries, num_gpus=num_gpus, num_cpus=num_cpus,
@@ -137,7 +160,7 @@ def run_service_command(args: argparse.Namespace) -> int:
               decoders=args.decoders, encoders=args.encoders, jobs_in_flight=args.jobs_in_flight,
               encoder_gpus=encoder_gpus)
         return 0
-    client = RefStreamClient(args.redis_url, upload_root=getattr(args, "upload_root", None),
+    client = RefStreamClient(redis_settings, upload_root=getattr(args, "upload_root", None),
                              max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)
     if args.command == "submit":
         options = {name: getattr(args, name) for name in JobOptions.model_fields if hasattr(args, name)}

@@ -9,6 +9,7 @@ from refstream.errors import RefStreamError
 from refstream.service.jobs import InputPolicy, JobRequest
 from refstream.service.queue import JobQueue, connect
 from refstream.service.results import write_result
+from refstream.service.security import RedisSettings
 
 
 class JobNotDone(RefStreamError):
@@ -19,12 +20,13 @@ class RefStreamClient:
     """Submit jobs and collect results.
 
     Args:
-        redis_url: ``redis[s]://[user:password@]host:port/db``.
+        redis_url: :class:`refstream.service.security.RedisSettings` (URL, password, TLS files) or a bare
+            ``redis[s]://[user:password@]host:port/db``.
         upload_root: the service's upload folder (shared with the workers) for ``submit(upload=True)``.
         max_upload_bytes: size limit of an uploaded file.
     """
 
-    def __init__(self, redis_url: str, upload_root: str | None = None, max_upload_bytes: int = 512 * 1024 * 1024):
+    def __init__(self, redis_url: RedisSettings | str, upload_root: str | None = None, max_upload_bytes: int = 512 * 1024 * 1024):
         self.queue = JobQueue(connect(redis_url))
         self.uploads = InputPolicy([], upload_root, max_upload_bytes)
 

@@ -39,6 +39,7 @@ from refstream.errors import RefStreamError
 from refstream.service.jobs import FINAL_STATES, STATES, JobRequest, new_job_id
 from refstream.service.logs import log_event
 from refstream.service.metrics import record_frames, record_job, record_renewal_failures
+from refstream.service.security import RedisSettings, as_settings
 
 log = logging.getLogger("refstream.queue")
 
@@ -56,17 +57,19 @@ class JobReturned(Exception):
     :meth:`JobQueue.work` then calls :meth:`JobQueue.release`."""
 
 
-def connect(url: str, retries: int = 8):
-    """A Redis client from a URL, with reconnection and exponential backoff.
+def connect(target: "RedisSettings | str", retries: int = 8):
+    """A Redis client from :class:`refstream.service.security.RedisSettings` (or a bare URL), with
+    reconnection and exponential backoff.
 
-    ``redis://[user:password@]host:port/db`` (ACL user and password) or ``rediss://...`` for TLS
-    (``?ssl_cert_reqs=required&ssl_ca_certs=/path/ca.pem`` as query options). Commands that hit a dropped
-    connection are retried ``retries`` times with exponential backoff (about 25 ms to 2 s).
+    ``redis://[user:password@]host:port/db`` (ACL user and password) or ``rediss://...`` for TLS; the settings
+    add a password kept off the URL and the TLS files (CA, client certificate and key). Commands that hit a
+    dropped connection are retried ``retries`` times with exponential backoff (about 25 ms to 2 s).
     """
+    settings = as_settings(target)
     retry = Retry(ExponentialBackoff(cap=2.0, base=0.025), retries)
     return redis.Redis.from_url(
-        url, decode_responses=True, retry=retry, retry_on_error=[ConnectionError, TimeoutError],
-        health_check_interval=30, socket_connect_timeout=5,
+        settings.url, decode_responses=True, retry=retry, retry_on_error=[ConnectionError, TimeoutError],
+        health_check_interval=30, socket_connect_timeout=5, **settings.client_kwargs(),
     )
 
 

@@ -32,7 +32,6 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from urllib.parse import urlsplit, urlunsplit
 
 from redis.exceptions import RedisError
 
@@ -40,6 +39,7 @@ from refstream.service.jobs import InputPolicy
 from refstream.service.logs import log_event
 from refstream.service.metrics import start_metrics_server
 from refstream.service.queue import JobQueue, connect
+from refstream.service.security import RedisSettings, as_settings
 from refstream.service.streaming import serve_pools
 from refstream.service.worker import QueueWorker, abort_key, stop_key
 
@@ -48,7 +48,7 @@ PIPELINES = ("pools", "whole")
 STOP_KEY_TTL_S = 24 * 3600  # the stop / abort keys outlive a serve that dies before it deletes them
 
 
-def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model: str = "tiny",
+def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers: int = 1, model: str = "tiny",
           checkpoint: str | None = None, device: str = "auto", allowed_roots=(), upload_root=None,
           max_upload_bytes: int = 512 * 1024 * 1024, lease_ms: int = 60_000, max_deliveries: int = 3,
           num_gpus: float = 0.0, num_cpus: float | None = 1.0, stop_event: threading.Event | None = None,
@@ -59,8 +59,9 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
     """Run the worker pool until stopped; returns the number of jobs handled.
 
     Args:
-        redis_url: the queue's Redis, ``redis[s]://[user:password@]host:port/db`` (see
-            :func:`refstream.service.queue.connect`).
+        redis_url: the queue's Redis: :class:`refstream.service.security.RedisSettings` (URL, password, TLS
+            files) or a bare ``redis[s]://[user:password@]host:port/db`` (see
+            :func:`refstream.service.queue.connect`); logged with the password masked.
         address: a Ray cluster to join (``auto``, ``ray://host:port``); None starts a fresh local Ray.
             Ignored when Ray is already initialised in this process.
         workers: ``whole``: worker actors; ``pools``: VideoGLaMM actors.
@@ -115,6 +116,7 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
     _handle_signals(stop_event, abort_event)
     note = _notifier(log)
     serve_id = uuid.uuid4().hex[:12]
+    redis_url = as_settings(redis_url)
     control = JobQueue(connect(redis_url))
     options = dict(model=model, checkpoint=checkpoint, device=device, lease_ms=lease_ms,
                    max_deliveries=max_deliveries, num_gpus=num_gpus, threads=max(1, int(num_cpus)))
@@ -134,8 +136,8 @@ def serve(redis_url: str, *, address: str | None = None, workers: int = 1, model
         supervisor = _WholeSupervisor(control, serve_id, stop_event, abort_event, note)
         supervisor.start(actors)
         with _metrics_server(control, metrics_port, metrics_host, note, workers=lambda: len(supervisor.runs)):
-            note("serve.started", f"{workers} worker(s) on {_redact(redis_url)}", workers=workers,
-                 redis=_redact(redis_url))
+            note("serve.started", f"{workers} worker(s) on {redis_url.masked}", workers=workers,
+                 redis=redis_url.masked)
             handled = supervisor.run()
     note("serve.stopped", f"stopped after {handled} job(s)", frames=None, workers=0)
     return handled
@@ -201,7 +203,7 @@ def _metrics_server(control: JobQueue, port: int | None, host: str, note, worker
         server.server_close()
 
 
-def _whole_actors(redis_url: str, prefix: str, serve_id: str, workers: int, num_cpus: float, *,
+def _whole_actors(redis_url: RedisSettings, prefix: str, serve_id: str, workers: int, num_cpus: float, *,
                   num_gpus: float, **worker_options) -> list:
     """``workers`` :class:`QueueWorker` Ray actors (restarted by Ray when they die, one call at a time);
     ``worker_options`` are QueueWorker's (model, checkpoint, device, input policy, queue, logging, threads)."""
@@ -304,12 +306,3 @@ class _WholeSupervisor:
         except RedisError as exc:
             self.note("serve.cleanup_failed", f"could not delete the stop keys ({exc}); they expire in "
                       f"{STOP_KEY_TTL_S} s", logging.WARNING, error=str(exc))
-
-
-def _redact(url: str) -> str:
-    """The Redis URL without its password (for logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -58,6 +58,7 @@ from refstream.pipeline import Pipeline, StageTimer, clip_view
 from refstream.service.logs import log_event
 from refstream.service.queue import JobQueue, LeaseKeeper, connect
 from refstream.service.results import pack_outputs
+from refstream.service.security import RedisSettings, as_settings
 from refstream.service.gpu_worker import ChunkFeed, VideoGLaMMWorker
 from refstream.service.worker import HeartbeatThread
 from video_pipeline.decode import open_video
@@ -260,7 +261,8 @@ class Pools:
             0.5 + 0.5 puts one of each on a GPU); num_cpus: CPUs per actor (Ray resources).
         threads: torch threads in each actor.
         ahead, chunk_size: decode-ahead bound (chunks) and frames per chunk.
-        redis_url, prefix: where the actors beat (None: no heartbeats).
+        redis_url, prefix: where the actors beat (:class:`refstream.service.security.RedisSettings` or a URL;
+            None: no heartbeats).
     """
 
     ROLES = ("decoders", "encoders", "workers")
@@ -268,7 +270,7 @@ class Pools:
     def __init__(self, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
                  checkpoint: str | None = None, device: str = "auto", num_gpus: float = 0.0,
                  encoder_gpus: float = 0.0, num_cpus: float = 0.5, threads: int | None = None, ahead: int = 2,
-                 chunk_size: int = 8, redis_url: str | None = None, prefix: str = "refstream"):
+                 chunk_size: int = 8, redis_url: RedisSettings | str | None = None, prefix: str = "refstream"):
         import ray  # lazy: see the module docstring
 
         def beat(name: str) -> dict | None:
@@ -532,7 +534,7 @@ def check_resources(*, workers: int, encoders: int, decoders: int, num_gpus: flo
         note("serve.resources", message + " (the actors wait until nodes with them join)", logging.WARNING)
 
 
-def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
+def serve_pools(redis_url: RedisSettings | str, *, decoders: int = 1, encoders: int = 1, workers: int = 1, model: str = "tiny",
                 checkpoint: str | None = None, device: str = "auto", policy=None, lease_ms: int = 60_000,
                 max_deliveries: int = 3, num_gpus: float = 0.0, encoder_gpus: float = 0.0, num_cpus: float = 0.5,
                 threads: int | None = None, stop_event: threading.Event, abort_event: threading.Event | None = None,
@@ -574,7 +576,8 @@ def serve_pools(redis_url: str, *, decoders: int = 1, encoders: int = 1, workers
     for t in threads_:
         t.start()
     note("serve.started", f"pools: {decoders} decoder(s), {encoders} encoder(s), {workers} worker(s), "
-         f"{slots} job(s) in flight", workers=workers)
+         f"{slots} job(s) in flight on {as_settings(redis_url).masked}", workers=workers,
+         redis=as_settings(redis_url).masked)
     _wait_for_coordinators(threads_, stop_event, abort_event, note)
     return sum(handled)
 

@@ -43,6 +43,7 @@ from refstream.service.logs import configure_logging, log_event
 from refstream.service.queue import JobQueue, LeaseKeeper, connect
 from refstream.service.results import OUTPUT_FILES, pack_outputs
 from refstream.service.results import write_result  # noqa: F401 - re-exported: refstream.service.worker.write_result
+from refstream.service.security import RedisSettings
 
 log = logging.getLogger("refstream.worker")
 
@@ -93,11 +94,11 @@ class HeartbeatThread:
     never fails a job.
 
     Args:
-        redis_url: the queue's Redis URL; prefix: the queue's key prefix; name: the record's name.
+        redis_url: the queue's Redis (:class:`refstream.service.security.RedisSettings` or a URL); prefix: the queue's key prefix; name: the record's name.
         fields: called at each beat (from the beat thread), returns str/int/float values.
     """
 
-    def __init__(self, redis_url: str, prefix: str, name: str, fields, every_s: float = HEARTBEAT_EVERY_S):
+    def __init__(self, redis_url: RedisSettings | str, prefix: str, name: str, fields, every_s: float = HEARTBEAT_EVERY_S):
         self.r = connect(redis_url)
         self.key, self.name, self.fields, self.every_s = heartbeat_key(prefix, name), name, fields, every_s
         self.started = time.time()
@@ -163,7 +164,7 @@ class QueueWorker:
     """One worker: a model loaded once and a loop over the queue (plain class; wrapped as a Ray actor).
 
     Args:
-        redis_url: the queue's Redis URL.
+        redis_url: the queue's Redis (:class:`refstream.service.security.RedisSettings` or a URL).
         model: model preset or YAML; checkpoint: weights folder; device: cpu/cuda/auto.
         allowed_roots, upload_root, max_upload_bytes: the input policy.
         lease_ms, max_deliveries, result_ttl_s: queue settings (see :class:`JobQueue`).
@@ -176,7 +177,7 @@ class QueueWorker:
             actor's CPUs).
     """
 
-    def __init__(self, redis_url: str, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
+    def __init__(self, redis_url: RedisSettings | str, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
                  allowed_roots=(), upload_root=None, max_upload_bytes: int = 512 * 1024 * 1024,
                  lease_ms: int = 60_000, max_deliveries: int = 3, result_ttl_s: int = 7 * 24 * 3600,
                  name: str = "worker", log_format: str | None = None, log_level: str = "INFO",
