@@ -319,6 +319,7 @@ class JobResult:
     #: encoder source indices and the LLM answers (per expression)
     clips: list[dict] = field(default_factory=list)
     clip_length: int | None = None
+    decoder: str | None = None  # the reader that decoded the frames (decord, pyav after a fallback, frames)
 
 
 def pruning_report(options, selection, llm_info: dict | None = None) -> dict:
@@ -351,7 +352,8 @@ def pruning_report(options, selection, llm_info: dict | None = None) -> dict:
 def job_result(*, video: str, height: int, width: int, fps: float | None, frames: list[str], options,
                answers: list[str], masks: list[list[dict]], selection, llm_info: dict | None, model: str,
                random_weights: bool, visual_tokens: int, llm_sequence_length: int, timings: dict[str, float],
-               tokens_view: np.ndarray | None, clips: list[dict] | None = None) -> JobResult:
+               tokens_view: np.ndarray | None, clips: list[dict] | None = None,
+               decoder: str | None = None) -> JobResult:
     """The one builder of :class:`JobResult` (``refstream run``, the API, and both service pipelines).
 
     ``selection`` is the first clip's :class:`pruning.registry.Selection` (its first frame is drawn in
@@ -366,6 +368,7 @@ def job_result(*, video: str, height: int, width: int, fps: float | None, frames
         tokens_selection=(selection.indices[0].cpu().numpy(), selection.similarity_aware[0].cpu().numpy(),
                           selection.grid),
         clips=list(clips or []), clip_length=options.clip_length,
+        decoder=decoder,
     )
 
 
@@ -473,6 +476,7 @@ class JobWriter:
             "pruning": result.pruning,
             "visual_tokens_into_llm": result.visual_tokens,
             "llm_sequence_length": result.llm_sequence_length,
+            **({"decoder": result.decoder} if result.decoder else {}),
             "stage_seconds": timings,
             "model_load_seconds": round(load_seconds, 3),
             "total_seconds": round(time.perf_counter() - started, 3),

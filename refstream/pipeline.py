@@ -626,6 +626,7 @@ class JobStream:
         options, pipeline = self.options, self.pipeline
         method = make_method(options.method, options.variant)
         source = pipeline.open_source(self.input_path, options.decoder, self.timer)
+        self._source = source
         with source:
             self.height, self.width, self.fps = source.height, source.width, source.fps
             if on_open is not None:
@@ -676,4 +677,5 @@ class JobStream:
             options=self.options, answers=[a.text for a in answer.answers], masks=masks, selection=answer.selection,
             llm_info=answer.llm_info, model=config.name, random_weights=config.random_weights,
             visual_tokens=self.visual_tokens, llm_sequence_length=self.llm_sequence_length,
-            timings=dict(self.timer.seconds), tokens_view=clip_view(clip_pixels), clips=self.clips)
+            timings=dict(self.timer.seconds), tokens_view=clip_view(clip_pixels), clips=self.clips,
+            decoder=getattr(getattr(self, "_source", None), "decoder_used", None))

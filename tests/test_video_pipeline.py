@@ -572,3 +572,33 @@ def test_a_file_cut_inside_its_moov_box_is_called_truncated(tmp_path, bedroom_mp
         with pytest.raises(InputError, match=rf"truncated file: the 'moov' box at byte {moov} declares .* bytes but "
                                              r"the file ends after .*Fix: re-download"):
             open_video(cut_file)
+
+
+@pytest.mark.parametrize("kind", ["single_jpeg", "raw_h264", "two_by_two"])
+def test_files_decord_cannot_read_fall_back_to_pyav_with_one_warning(kind, tmp_path, bedroom_mp4, caplog):
+    """decord fails on these (a single JPEG, a raw .h264 stream, a 2x2 video); PyAV reads them: the frames are
+    PyAV's own, with one warning, and ``decoder_used`` says so."""
+    path = {"single_jpeg": tmp_path / "one.jpg", "raw_h264": tmp_path / "raw.h264",
+            "two_by_two": tmp_path / "tiny.mp4"}[kind]
+    make = {"single_jpeg": ["-i", str(bedroom_mp4), "-frames:v", "1"],
+            "raw_h264": ["-i", str(bedroom_mp4), "-t", "0.5", "-c:v", "libx264", "-an", "-f", "h264"],
+            "two_by_two": ["-f", "lavfi", "-i", "testsrc=size=2x2:rate=10", "-t", "1", "-c:v", "libx264",
+                           "-pix_fmt", "yuv444p"]}[kind]
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *make, str(path)], check=True)
+    with caplog.at_level("WARNING", logger="refstream.decode"), open_video(path) as video:
+        frames = video.read(range(video.num_frames))
+        assert video.decoder_used == "pyav"
+    assert len([r for r in caplog.records if "reading" in r.getMessage() and "PyAV" in r.getMessage()]) == 1
+    with open_video(path, "pyav") as reference:
+        assert np.array_equal(frames, reference.read(range(reference.num_frames)))
+
+
+def test_the_decoder_used_is_recorded_in_the_summary(tmp_path, bedroom_mp4):
+    from refstream.cli import main
+
+    raw = tmp_path / "raw.h264"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(bedroom_mp4), "-t", "0.5", "-c:v", "libx264", "-an",
+                    "-f", "h264", str(raw)], check=True)
+    assert main(["run", str(raw), "-e", "the bed", "--model", "tiny", "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["decoder"] == "pyav"

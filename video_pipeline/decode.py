@@ -13,15 +13,18 @@ fix; an unknown decoder name raises :class:`refstream_errors.ConfigError`.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from refstream_errors import ConfigError
+from refstream_errors import ConfigError, InputError
 from video_pipeline.source import VideoSource, input_error
 from video_pipeline.video_file import MAX_PIXELS, DecordVideo, PyAVVideo, check_frame_size, probe
+
+log = logging.getLogger("refstream.decode")
 
 __all__ = [
     "DECODERS",
@@ -130,7 +133,8 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
     Args:
         path: a video file, or a folder of frames sorted by name.
         decoder: ``"decord"`` (fast sequential/batch reads) or ``"pyav"`` (pure FFmpeg via PyAV);
-            ignored for folders. Both give the same frame count and near-identical pixels.
+            ignored for folders. Both give the same frame count and near-identical pixels. A file decord
+            cannot open or decode is read with PyAV instead, with one warning (``decoder_used`` says which).
         max_pixels: the largest frame taken (pixels; default :data:`MAX_PIXELS`, 8K), checked from the headers
             before anything is decoded; None: no limit.
 
@@ -161,4 +165,12 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
     if path.stat().st_size == 0:
         raise input_error(path, "file is empty (0 bytes)", "re-download or re-export the video")
     info = probe(path, max_pixels)
-    return DecordVideo(path, info) if decoder == "decord" else PyAVVideo(path, info)
+    if decoder == "pyav":
+        return PyAVVideo(path, info)
+    try:
+        return DecordVideo(path, info)
+    except InputError as e:  # PyAV has already parsed the file (probe) and decoded its first frame
+        cause = e.__cause__ or e
+        log.warning("%s: decord cannot open it (%s); reading it with PyAV instead", path,
+                    str(cause).splitlines()[0][:200])
+        return PyAVVideo(path, info)

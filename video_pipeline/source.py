@@ -34,6 +34,8 @@ class VideoSource(ABC):
         height, width: original frame size in pixels.
         frame_names: one name per frame: ``"00000"``, ``"00001"``, ... for a video file, the file stems
             for a folder (used to name output masks).
+        decoder_used: ``decord``, ``pyav`` (also when decord could not read the file and PyAV did) or
+            ``frames`` (a folder of images).
 
     Use as a context manager or call :meth:`close` to release the file handles.
     """
@@ -44,6 +46,7 @@ class VideoSource(ABC):
     height: int
     width: int
     frame_names: list[str]
+    decoder_used: str = "frames"
 
     _closed: bool = False
 

@@ -7,6 +7,7 @@ Frame ``i`` is the ``i``-th frame in presentation order (sorted by pts), as deco
 from __future__ import annotations
 
 import bisect
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import numpy as np
 from video_pipeline.source import VideoSource, input_error
 
 _OVERSHOOT = object()
+log = logging.getLogger("refstream.decode")
+
 REENCODE = "re-download the file, or re-encode it: ffmpeg -i <in> -c:v libx264 -pix_fmt yuv420p <out>.mp4"
 
 
@@ -202,6 +205,8 @@ class PyAVVideo(_FileSource):
     Raises (when reading): InputError naming the frame index when FFmpeg fails or the frame is missing.
     """
 
+    decoder_used = "pyav"
+
     def __init__(self, path: Path, info: ContainerInfo):
         super().__init__(path, info)
         self._container = None
@@ -289,14 +294,23 @@ class DecordVideo(_FileSource):
     already passed :func:`probe`; ``num_frames`` is PyAV's count, capped by decord's own length. Works
     whatever ``decord.bridge`` is set to (native NDArray or torch).
 
-    Raises: InputError when decord cannot open the file, or naming the frames when ``get_batch`` fails.
+    When decord fails on a frame that PyAV decodes (a VP9 ``-deadline realtime`` file, frames of another size
+    than the stream header says), the rest of the video is read with :class:`PyAVVideo` instead, with one
+    warning (``decoder_used`` becomes ``"pyav"``); only a frame neither decodes raises.
+
+    Raises: InputError when decord cannot open the file (:func:`video_pipeline.decode.open_video` then opens it
+    with PyAV), or naming the frame when neither decoder reads it.
     """
+
+    decoder_used = "decord"
 
     def __init__(self, path: Path, info: ContainerInfo):
         # lazy: decord loads its own FFmpeg build (~0.1 s); runs with decoder="pyav" never need it
         import decord
 
         super().__init__(path, info)
+        self._info = info
+        self._fallback: PyAVVideo | None = None
         try:
             self._reader = decord.VideoReader(str(self.path), ctx=decord.cpu(0))
         except (decord.DECORDError, RuntimeError) as e:
@@ -312,26 +326,28 @@ class DecordVideo(_FileSource):
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
         import decord  # lazy, see __init__ (already loaded there: a dictionary lookup)
 
+        if self._fallback is not None:
+            return self._fallback._read_sorted(indices)
         try:
             batch = self._reader.get_batch(indices)
         except (decord.DECORDError, RuntimeError, IndexError) as e:
-            if len(indices) > 1:  # find the frame that fails, so that the error can name it
-                return np.concatenate([self._read_sorted([i]) for i in indices])
-            raise input_error(
-                self.path,
-                f"decord cannot decode frame {indices[0]} ({_describe(e)})",
-                "open it with decoder='pyav', or " + REENCODE,
-            ) from e
+            return self._switch_to_pyav(indices, f"decord cannot decode frame {indices[0]} ({_describe(e)})")
         frames = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)
         if frames.shape[1:3] != (self.height, self.width):
-            raise input_error(
-                self.path,
-                f"decord returned {frames.shape[2]}x{frames.shape[1]} frames, expected {self.width}x{self.height}",
-                "open it with decoder='pyav'",
-            )
+            return self._switch_to_pyav(indices, f"decord returned {frames.shape[2]}x{frames.shape[1]} frames, "
+                                                 f"expected {self.width}x{self.height}")
         return np.ascontiguousarray(frames, dtype=np.uint8)
+
+    def _switch_to_pyav(self, indices: list[int], problem: str) -> np.ndarray:
+        """Read these and all later frames with PyAV (one warning); raises only when PyAV fails too."""
+        log.warning("%s: %s; reading the video with PyAV instead", self.path, problem)
+        self._fallback = PyAVVideo(self.path, self._info)
+        self.decoder_used = "pyav"
+        return self._fallback._read_sorted(indices)
 
     def close(self) -> None:
         if not self._closed:
             del self._reader
+            if self._fallback is not None:
+                self._fallback.close()
         super().close()
