@@ -1,8 +1,11 @@
-"""Helpers shared by several test modules: random CLIP features, 4x4 patch layouts, golden files."""
+"""Helpers shared by several test modules: random CLIP features, 4x4 patch layouts, golden files, waiting for a
+condition and a free loopback port."""
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +38,19 @@ def load_golden(stem: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads(stem.with_suffix(".json").read_text())
     arrays = np.load(stem.with_suffix(".npz"))
     return meta, {k: torch.from_numpy(arrays[k]) for k in arrays.files}
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition()`` every 50 ms until it is true; AssertionError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

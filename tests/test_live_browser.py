@@ -27,17 +27,31 @@ def playwright():
         yield p
 
 
+def launch(playwright, profile, extra_flags=(), **options):
+    """Debian's chromium with the project's flags and a fresh profile folder (never ``playwright install``)."""
+    return playwright.chromium.launch_persistent_context(str(profile), executable_path=CHROMIUM,
+                                                         args=FLAGS + list(extra_flags), headless=True, **options)
+
+
 @pytest.fixture(scope="module")
 def browser(playwright, tmp_path_factory):
-    context = playwright.chromium.launch_persistent_context(
-        str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, args=FLAGS, headless=True,
-        viewport={"width": 1100, "height": 760})
+    context = launch(playwright, tmp_path_factory.mktemp("chromium-profile"), viewport={"width": 1100, "height": 760})
     yield context
     context.close()
 
 
 def stats(page) -> dict:
     return page.evaluate("() => ({...window.refstreamStats})")
+
+
+def track(page, expression: str) -> dict:
+    """Type ``expression`` + Enter; wait for prompt 1 with 30 painted frames carrying mask pixels; the stats."""
+    page.fill("#expression", expression)
+    page.press("#expression", "Enter")
+    page.wait_for_function("() => window.refstreamStats.prompt_id === 1 && "
+                           "window.refstreamStats.painted_frames >= 30 && window.refstreamStats.mask_pixels > 0",
+                           timeout=120_000)
+    return stats(page)
 
 
 def test_page_tracks_typed_expressions_and_reprompts(browser, bedroom_mp4, tmp_path):
@@ -47,12 +61,7 @@ def test_page_tracks_typed_expressions_and_reprompts(browser, bedroom_mp4, tmp_p
         for page in pages:
             page.goto(f"http://127.0.0.1:{server.port}/")
         page = pages[0]
-        page.fill("#expression", "the bed")
-        page.press("#expression", "Enter")
-        page.wait_for_function("() => window.refstreamStats.prompt_id === 1 && "
-                               "window.refstreamStats.painted_frames >= 30 && window.refstreamStats.mask_pixels > 0",
-                               timeout=120_000)
-        first = stats(page)
+        first = track(page, "the bed")
         assert first["state"] == "tracking" and first["display_fps"] > 0 and first["latency_ms_p95"] > 0
         page.fill("#expression", "the girl; the bed")
         page.press("#expression", "Enter")
@@ -80,21 +89,15 @@ def test_page_with_source_browser_sends_its_fake_camera(playwright, bedroom_mp4,
     subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(bedroom_mp4), "-t", "4", "-vf", "scale=320:180",
                     "-pix_fmt", "yuv420p", str(camera)], check=True)
     pipeline = refstream.load("tiny", device="cpu").pipeline
-    flags = FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                     f"--use-file-for-fake-video-capture={camera}"]
+    camera_flags = ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                    f"--use-file-for-fake-video-capture={camera}"]
     with Server(pipeline, "browser") as server:
-        context = playwright.chromium.launch_persistent_context(str(tmp_path / "profile"), executable_path=CHROMIUM,
-                                                       args=flags, headless=True)
+        context = launch(playwright, tmp_path / "profile", camera_flags)
         try:
             page = context.new_page()
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function("() => window.refstreamStats.painted_frames >= 5", timeout=120_000)
-            page.fill("#expression", "the bed")
-            page.press("#expression", "Enter")
-            page.wait_for_function("() => window.refstreamStats.prompt_id === 1 && "
-                                   "window.refstreamStats.painted_frames >= 30 && window.refstreamStats.mask_pixels > 0",
-                                   timeout=120_000)
-            seen = stats(page)
+            seen = track(page, "the bed")
             assert seen["state"] == "tracking" and seen["source_fps"] > 0 and seen["latency_ms_p95"] > 0
             (session,) = server.app.sessions
             source = session.engine.source

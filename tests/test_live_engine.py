@@ -12,6 +12,7 @@ import refstream
 from refstream.errors import ConfigError, ExpressionError, InputError
 from refstream.live.engine import LatestFrameSlot, LiveEngine, LiveFrame
 from refstream.options import LiveOptions
+from helpers import wait_for
 
 
 def frame(i: int) -> LiveFrame:
@@ -50,14 +51,6 @@ def test_live_options_share_the_run_options_checks():
 @pytest.fixture(scope="module")
 def tiny():
     return refstream.load("tiny", device="cpu").pipeline
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_engine_grounds_tracks_reprompts_and_clears(tiny, bedroom_mp4):

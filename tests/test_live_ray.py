@@ -11,7 +11,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from refstream.live.model import LiveModelError, LocalLiveModel, RayLiveModel, p
 from refstream.live.server import CLOSE_BUSY, CLOSE_POLICY
 from refstream.options import LiveOptions, ModelOptions
 from refstream.outputs import decode_rle
+from helpers import wait_for
 
 ray = pytest.importorskip("ray")
 
@@ -133,14 +133,6 @@ def test_ray_model_equals_the_local_model_and_sessions_stay_apart(worker, tiny, 
     remote.close_track("b")  # closing twice is fine
     assert ray.get(worker.live_info.remote())["tracks"] == 0
     local.close_track("a")
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_engine_tracks_on_the_worker_and_frees_its_track(worker, bedroom_mp4):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,14 +23,9 @@ import refstream
 from refstream.live.server import CLOSE_BUSY, CLOSE_POLICY, LiveApp, LiveSettings
 from refstream.options import LiveOptions
 from refstream.outputs import decode_rle
+from helpers import free_port
 
 REFSTREAM = str(Path(sys.executable).with_name("refstream"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

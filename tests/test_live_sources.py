@@ -20,24 +20,12 @@ import numpy as np
 import pytest
 
 from refstream.errors import ConfigError, InputError
+from helpers import free_port, wait_for
 from refstream.live.sources import (BrowserSource, FileSource, LatestFrameSlot, StreamSource, is_stream,
                                     low_delay_options, open_source)
 
 REFSTREAM = str(Path(sys.executable).with_name("refstream"))
 X264 = ["-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15", "-an"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def subscribed(source):

@@ -36,6 +36,7 @@ Runtime shims (recorded in the golden's ``how``):
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import tempfile
 import types
@@ -108,6 +109,27 @@ def tiny_yaml(root: Path, folder: Path) -> str:
     return "sam2_parity_tiny"
 
 
+@contextlib.contextmanager
+def memory_in_fp32(enabled: bool):
+    """With ``enabled``, ``Tensor.to(torch.bfloat16)`` is a no-op while inside: SAM2's memory features (stored as
+    bf16 by the original, ``sam2_video_predictor.py`` L967) stay fp32, for a tight comparison."""
+    import torch
+
+    to = torch.Tensor.to
+
+    def no_bf16(self, *args, **kwargs):
+        if torch.bfloat16 in args or kwargs.get("dtype") is torch.bfloat16:
+            return self
+        return to(self, *args, **kwargs)
+
+    if enabled:
+        torch.Tensor.to = no_bf16
+    try:
+        yield
+    finally:
+        torch.Tensor.to = to
+
+
 def run_original(build_predictor, config_name: str, state_dict, frames, seg, video_size, fp32_memory: bool):
     """The original text-prompted propagation; [T, 64, 64] low-res logits and the video-res check."""
     import torch
@@ -125,16 +147,7 @@ def run_original(build_predictor, config_name: str, state_dict, frames, seg, vid
         return low, video
 
     predictor._get_orig_video_res_output = recording
-    to = torch.Tensor.to
-
-    def no_bf16(self, *args, **kwargs):
-        if torch.bfloat16 in args or kwargs.get("dtype") is torch.bfloat16:
-            return self
-        return to(self, *args, **kwargs)
-
-    if fp32_memory:
-        torch.Tensor.to = no_bf16
-    try:
+    with memory_in_fp32(fp32_memory):
         with torch.no_grad():
             state = predictor.init_state_from_tensor(frames, *video_size)
             state["device"] = state["storage_device"] = torch.device("cpu")
@@ -144,8 +157,6 @@ def run_original(build_predictor, config_name: str, state_dict, frames, seg, vid
                 assert list(obj_ids) == [0]
                 low_res[frame_idx] = state["output_dict"]["cond_frame_outputs" if frame_idx == 0 else
                                                           "non_cond_frame_outputs"][frame_idx]["pred_masks"]
-    finally:
-        torch.Tensor.to = to
     logits = torch.stack([low_res[i][0, 0].float() for i in range(len(frames))])
     return logits, video_check
 
@@ -157,20 +168,9 @@ def measure_refstream(model, frames, seg, video_size, low_res, fp32_memory: bool
 
     from workers.sam2_decoder import Sam2VideoDecoder
 
-    to = torch.Tensor.to
-
-    def no_bf16(self, *args, **kwargs):
-        if torch.bfloat16 in args or kwargs.get("dtype") is torch.bfloat16:
-            return self
-        return to(self, *args, **kwargs)
-
-    if fp32_memory:
-        torch.Tensor.to = no_bf16
-    try:
+    with memory_in_fp32(fp32_memory):
         with torch.no_grad():
             out = dict(Sam2VideoDecoder(model).propagate(frames, seg, video_size))
-    finally:
-        torch.Tensor.to = to
     rows = []
     for i, low in enumerate(low_res):
         ref = F.interpolate(low[None, None], video_size, mode="bilinear", align_corners=False)[0, 0]
