@@ -242,3 +242,35 @@ def test_tls_failures_exit_2_with_a_clear_message(tls_server, capsys, tmp_path):
     plain = f"redis://127.0.0.1:{tls_server.port}/0"  # plain text to a TLS port
     assert main(["status", "--redis-url", plain, "j"]) == 2
     assert "refstream: error: Redis at" in capsys.readouterr().err
+
+
+def test_pools_serve_with_ray_actors_over_rediss(tls_server, blackswan_dir, examples_dir, tmp_path):
+    """``serve --pipeline pools`` over ``rediss://`` with a CA and a client certificate: the Ray actors
+    (decoder, encoder, VideoGLaMM worker, each in its own process) beat into Redis through TLS with the
+    settings handed to them, and a job finishes."""
+    import ray
+
+    from refstream.service.serve import serve
+
+    settings = tls_server.settings()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 * 1024)
+    stop, pools = threading.Event(), []
+    thread = threading.Thread(target=serve, args=(settings,), kwargs=dict(
+        pipeline="pools", workers=1, model="tiny", device="cpu", allowed_roots=[examples_dir], stop_event=stop,
+        on_start=pools.append, log=lambda *_: None, lease_ms=10_000))
+    thread.start()
+    try:
+        client = RefStreamClient(settings)
+        job = client.submit(str(blackswan_dir), ["the black swan"], max_frames=4, budget=81)
+        status = client.wait(job, timeout_s=180)
+        assert status["state"] == "done", status
+        assert "masks.json" in {p.name for p in client.result(job, tmp_path / "out")}
+        beats = heartbeats(connect(settings))
+        actor_pids = {name: record["pid"] for name, record in beats.items() if record.get("role") != "serve"}
+        assert {"decoder-0", "encoder-0", "worker-0"} <= set(actor_pids), beats
+        assert os.getpid() not in actor_pids.values()  # they beat from their own processes, through TLS
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        ray.shutdown()
+    assert not thread.is_alive()
