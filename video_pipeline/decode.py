@@ -134,7 +134,11 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
         path: a video file, or a folder of frames sorted by name.
         decoder: ``"decord"`` (fast sequential/batch reads) or ``"pyav"`` (pure FFmpeg via PyAV);
             ignored for folders. Both give the same frame count and near-identical pixels. A file decord
-            cannot open or decode is read with PyAV instead, with one warning (``decoder_used`` says which).
+            cannot open or decode, a file whose resolution changes mid-stream, and the rest of a file once
+            decord's FFmpeg reports a damaged frame are read with PyAV instead, with one warning
+            (``decoder_used`` says which). Frames come in display orientation (the display matrix's rotation
+            applied) at the first frame's size (later frames of another size resized to it); see
+            :meth:`VideoSource.decode_report`.
         max_pixels: the largest frame taken (pixels; default :data:`MAX_PIXELS`, 8K), checked from the headers
             before anything is decoded; None: no limit.
 
@@ -166,6 +170,11 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
         raise input_error(path, "file is empty (0 bytes)", "re-download or re-export the video")
     info = probe(path, max_pixels)
     if decoder == "pyav":
+        return PyAVVideo(path, info)
+    if len(info.sizes) > 1:  # decord would repeat the last frame of the first size (checked: decord2 3.4.0)
+        log.warning("%s: the frame size changes mid-stream (%s), which decord does not decode; reading it with "
+                    "PyAV instead (frames resized to %dx%d)", path, ", ".join(f"{w}x{h}" for w, h in info.sizes),
+                    info.width, info.height)
         return PyAVVideo(path, info)
     try:
         return DecordVideo(path, info)
