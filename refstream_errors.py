@@ -26,11 +26,12 @@ from contextlib import contextmanager
 from typing import Iterator, Literal
 
 Style = Literal["cli", "api"]
-_STYLE: contextvars.ContextVar[str] = contextvars.ContextVar("refstream_option_style", default="cli")
+_STYLE: contextvars.ContextVar[str | None] = contextvars.ContextVar("refstream_option_style", default=None)
 _NO_VALUE = object()
 #: an option marker: US, name, optionally RS + repr(value), US (ASCII unit/record separators never appear in
 #: paths or text a user types, and are removed by rendering)
-_MARKER = re.compile("\x1f([A-Za-z_][A-Za-z0-9_]*)(?:\x1e(.*?))?\x1f", re.S)
+_VALUE, _QUOTED = "\x1e", "\x1d"
+_MARKER = re.compile("\x1f([A-Za-z_][A-Za-z0-9_]*)(?:([\x1d\x1e])(.*?))?\x1f", re.S)
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 
 
@@ -40,16 +41,18 @@ def flag_name(name: str) -> str:
     return "--expression" if name == "expressions" else "--" + name.replace("_", "-")
 
 
-def option(name: str, value: object = _NO_VALUE) -> str:
+def option(name: str, value: object = _NO_VALUE, *, quoted: bool = False) -> str:
     """A reference to option ``name`` (optionally set to ``value``) inside a user-facing message.
 
-    Rendered when the message is shown (:func:`render_options`): ``--max-frames 4`` on the command line,
-    ``max_frames=4`` in the Python API; without a value ``--max-frames`` / ``max_frames``. ``value`` must be
-    a Python literal (str, int, float, bool, None, or a list of them).
+    Rendered when the message is shown (:func:`render_options`): ``--max-frames 4`` / ``--decoder pyav`` on the
+    command line, ``max_frames=4`` / ``decoder='pyav'`` in the Python API; without a value ``--max-frames`` /
+    ``max_frames``. ``value`` must be a Python literal (str, int, float, bool, None, or a list of them).
+    ``quoted=True`` echoes a value the user gave as its ``repr`` in both styles (``--method 'bogus'``), so that
+    stray spaces or an empty string show.
     """
     if value is _NO_VALUE:
         return f"\x1f{name}\x1f"
-    return f"\x1f{name}\x1e{value!r}\x1f"
+    return f"\x1f{name}{_QUOTED if quoted else _VALUE}{value!r}\x1f"
 
 
 def _cli_value(value: object) -> str:
@@ -60,15 +63,17 @@ def _cli_value(value: object) -> str:
 def render_options(text: str, style: Style | None = None) -> str:
     """``text`` with every :func:`option` marker written as a flag (``style="cli"``) or an argument
     (``"api"``); ``None``: the current :func:`option_style` (``"cli"`` unless set)."""
-    style = style or _STYLE.get()
+    style = style or _STYLE.get() or "cli"
 
     def one(match: re.Match) -> str:
-        name, literal = match.group(1), match.group(2)
+        name, kind, literal = match.group(1), match.group(2), match.group(3)
         if style == "api":
             return name if literal is None else f"{name}={literal}"
         flag = flag_name(name)
         if literal is None:
             return flag
+        if kind == _QUOTED:
+            return f"{flag} {literal}"
         try:
             value = ast.literal_eval(literal)
         except (ValueError, SyntaxError):
@@ -88,6 +93,24 @@ def option_style(style: Style) -> Iterator[None]:
         yield
     finally:
         _STYLE.reset(token)
+
+
+def current_option_style() -> Style | None:
+    """The style set by the innermost :func:`option_style`, or None (nothing set: errors then render as
+    flags, unless they carry their own :attr:`RefStreamError.style`)."""
+    return _STYLE.get()
+
+
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """Mark the :class:`RefStreamError` raised inside as the Python API's (``style = "api"``: ``decoder='pyav'``)
+    unless a caller set a style around it (``refstream run`` calls the API inside ``option_style("cli")``)."""
+    try:
+        yield
+    except RefStreamError as exc:
+        if exc.style is None and _STYLE.get() is None:
+            exc.style = "api"
+        raise
 
 
 class RefStreamError(Exception):

@@ -33,8 +33,10 @@ __all__ = [
     "FrameFolder",
     "PyAVVideo",
     "VideoSource",
+    "MAX_PIXELS",
     "input_error",
     "open_video",
+    "warn_decode_report",
 ]
 
 DECODERS = ("decord", "pyav")
@@ -183,3 +185,21 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
         log.warning("%s: decord cannot open it (%s); reading it with PyAV instead", path,
                     str(cause).splitlines()[0][:200])
         return PyAVVideo(path, info)
+
+
+def warn_decode_report(path: Path | str, report: dict, frames: int) -> None:
+    """Log what decoding had to repair, one warning line each (``refstream.decode`` logger), after a job.
+
+    Args:
+        path: the input (named in the line).
+        report: :meth:`VideoSource.decode_report` after the frames were read.
+        frames: how many frames the job read (the denominator shown).
+    """
+    if report.get("frames_damaged"):
+        log.warning("%s: %d of %d frames had decoding errors (damaged data, concealed by FFmpeg: masks there may be "
+                    "off); summary.json frames_damaged counts them. Fix: re-download the file, or re-encode it: "
+                    "ffmpeg -i <in> -c:v libx264 -pix_fmt yuv420p <out>.mp4", path, report["frames_damaged"], frames)
+    if report.get("resized_frames"):
+        sizes = report.get("frame_sizes") or ["?"]
+        log.warning("%s: %d of %d frames were stored at another size (%s) and were resized to the first frame's %s",
+                    path, report["resized_frames"], frames, ", ".join(sizes[1:]), sizes[0])
