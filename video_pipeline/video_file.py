@@ -260,9 +260,10 @@ class PyAVVideo(_FileSource):
     Build with :func:`video_pipeline.decode.open_video` (``decoder="pyav"``). The decoder state is kept
     between calls: reading sorted indices (or consecutive :meth:`iter_chunks`) is one forward pass; a
     seek happens only when the target lies behind the decoder or a keyframe lies between it and the
-    target. Decoding uses ``thread_type="AUTO"``. Frames are converted to RGB24 by FFmpeg's swscale at the
-    first frame's stored size (a frame of another size, after a mid-stream resolution change, is resized to it
-    and counted in ``frames_resized``), then turned by ``rotation`` (``np.rot90``) into display orientation.
+    target. Decoding uses ``thread_type="AUTO"`` (``"SLICE"`` from the first damaged frame on, see
+    :meth:`_read_sorted`). Frames are converted to RGB24 by FFmpeg's swscale at the first frame's stored size
+    (a frame of another size, after a mid-stream resolution change, is resized to it and counted in
+    ``frames_resized``), then turned by ``rotation`` (``np.rot90``) into display orientation.
     A frame FFmpeg decoded with errors (``frame.is_corrupt``: its ``decode_error_flags`` or the corrupt flag;
     FFmpeg conceals the damage) is counted in ``frames_damaged``; FFmpeg's own log lines stay silent (PyAV
     does not forward them unless ``av.logging`` is configured).
@@ -278,6 +279,7 @@ class PyAVVideo(_FileSource):
         self._position = {p: k for k, p in enumerate(info.pts)} if info.pts is not None else None
         self._frames = None  # decode iterator, or None when a seek is needed
         self._last = -1  # presentation position of the last decoded frame
+        self._thread_type = "AUTO"  # frame + slice threads; "SLICE" (one frame at a time) once a frame is damaged
         self._open()
 
     def _open(self) -> None:
@@ -288,7 +290,7 @@ class PyAVVideo(_FileSource):
         except (av.FFmpegError, OSError) as e:
             raise input_error(self.path, f"cannot reopen the video ({_describe(e)})", REENCODE) from e
         self._stream = self._container.streams.video[0]
-        self._stream.thread_type = "AUTO"
+        self._stream.thread_type = self._thread_type
 
     def _read_sorted(self, indices: list[int]) -> np.ndarray:
         out = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
@@ -297,6 +299,14 @@ class PyAVVideo(_FileSource):
         for k, i in enumerate(indices):
             try:
                 frame = self._frame_at(i)
+                if frame.is_corrupt and self._thread_type != "SLICE":
+                    # with frame threads FFmpeg's concealment of damaged data, and which frames it flags, depend on
+                    # thread timing (6 to 9 of 30 frames flagged over runs of one file): from the keyframe before
+                    # this frame on, decode one frame at a time, reproducibly
+                    self._thread_type = "SLICE"
+                    self._open()
+                    self._frames = None
+                    frame = self._frame_at(i)
                 if frame.is_corrupt:
                     self._damaged.add(i)
                 if (frame.width, frame.height) != (stored_width, stored_height):
