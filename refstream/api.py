@@ -18,6 +18,7 @@ dtype; results as plain numpy arrays. Every keyword option of :meth:`Segmenter.s
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,22 @@ import numpy as np
 
 from refstream.config import PRESETS, load_model_config
 from refstream.errors import ConfigError
+from refstream_errors import api_errors
 from refstream.options import JobOptions, ModelOptions
 from refstream.outputs import JobWriter, decode_rle
 from refstream.pipeline import Pipeline, run_to_folder
+
+
+def _api(function):
+    """Errors raised through a public API function name options as Python arguments (``decoder='pyav'``, not
+    ``--decoder pyav``): :func:`refstream_errors.api_errors`."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with api_errors():
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -87,6 +101,7 @@ class Segmenter:
                 f"dtype={str(self.pipeline.dtype).removeprefix('torch.')!r}, random_weights={config.random_weights})")
 
     @staticmethod
+    @_api
     def options(expressions: str | Sequence[str], **options: Any) -> JobOptions:
         """The validated :class:`refstream.options.JobOptions` of a call (a single string is one expression).
 
@@ -97,6 +112,7 @@ class Segmenter:
             expressions = [expressions]
         return JobOptions(expressions=list(expressions), **options)
 
+    @_api
     def segment(self, video: str | os.PathLike, expressions: str | Sequence[str], *,
                 masks: Literal["numpy", "rle"] = "numpy", progress: bool = False, **options: Any) -> Segmentation:
         """Segment the objects the ``expressions`` name in every frame of ``video``.
@@ -110,7 +126,8 @@ class Segmenter:
             progress: show a progress bar on stderr.
             **options: any :class:`refstream.options.JobOptions` field: ``method`` (``"litelvlm"``), ``budget``
                 (196 visual tokens per frame of 576), ``placement``, ``variant``, ``frames``, ``clip_length``,
-                ``stride``, ``max_frames``, ``decoder``, ``clip_text``, ``answer``.
+                ``stride``, ``max_frames``, ``decoder``, ``max_pixels`` (frames above it refused from the headers;
+                default 8K), ``clip_text``, ``answer``.
 
         Returns:
             a :class:`Segmentation`.
@@ -158,13 +175,15 @@ class Segmenter:
         clip's features, SAM2's memory bank). Leaving the loop early closes the video and the SAM2 session.
         Options and errors as :meth:`segment`.
         """
-        job = self.pipeline.stream(video, self.options(expressions, **options), progress)
-        try:
-            for item in job:
-                yield item.frame_index, item.masks
-        finally:
-            job.close()
+        with api_errors():
+            job = self.pipeline.stream(video, self.options(expressions, **options), progress)
+            try:
+                for item in job:
+                    yield item.frame_index, item.masks
+            finally:
+                job.close()
 
+    @_api
     def segment_to_folder(self, video: str | os.PathLike, options: JobOptions, out: str | os.PathLike,
                           progress: bool = True, on_frames=None, on_open=None) -> dict:
         """Segment and write ``masks.json``, ``overlay.mp4``, ``tokens.png`` and ``summary.json`` into ``out``
@@ -178,6 +197,7 @@ class Segmenter:
                              load_seconds=self.load_seconds, on_frames=on_frames, on_open=on_open)
 
 
+@_api
 def load(model: str | os.PathLike = "videoglamm", *, checkpoint: str | os.PathLike | None = None,
          device: str = "auto", dtype: str = "auto") -> Segmenter:
     """Build a :class:`Segmenter`.

@@ -28,7 +28,8 @@ from refstream.config import load_model_config
 from refstream.convert import add_convert_parser, run_convert
 from refstream.errors import ConfigError, RefStreamError
 from refstream.options import LiveOptions, ModelOptions, RunOptions, add_option_arguments, options_from_args
-from refstream.outputs import RANDOM_WEIGHTS_NOTE, check_out_folder
+from refstream.outputs import RANDOM_WEIGHTS_NOTE
+from refstream_errors import option_style
 from refstream.service.cli import SERVICE_COMMANDS, add_service_parsers, run_service_command
 
 # Each command's own module is imported when the command runs (the lazy imports below): they load torch,
@@ -220,13 +221,12 @@ def _cmd_flops(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    # lazy: the model stack (torch, transformers) loads only for the commands that run a model
-    from refstream.api import load
-    from video_pipeline.decode import open_video
+    from refstream.preflight import preflight  # lazy: PyAV (see the top)
 
     options = options_from_args(RunOptions, args)
-    open_video(args.input, options.decoder).close()  # fail fast on a bad input, before loading the model
-    check_out_folder(args.out, args.input)  # and on an --out that cannot work
+    preflight(args.input, options, args.out)  # every check that needs no model, before the model loads
+    from refstream.api import load  # lazy: the model stack (torch, transformers), only once the checks passed
+
     if load_model_config(options.model, options.checkpoint).random_weights:
         print(f"WARNING: {RANDOM_WEIGHTS_NOTE}.", file=sys.stderr)
     segmenter = load(options.model, checkpoint=options.checkpoint, device=options.device, dtype=options.dtype)
@@ -363,6 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``refstream`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    with option_style("cli"):  # errors name options as flags (--decoder pyav), also those raised through the API
+        return _dispatch(parser, args)
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from refstream.errors import ConfigError, ExpressionError, RefStreamError
+from refstream_errors import flag_name, option
 
 #: the precisions a model can run in; ``auto`` = float32 on the CPU, bfloat16 on CUDA
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
@@ -42,6 +43,9 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 #: the registry itself (``pruning.litelvlm.VARIANTS``, ``pruning.registry.available_methods``), and a test
 #: keeps these two lists equal to it
 VARIANT_NAMES = ("paper", "official", "context-heavy")
+#: the default of ``max_pixels``: 8K UHD, 7680 x 4320 pixels (the same number as
+#: ``video_pipeline.video_file.MAX_PIXELS``, which is not imported here: it loads PyAV; a test keeps them equal)
+MAX_PIXELS = 7680 * 4320
 METHOD_NAMES = ("fastv", "litelvlm", "none", "prumerge", "prumerge+", "random", "trim", "visionzip", "vispruner")
 
 
@@ -65,7 +69,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     """
     name, _, rest = spec.partition(":")
     if not name:
-        raise ConfigError(f"bad --method {spec!r}: expected NAME or NAME:OPTION[,KEY=VALUE...]")
+        raise ConfigError(f"bad {option('method', spec, quoted=True)}: expected NAME or NAME:OPTION[,KEY=VALUE...]")
     options: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
@@ -95,12 +99,13 @@ def make_method(spec: str, variant: str = "paper"):
 
 def flag(name: str) -> str:
     """The command-line flag of an option field (``max_frames`` -> ``--max-frames``; ``expressions`` ->
-    ``--expression``, which is repeated)."""
-    return "--expression" if name == "expressions" else "--" + name.replace("_", "-")
+    ``--expression``, which is repeated): :func:`refstream_errors.flag_name`."""
+    return flag_name(name)
 
 
 def options_error(exc: ValidationError) -> RefStreamError:
-    """One user-facing error for a failed validation: each bad option as ``--flag VALUE: problem and fix``.
+    """One user-facing error for a failed validation: each bad option as ``--flag VALUE: problem and fix``
+    (``name=VALUE: ...`` when the Python API shows it: :func:`refstream_errors.option`).
 
     Returns :class:`ExpressionError` when an expression is at fault, else :class:`ConfigError`.
     """
@@ -110,9 +115,10 @@ def options_error(exc: ValidationError) -> RefStreamError:
         expression |= field == "expressions"
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown option {field!r} ({flag(field)}): remove it; see refstream run --help")
+            lines.append(f"unknown option {field!r}: remove it (the options are listed by refstream run --help "
+                         "and are the fields of refstream.options.RunOptions)")
         elif field:
-            lines.append(f"{flag(field)} {err.get('input')!r}: {message}")
+            lines.append(f"{option(field, err.get('input'), quoted=True)}: {message}")
         else:
             lines.append(message)
     text = "invalid option" + ("s" if len(lines) > 1 else "") + ": " + "; ".join(lines)
@@ -149,15 +155,15 @@ def clean_expressions(value: list[str], required: bool = True) -> list[str]:
     """Referring expressions stripped; raises ValueError (no expression when ``required``, or an empty one).
     The one check behind :class:`JobOptions`, :class:`LiveOptions` and a live prompt."""
     if required and not value:
-        raise ValueError('no referring expression: pass --expression "the black swan"')
+        raise ValueError(f"no referring expression: pass {option('expressions', ['the black swan'])}")
     cleaned = [e.strip() for e in value]
     if any(not e for e in cleaned):
-        raise ValueError('a referring expression is empty: pass --expression "the black swan"')
+        raise ValueError(f"a referring expression is empty: pass {option('expressions', ['the black swan'])}")
     for e in cleaned:
         if not any(_visible(ch) for ch in e):
             raise ValueError(f"a referring expression has no visible character ({len(e)} invisible: "
                              f"{', '.join(sorted({f'U+{ord(ch):04X}' for ch in e}))}): pass words, e.g. "
-                             '--expression "the black swan"')
+                             f"{option('expressions', ['the black swan'])}")
     return cleaned
 
 
@@ -192,6 +198,9 @@ class SharedOptions(_Options):
     max_frames: int | None = Field(None, description="segment at most this many frames (default: all)",
                                    json_schema_extra={"metavar": "N"})
     decoder: Literal["decord", "pyav"] = Field("decord", description="video decoder")
+    max_pixels: int = Field(
+        MAX_PIXELS, description="refuse frames above this many pixels (width x height), checked from the file's "
+        "headers before anything is decoded; the default takes 8K (7680x4320)", json_schema_extra={"metavar": "N"})
     clip_text: Literal["question", "expression"] = Field(
         "question", description="text given to CLIP for LiteLVLM: the LLM question or the bare expression")
     answer: Literal["forced", "generate", "sample"] = Field(
@@ -229,6 +238,11 @@ class SharedOptions(_Options):
     def _max_frames(cls, value: int | None) -> int | None:
         return _positive(value, "omit it to segment every frame")
 
+    @field_validator("max_pixels")
+    @classmethod
+    def _max_pixels(cls, value: int) -> int:
+        return _positive(value, f"the default {MAX_PIXELS} takes 8K (7680x4320)")
+
 
 class JobOptions(SharedOptions):
     """What one job asks for: the referring expressions, the pruning method and its budget."""
@@ -258,7 +272,7 @@ class JobOptions(SharedOptions):
         try:
             make_method(value)
         except RefStreamError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(exc.args[0] if exc.args else str(exc)) from None  # markers kept: rendered later
         return value
 
 
@@ -276,7 +290,8 @@ class ModelOptions(_Options):
     @model_validator(mode="after")
     def _cpu_precision(self):
         if self.device == "cpu" and self.dtype not in ("auto", "float32"):
-            raise ValueError(f"--dtype {self.dtype} needs a CUDA GPU; on the CPU use --dtype float32 (or auto)")
+            raise ValueError(f"{option('dtype', self.dtype)} needs a CUDA GPU; on the CPU use "
+                             f"{option('dtype', 'float32')} (or auto)")
         return self
 
 
@@ -377,7 +392,7 @@ def _is_optional(annotation) -> tuple[Any, bool]:
 
 #: the order options are listed in ``--help``: what to segment, how to prune, which frames, which model
 FLAG_ORDER = ("expressions", "method", "variant", "budget", "placement", "frames", "clip_length", "stride",
-              "max_frames", "decoder", "clip_text", "answer", "seed", "sam2_pass", "model", "checkpoint", "device", "dtype")
+              "max_frames", "decoder", "max_pixels", "clip_text", "answer", "seed", "sam2_pass", "model", "checkpoint", "device", "dtype")
 
 
 def _flag_rank(name: str) -> int:

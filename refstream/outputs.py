@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from refstream.errors import ConfigError
+from refstream_errors import option
 
 #: the stages of a job whose wall seconds ``summary.json`` reports, in order
 STAGES = ("decode", "clip", "prune", "llm", "sam2", "write")
@@ -107,20 +108,20 @@ def check_out_folder(out: str | os.PathLike, input_path: str | os.PathLike | Non
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is an existing file, not a folder. Fix: pass a folder path (it is created).")
+        raise ConfigError(f"{option('out', str(out))} is an existing file, not a folder. Fix: pass a folder path (it is created).")
     parent = out
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"--out {out}: {parent} is a file, so no folder can be made under it. Fix: pass a path "
+        raise ConfigError(f"{option('out', str(out))}: {parent} is a file, so no folder can be made under it. Fix: pass a path "
                           "whose parents are folders.")
     if input_path is not None and Path(input_path).is_dir():
         source = Path(input_path).resolve()
         if out.resolve() == source or source in out.resolve().parents:
-            raise ConfigError(f"--out {out} is inside the input frame folder {input_path}: the outputs would be "
+            raise ConfigError(f"{option('out', str(out))} is inside the input frame folder {input_path}: the outputs would be "
                               "read as frames. Fix: pass a folder outside it.")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write in {parent} (permission denied). Fix: pass a writable folder.")
+        raise ConfigError(f"{option('out', str(out))}: cannot write in {parent} (permission denied). Fix: pass a writable folder.")
     return out
 
 
@@ -320,6 +321,9 @@ class JobResult:
     clips: list[dict] = field(default_factory=list)
     clip_length: int | None = None
     decoder: str | None = None  # the reader that decoded the frames (decord, pyav after a fallback, frames)
+    #: what decoding did (VideoSource.decode_report): rotation (degrees), frame_sizes ("WxH" stored sizes seen),
+    #: resized_frames, frames_damaged; empty when unknown (written to masks.json and summary.json)
+    decode: dict = field(default_factory=dict)
 
 
 def pruning_report(options, selection, llm_info: dict | None = None) -> dict:
@@ -353,12 +357,17 @@ def job_result(*, video: str, height: int, width: int, fps: float | None, frames
                answers: list[str], masks: list[list[dict]], selection, llm_info: dict | None, model: str,
                random_weights: bool, visual_tokens: int, llm_sequence_length: int, timings: dict[str, float],
                tokens_view: np.ndarray | None, clips: list[dict] | None = None,
-               decoder: str | None = None) -> JobResult:
+               decoder: str | None = None, decode: dict | None = None) -> JobResult:
     """The one builder of :class:`JobResult` (``refstream run``, the API, and both service pipelines).
 
     ``selection`` is the first clip's :class:`pruning.registry.Selection` (its first frame is drawn in
-    ``tokens.png``); ``options`` the job's :class:`refstream.options.JobOptions`.
+    ``tokens.png``); ``options`` the job's :class:`refstream.options.JobOptions`; ``decode`` the source's
+    :meth:`video_pipeline.source.VideoSource.decode_report` (its ``decoder`` entry is used when ``decoder`` is
+    not given).
     """
+    decode = dict(decode or {})
+    decoder = decoder or decode.pop("decoder", None)
+    decode.pop("decoder", None)
     return JobResult(
         video=str(video), height=height, width=width, fps=fps, frames=list(frames),
         expressions=list(options.expressions), answers=list(answers), masks=masks,
@@ -368,7 +377,7 @@ def job_result(*, video: str, height: int, width: int, fps: float | None, frames
         tokens_selection=(selection.indices[0].cpu().numpy(), selection.similarity_aware[0].cpu().numpy(),
                           selection.grid),
         clips=list(clips or []), clip_length=options.clip_length,
-        decoder=decoder,
+        decoder=decoder, decode=decode,
     )
 
 
@@ -457,6 +466,7 @@ class JobWriter:
             "objects": [{"expression": e, "answer": a, "masks": m}
                         for e, a, m in zip(result.expressions, result.answers, result.masks)],
             "pruning": result.pruning, "model": result.model, "random_weights": result.random_weights,
+            **result.decode,
         }
         if result.clip_length is not None:
             masks_json["clips"] = result.clips
@@ -477,6 +487,7 @@ class JobWriter:
             "visual_tokens_into_llm": result.visual_tokens,
             "llm_sequence_length": result.llm_sequence_length,
             **({"decoder": result.decoder} if result.decoder else {}),
+            **result.decode,
             "stage_seconds": timings,
             "model_load_seconds": round(load_seconds, 3),
             "total_seconds": round(time.perf_counter() - started, 3),

@@ -30,10 +30,12 @@ from tqdm import tqdm
 from pruning.clip_features import ClipFeatureExtractor
 from refstream.config import ModelConfig, load_model_config
 from refstream.errors import ConfigError, ExpressionError
+from refstream_errors import option
 from refstream.explain import clip_views
 from refstream.options import JobOptions, RunOptions, SweepOptions, make_method
 from refstream.outputs import JobResult, JobWriter, check_out_folder, job_result, logits_to_mask, staged_folder
-from video_pipeline.decode import open_video
+from refstream.preflight import preflight
+from video_pipeline.decode import MAX_PIXELS, open_video, warn_decode_report
 from video_pipeline.plan import FramePlan, encoder_positions, plan_frames
 from video_pipeline.preprocess import clip_preprocess, internvideo_preprocess, sam2_preprocess
 from workers.build import build_model
@@ -60,7 +62,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        raise ConfigError(f"{option('device', 'cuda')} was asked for but no CUDA GPU is visible; use "
+                          f"{option('device', 'cpu')}")
     return torch.device(device)
 
 
@@ -76,9 +79,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be auto, {', '.join(DTYPES)}; got {dtype!r}")
+        raise ConfigError(f"{option('dtype')} must be auto, {', '.join(DTYPES)}; got {dtype!r}")
     if device.type == "cpu" and dtype != "float32":
-        raise ConfigError(f"--dtype {dtype} needs a CUDA GPU; on the CPU use --dtype float32 (or auto)")
+        raise ConfigError(f"{option('dtype', dtype)} needs a CUDA GPU; on the CPU use {option('dtype', 'float32')} "
+                          "(or auto)")
     return DTYPES[dtype]
 
 
@@ -115,11 +119,13 @@ class Pipeline:
     # are both made of these steps; each expression-independent result is computed once per video and kept in
     # a :class:`VideoFeatures`.
 
-    def open_source(self, input_path: str | Path, decoder: str = "decord", timer: "StageTimer | None" = None):
-        """Open a video file or frame folder (a :class:`video_pipeline.decode.VideoSource`; close it after)."""
+    def open_source(self, input_path: str | Path, decoder: str = "decord", timer: "StageTimer | None" = None,
+                    max_pixels: int | None = MAX_PIXELS):
+        """Open a video file or frame folder (a :class:`video_pipeline.decode.VideoSource`; close it after);
+        frames above ``max_pixels`` are refused from the headers."""
         timer = timer or StageTimer()
         with timer("decode"):
-            return open_video(input_path, decoder)
+            return open_video(input_path, decoder, max_pixels)
 
     def encode_video(self, source, plan, *, with_scores: bool, with_penultimate: bool,
                      timer: "StageTimer | None" = None) -> "VideoFeatures":
@@ -360,7 +366,7 @@ class Pipeline:
         shared = StageTimer()
         per_run = [StageTimer() for _ in runs]
         names: list[str] = []
-        source = self.open_source(input_path, options.decoder, shared)
+        source = self.open_source(input_path, options.decoder, shared, options.max_pixels)
         with source:
             plan = plan_frames(source.num_frames, options.frames, options.stride, options.max_frames)
             clips = clip_plans(plan, options.clip_length, options.frames)
@@ -521,11 +527,13 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
         RefStreamError subclasses for bad input (exit code 2 in the CLI).
     """
     started = time.perf_counter()
-    check_out_folder(out, input_path)  # before the model loads or a frame decodes
     if pipeline is None:
+        preflight(input_path, options, out)  # every check that needs no model, before the model loads
+        loading = time.perf_counter()
         pipeline = Pipeline.from_options(options)
-        load_seconds = time.perf_counter() - started
+        load_seconds = time.perf_counter() - loading
     else:
+        check_out_folder(out, input_path)  # before a frame decodes
         started -= load_seconds  # the model was loaded by the caller just before
     with staged_folder(out) as stage:  # a failed run leaves no empty or partial out folder
         job = pipeline.stream(input_path, options, progress, on_open)
@@ -610,6 +618,8 @@ class JobStream:
         self.clips: list[dict] = []
         self.visual_tokens = self.llm_sequence_length = 0
         self._first: tuple | None = None  # (AnswerResult, clip_pixels) of the first clip: what the job reports
+        #: the source's decode_report() once the last frame is out (rotation, sizes, resized/damaged frames)
+        self.decode: dict = {}
         self._frames = self._generate(progress, on_open)
 
     def __iter__(self) -> Iterator[FrameMasks]:
@@ -625,7 +635,7 @@ class JobStream:
     def _generate(self, progress: bool, on_open) -> Iterator[FrameMasks]:
         options, pipeline = self.options, self.pipeline
         method = make_method(options.method, options.variant)
-        source = pipeline.open_source(self.input_path, options.decoder, self.timer)
+        source = pipeline.open_source(self.input_path, options.decoder, self.timer, options.max_pixels)
         self._source = source
         with source:
             self.height, self.width, self.fps = source.height, source.width, source.fps
@@ -642,6 +652,8 @@ class JobStream:
                         masks = np.stack([logits_to_mask(lg, (self.height, self.width)) for lg in logits])
                     yield FrameMasks(position=start + position, frame_index=clip.sam2_indices[position],
                                      name=self.frame_names[start + position], frame=frame, masks=masks)
+            self.decode = source.decode_report()
+            warn_decode_report(source.path, self.decode, len(plan.sam2_indices))
 
     def _answer_clip(self, source, clip, method) -> AnswerResult:
         """Encoder frames, CLIP features, pruning and the LLM answer of one clip; records the clip."""
@@ -678,4 +690,4 @@ class JobStream:
             llm_info=answer.llm_info, model=config.name, random_weights=config.random_weights,
             visual_tokens=self.visual_tokens, llm_sequence_length=self.llm_sequence_length,
             timings=dict(self.timer.seconds), tokens_view=clip_view(clip_pixels), clips=self.clips,
-            decoder=getattr(getattr(self, "_source", None), "decoder_used", None))
+            decode=self.decode or self._source.decode_report())

@@ -33,8 +33,10 @@ __all__ = [
     "FrameFolder",
     "PyAVVideo",
     "VideoSource",
+    "MAX_PIXELS",
     "input_error",
     "open_video",
+    "warn_decode_report",
 ]
 
 DECODERS = ("decord", "pyav")
@@ -134,7 +136,11 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
         path: a video file, or a folder of frames sorted by name.
         decoder: ``"decord"`` (fast sequential/batch reads) or ``"pyav"`` (pure FFmpeg via PyAV);
             ignored for folders. Both give the same frame count and near-identical pixels. A file decord
-            cannot open or decode is read with PyAV instead, with one warning (``decoder_used`` says which).
+            cannot open or decode, a file whose resolution changes mid-stream, and the rest of a file once
+            decord's FFmpeg reports a damaged frame are read with PyAV instead, with one warning
+            (``decoder_used`` says which). Frames come in display orientation (the display matrix's rotation
+            applied) at the first frame's size (later frames of another size resized to it); see
+            :meth:`VideoSource.decode_report`.
         max_pixels: the largest frame taken (pixels; default :data:`MAX_PIXELS`, 8K), checked from the headers
             before anything is decoded; None: no limit.
 
@@ -167,6 +173,11 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
     info = probe(path, max_pixels)
     if decoder == "pyav":
         return PyAVVideo(path, info)
+    if len(info.sizes) > 1:  # decord would repeat the last frame of the first size (checked: decord2 3.4.0)
+        log.warning("%s: the frame size changes mid-stream (%s), which decord does not decode; reading it with "
+                    "PyAV instead (frames resized to %dx%d)", path, ", ".join(f"{w}x{h}" for w, h in info.sizes),
+                    info.width, info.height)
+        return PyAVVideo(path, info)
     try:
         return DecordVideo(path, info)
     except InputError as e:  # PyAV has already parsed the file (probe) and decoded its first frame
@@ -174,3 +185,21 @@ def open_video(path: Path | str, decoder: str = "decord", max_pixels: int | None
         log.warning("%s: decord cannot open it (%s); reading it with PyAV instead", path,
                     str(cause).splitlines()[0][:200])
         return PyAVVideo(path, info)
+
+
+def warn_decode_report(path: Path | str, report: dict, frames: int) -> None:
+    """Log what decoding had to repair, one warning line each (``refstream.decode`` logger), after a job.
+
+    Args:
+        path: the input (named in the line).
+        report: :meth:`VideoSource.decode_report` after the frames were read.
+        frames: how many frames the job read (the denominator shown).
+    """
+    if report.get("frames_damaged"):
+        log.warning("%s: %d of %d frames had decoding errors (damaged data, concealed by FFmpeg: masks there may be "
+                    "off); summary.json frames_damaged counts them. Fix: re-download the file, or re-encode it: "
+                    "ffmpeg -i <in> -c:v libx264 -pix_fmt yuv420p <out>.mp4", path, report["frames_damaged"], frames)
+    if report.get("resized_frames"):
+        sizes = report.get("frame_sizes") or ["?"]
+        log.warning("%s: %d of %d frames were stored at another size (%s) and were resized to the first frame's %s",
+                    path, report["resized_frames"], frames, ", ".join(sizes[1:]), sizes[0])

@@ -36,6 +36,13 @@ class VideoSource(ABC):
             for a folder (used to name output masks).
         decoder_used: ``decord``, ``pyav`` (also when decord could not read the file and PyAV did) or
             ``frames`` (a folder of images).
+        rotation: degrees (0, 90, 180, 270) the stored frames were turned counter-clockwise into display
+            orientation (a video file's display matrix; ``height``/``width`` are the displayed size).
+        frame_sizes: stored (width, height) sizes seen so far, first-appearance order (the first is the size
+            every frame is read at, before ``rotation``; more than one after a mid-stream resolution change).
+        frames_resized: frames read so far whose stored size differed from the first (resized to it).
+        frames_damaged: frames read so far that the decoder reported errors for (FFmpeg concealed them), or
+            None when the decoder cannot tell.
 
     Use as a context manager or call :meth:`close` to release the file handles.
     """
@@ -47,8 +54,29 @@ class VideoSource(ABC):
     width: int
     frame_names: list[str]
     decoder_used: str = "frames"
+    rotation: int = 0
 
     _closed: bool = False
+
+    @property
+    def frame_sizes(self) -> list[tuple[int, int]]:
+        return [(self.width, self.height)]
+
+    @property
+    def frames_damaged(self) -> int | None:
+        return 0
+
+    @property
+    def frames_resized(self) -> int:
+        return 0
+
+    def decode_report(self) -> dict:
+        """What decoding did, for ``masks.json`` / ``summary.json``: ``decoder`` (:attr:`decoder_used`),
+        ``rotation`` (degrees), ``frame_sizes`` (``"WxH"`` strings, stored sizes seen), ``resized_frames`` and
+        ``frames_damaged`` (counts over the frames read so far; the latter None when unknown)."""
+        return {"decoder": self.decoder_used, "rotation": int(self.rotation),
+                "frame_sizes": [f"{w}x{h}" for w, h in self.frame_sizes], "resized_frames": int(self.frames_resized),
+                "frames_damaged": self.frames_damaged}
 
     def read(self, indices: Sequence[int]) -> np.ndarray:
         """Read the frames at ``indices`` (any order, repeats allowed).

@@ -42,7 +42,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM, Sam2VideoModel
 
-from refstream_errors import WeightsNotFoundError
+from refstream_errors import WeightsNotFoundError, option
 from workers.checkpoint import (
     IGNORED_PREFIXES,
     IV2_PREFIX,
@@ -72,7 +72,7 @@ from workers.videoglamm import VideoGLaMM
 log = logging.getLogger("refstream.workers")
 
 DEFAULT_CHECKPOINT = Path(os.environ.get("REFSTREAM_HOME", Path.home() / ".cache" / "refstream")) / "VideoGLaMM"
-TINY_NOTE = "Or run with --model tiny: the same architecture with random weights (masks without meaning)."
+TINY_NOTE = f"Or run with {option('model', 'tiny')}: the same architecture with random weights (masks without meaning)."
 VIDEOGLAMM_SOURCE = "the VideoGLaMM release (github.com/mbzuai-oryx/VideoGLaMM, README 'Model Zoo')"
 
 
@@ -282,7 +282,7 @@ def check_released_weights(config: ModelConfig) -> None:
         raise WeightsNotFoundError(
             "VideoGLaMM weights not found:\n  - " + "\n  - ".join(problems) + "\n"
             f"Get the VideoGLaMM checkpoint folder from {VIDEOGLAMM_SOURCE} and put it at {folder} (or pass "
-            f"--checkpoint DIR / set $REFSTREAM_CHECKPOINT); put InternVideo2-stage2_1b-224p-f4.pt "
+            f"{option('checkpoint', 'DIR')} / set $REFSTREAM_CHECKPOINT); put InternVideo2-stage2_1b-224p-f4.pt "
             f"(OpenGVLab/InternVideo2-Stage2_1B-224p-f4) inside it; download {config.clip.weights} and "
             f"{config.sam2.weights} with `huggingface-cli download <id>` on a machine with internet. {TINY_NOTE}"
         )

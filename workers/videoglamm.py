@@ -40,7 +40,7 @@ from transformers import DynamicCache
 
 from pruning.methods.fastv import fastv_decode_step, fastv_prefill
 from pruning.registry import Selection
-from refstream_errors import ExpressionError, SequenceTooLongError
+from refstream_errors import ExpressionError, SequenceTooLongError, option
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -174,7 +174,7 @@ class VideoGLaMM(nn.Module):
         """The user question for an expression (lowercased as in VideoGLaMM's ``eval_referdavis_infer.py``)."""
         expression = expression.strip()
         if not expression:
-            raise ExpressionError("the referring expression is empty: pass --expression \"the black swan\"")
+            raise ExpressionError(f"the referring expression is empty: pass {option('expressions', ['the black swan'])}")
         return self.config.question.format(expression=expression.lower())
 
     def prompt_ids(self, expression: str, answer: str = "") -> tuple[list[int], list[int]]:
@@ -230,8 +230,8 @@ class VideoGLaMM(nn.Module):
                 f"{others}. Fix: shorten the expression to at most {limit - others} tokens.")
         raise SequenceTooLongError(
             f"the LLM input would be {longest} tokens ({num_visual} visual, the expression {own}) but the LLM has "
-            f"{limit} positions. Use fewer encoder frames (--frames), a smaller budget (--budget), or --placement "
-            "pooled.")
+            f"{limit} positions. Use fewer encoder frames ({option('frames')}), a smaller budget ({option('budget')}), "
+            f"or {option('placement', 'pooled')}.")
 
     # ------------------------------------------------------------------ [SEG]
     @torch.inference_mode()
@@ -268,8 +268,9 @@ class VideoGLaMM(nn.Module):
             if fastv is None:
                 raise
             raise SequenceTooLongError(
-                f"{error} With FastV every CLIP token enters the LLM (pruning happens after layer {fastv.layer}), "
-                "so --budget does not shorten the input: use --placement pooled, or --frames 4 with --placement patch."
+                f"{error.args[0]} With FastV every CLIP token enters the LLM (pruning happens after layer "
+                f"{fastv.layer}), so {option('budget')} does not shorten the input: use {option('placement', 'pooled')}, "
+                f"or {option('frames', 4)} with {option('placement', 'patch')}."
             ) from None
         if mode == "forced":
             return self._forced(visual, expressions, fastv)

@@ -102,7 +102,7 @@ class DecodeActor:
             "handled": self.chunks_out, "threads": _torch_threads()})
 
     def open(self, job_id: str, path: str, decoder: str, frames: int, stride: int, max_frames: int | None,
-             sam2_size: int, sam2_style: str) -> tuple[dict, np.ndarray]:
+             sam2_size: int, sam2_style: str, max_pixels: int | None = None) -> tuple[dict, np.ndarray]:
         """Open the video, plan it, start decoding its SAM2 chunks.
 
         Returns:
@@ -112,7 +112,7 @@ class DecodeActor:
             without passing through the caller.
         """
         started = time.perf_counter()
-        source = open_video(path, decoder)
+        source = open_video(path, decoder, *(() if max_pixels is None else (max_pixels,)))
         try:
             plan = plan_frames(source.num_frames, frames, stride, max_frames)
             encoder_frames = source.read(plan.encoder_indices)
@@ -404,7 +404,7 @@ def _open_and_encode(decoder, encoder, decode_id: str, path, options, expression
     try:
         meta_ref, frames_ref = decoder.open.options(num_returns=2).remote(
             decode_id, str(path), options.decoder, options.frames, options.stride, options.max_frames,
-            sam2["size"], sam2["style"])
+            sam2["size"], sam2["style"], options.max_pixels)
         visual_ref, info_ref = encoder.encode.options(num_returns=2).remote(
             frames_ref, expressions, options.method, options.variant, options.budget, options.placement,
             options.clip_text)
