@@ -23,9 +23,11 @@ overlay, reports ``frames_done`` to Redis and stores the same four files as ``re
 writer, :class:`refstream.outputs.JobWriter`, and result builder, :func:`refstream.outputs.job_result`). While a job
 waits on an actor (encoding, or queued behind another job on a busy VideoGLaMM worker) a
 :class:`refstream.service.queue.LeaseKeeper`
-renews its lease, so a waiting job is never taken over. An actor dying mid-job (``RayActorError``) makes the
-job run again at once (once, on the least busy actors of the pools); a second death fails it as transient,
-so it is retried after the lease. A cancelled job stops its stream (``ray.cancel``) and its decoding.
+renews its lease, so a waiting job is never taken over. An actor dying mid-job (``RayActorError``), or its
+node (the objects it held lost too: :func:`lost_to_a_death`), makes the job run again (once, on the least
+busy actors of the pools, as soon as every actor answers again: Ray restarts a dead node's actors on the nodes
+left, the actors being placed with ``SPREAD``); a second death fails it as transient, so it is retried after
+the lease. A cancelled job stops its stream (``ray.cancel``) and its decoding.
 
 Every pool actor beats in Redis (:class:`refstream.service.worker.HeartbeatThread`): ``worker-i``
 (VideoGLaMM), ``encoder-i`` and ``decoder-i``, with their ``role``, ``pid`` and ``state``.
