@@ -44,8 +44,10 @@ class RayNodes:
     def __init__(self, health_check_ms: int = 1000):
         self.root = Path(tempfile.mkdtemp(prefix="rsn", dir="/tmp"))  # short: Unix socket paths <= 107 bytes
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") and k != MARKER_ENV}
+        # memory_monitor_refresh_ms=0: Ray's memory monitor would kill our actors when the machine (shared with
+        # other jobs) is above 95% memory in use; a node dies here only when a test kills it
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=uuid.uuid4().hex + uuid.uuid4().hex,
-                        RAY_USAGE_STATS_ENABLED="0")
+                        RAY_USAGE_STATS_ENABLED="0", RAY_memory_monitor_refresh_ms="0")
         self.health_check_ms = health_check_ms
         self.nodes: dict[str, subprocess.Popen] = {}
         self.seen: dict[int, str] = {}  # every process seen under a node: killed at the end if still there

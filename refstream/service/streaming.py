@@ -371,7 +371,7 @@ def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, le
                           "pools answer", logging.WARNING, job_id=keeper.job_id, frames=frames,
                           error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
                 time.sleep(0.5)
-                if not pools.wait_until_answering(timeout_s=max(30.0, lease_ms / 1000)):
+                if not pools.wait_until_answering(timeout_s=max(180.0, lease_ms / 1000)):  # lease renewed
                     log_event(logger, "job.pools_waiting", "some pool actors do not answer yet; the next attempt "
                               "waits for them in Ray", logging.WARNING, job_id=keeper.job_id)
 
