@@ -73,7 +73,8 @@ def process_video(pipeline, task: dict, run_dir: str | Path) -> list[dict]:
 
     Returns:
         one record per (unit, combo): ``{"combo", "video", "exp_id", "status" ("ok" | "failed"), "error",
-        "seconds", "stage_seconds", "visual_tokens", "frames", "answer", "worker"}``.
+        "seconds", "stage_seconds", "visual_tokens", "frames", "answer", "worker"}`` (:meth:`BenchWorker.run_video`
+        adds ``node``, the Ray node id).
 
     Raises:
         the exception of a CUDA error (the actor then exits, see the module docstring).
@@ -202,11 +203,14 @@ class BenchWorker:
         self.pipeline = load(self.config.model, checkpoint=self.config.checkpoint, device=self.config.device).pipeline
         self.load_seconds = time.perf_counter() - started
         self.tasks_done = 0
+        self.node = _ray_node_id()
 
     def health(self) -> dict:
-        """Liveness and device state; a CUDA failure here exits the process (Ray restarts the actor)."""
-        info = {"ok": True, "pid": os.getpid(), "device": str(self.pipeline.device), "model": self.pipeline.config.name,
-                "load_seconds": round(self.load_seconds, 3), "tasks_done": self.tasks_done}
+        """Liveness and device state (``pid``, ``node``: the Ray node id or None outside Ray, ``device``, ...); a
+        CUDA failure here exits the process (Ray restarts the actor)."""
+        info = {"ok": True, "pid": os.getpid(), "node": self.node, "device": str(self.pipeline.device),
+                "model": self.pipeline.config.name, "load_seconds": round(self.load_seconds, 3),
+                "tasks_done": self.tasks_done}
         if self.pipeline.device.type == "cuda":
             try:
                 torch.ones(1, device=self.pipeline.device).add_(1)
@@ -227,7 +231,7 @@ class BenchWorker:
                 os._exit(1)  # an unexpected exit: Ray restarts the actor (ray.actor.exit_actor would not)
             raise
         self.tasks_done += 1
-        return records
+        return [dict(r, node=self.node) if self.node else r for r in records]
 
 
 def resolve_num_gpus(config: WorkerConfig) -> float:
@@ -248,5 +252,13 @@ def make_worker_class(config: WorkerConfig):
 
     return ray.remote(BenchWorker).options(
         num_gpus=resolve_num_gpus(config), num_cpus=config.num_cpus, max_restarts=config.max_restarts,
-        max_task_retries=0,
+        max_task_retries=0, scheduling_strategy="SPREAD",  # over the nodes: one node's loss takes fewer
     )
+
+
+def _ray_node_id() -> str | None:
+    """This process's Ray node id (hex), or None outside Ray (``--workers 0``); Ray is not imported for it."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None

@@ -16,11 +16,20 @@ Run folder ``RUN`` (everything written atomically; rerunning the command resumes
     RUN/submissions/<combo>.zip                   Refer-YouTube-VOS (Annotations/<vid>/<exp_id>/<frame>.png)
                                                   and MeViS valid (<vid>/<exp_id>/<frame>.png)
     RUN/summary.json, RUN/failures.json
+    RUN/events.jsonl                              Ray runs: one JSON line per task dispatched ("start": its
+                                                  units, attempt, actor pid and Ray node id) and per outcome
+                                                  ("done", "failed", "lost": the actor or its node died), appended
 
 Work is spread over Ray actors (:mod:`refstream.bench.actor`) one video at a time: a video's decoded frames, CLIP
 features, InternVideo2 tokens and text embeddings are computed once for all its expressions, methods and
 budgets; per (method, budget) its expressions share one SAM2 pass. A failed unit is retried (``--retries``,
 alone in a new task), then recorded as failed, listed at the end, and the command exits 1.
+
+On a cluster (``--address``) the actors are spread over the nodes (``SPREAD``). When a node dies, the tasks
+running on its actors are lost: their units (and only those: finished units are on disk, recorded) run again
+as retries, once Ray has restarted the actors on the nodes left (the driver waits while an actor is merely
+unavailable, and replaces one only once Ray says it is dead for good). ``RUN/events.jsonl`` shows which units
+ran on which node, and each unit's record its ``attempts`` and ``node``.
 """
 
 from __future__ import annotations
@@ -380,27 +389,37 @@ class BenchRun:
             count = max(1, min(count, len(tasks)))
             actors = [cls.remote(config, str(self.out.resolve())) for _ in range(count)]
             health = ray.get([a.health.remote() for a in actors], timeout=600)
-            self._say(f"bench run: {count} worker(s) ready: " + ", ".join(f"pid {h['pid']} on {h['device']}" for h in health))
+            where = {a: h for a, h in zip(actors, health)}  # the last health seen: pid and node of each actor
+            self._say(f"bench run: {count} worker(s) ready: " + ", ".join(
+                f"pid {h['pid']} on {h['device']}" + (f" (node {h['node'][:8]})" if h.get("node") else "")
+                for h in health))
             queue = [(t, 1) for t in tasks]
             running: dict = {}
             idle = list(actors)
+            lost = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.ObjectLostError)  # the actor or its node died under the task
             with self._bar(pending) as bar:
                 while queue or running:
                     while queue and idle:
                         task, attempt = queue.pop(0)
                         actor = idle.pop(0)
                         running[actor.run_video.remote(task)] = (actor, task, attempt)
+                        self._event("start", task, attempt, where.get(actor))
                     done, _ = ray.wait(list(running), num_returns=1)
                     ref = done[0]
                     actor, task, attempt = running.pop(ref)
                     try:
                         records, error = ray.get(ref), None
-                    except ray.exceptions.RayActorError as exc:  # the actor died (restarting, or gone)
+                        self._event("done", task, attempt, where.get(actor))
+                    except lost as exc:  # the actor died (restarting, or gone), or its node did
                         records, error = None, f"worker died: {type(exc).__name__}: {str(exc)[:300]}"
+                        self._event("lost", task, attempt, where.get(actor), error=error)
                         actor = self._replace_if_dead(actor, cls, config)
+                        where[actor] = self._health(actor) or where.get(actor)
                     except ray.exceptions.RayError as exc:
                         cause = getattr(exc, "cause", None) or exc
                         records, error = None, f"{type(cause).__name__}: {str(cause)[:500]}"
+                        self._event("failed", task, attempt, where.get(actor), error=error)
                     idle.append(actor)
                     self._handle(task, records, error, attempt, queue, failures, bar)
             for a in actors:
@@ -409,16 +428,47 @@ class BenchRun:
             if started_ray:
                 ray.shutdown()
 
-    def _replace_if_dead(self, actor, cls, config):
-        """Keep an actor Ray is restarting; replace one that is gone for good (restarts used up)."""
+    def _replace_if_dead(self, actor, cls, config, timeout_s: float = 600.0):
+        """Keep an actor Ray is restarting (also on another node, once its own node is found dead); replace
+        one that is gone for good (restarts used up).
+
+        ``ActorUnavailableError`` (its node not yet found dead, or the restart under way) and timeouts are
+        waited out for up to ``timeout_s`` seconds: a new actor beside the restarted one would hold resources
+        the sweep's other actors need.
+        """
+        import ray  # lazy: see _execute_ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(actor.health.remote(), timeout=max(1.0, min(60.0, deadline - time.monotonic())))
+                return actor
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    log.warning("bench worker actor still unavailable after %.0f s (%s); starting a new one",
+                                timeout_s, type(exc).__name__)
+                    return cls.remote(config, str(self.out.resolve()))
+                time.sleep(1.0)
+            except ray.exceptions.RayError as exc:
+                log.warning("bench worker actor is gone (%s: %s); starting a new one", type(exc).__name__, exc)
+                return cls.remote(config, str(self.out.resolve()))
+
+    def _health(self, actor) -> dict | None:
+        """The actor's health (pid, node), or None when it does not answer within a minute."""
         import ray  # lazy: see _execute_ray
 
         try:
-            ray.get(actor.health.remote(), timeout=600)
-            return actor
-        except ray.exceptions.RayError as exc:
-            log.warning("bench worker actor is gone (%s: %s); starting a new one", type(exc).__name__, exc)
-            return cls.remote(config, str(self.out.resolve()))
+            return ray.get(actor.health.remote(), timeout=60)
+        except ray.exceptions.RayError:
+            return None
+
+    def _event(self, event: str, task: dict, attempt: int, health: dict | None, **fields) -> None:
+        """Append one line to ``RUN/events.jsonl``: a task's ``event`` with its units, attempt, actor pid and node."""
+        line = {"t": round(time.time(), 3), "event": event, "video": task["video"], "attempt": attempt,
+                "units": [[c, u["exp_id"]] for u in task["units"] for c in u["combos"]],
+                "pid": (health or {}).get("pid"), "node": (health or {}).get("node"), **fields}
+        with open(self.out / "events.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
 
     # -- assembling, scoring, zipping -------------------------------------------------------------------
     def _unit_records(self, combo: str) -> list[dict]:

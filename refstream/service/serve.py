@@ -16,7 +16,12 @@ Two pipelines:
 
 Actors report liveness in Redis heartbeat hashes (:func:`refstream.service.worker.heartbeats`) and set their
 torch threads to their CPUs (``num_cpus``). Without ``address`` a fresh local Ray is started
-(``address="local"``), never one left over from an earlier ``serve`` that was killed.
+(``address="local"``), never one left over from an earlier ``serve`` that was killed, and owned by this
+``serve`` (:class:`refstream.service.ray_session.LocalRaySession`): on SIGTERM/SIGINT ``serve`` shuts it down
+and kills whatever of it is left before it exits 0, and the next ``serve`` kills what a ``serve`` killed with
+``kill -9`` left behind. With ``address`` (a cluster of several nodes) the actors are spread over the nodes
+(``SPREAD``); when a node dies its actors are restarted by Ray on the nodes left and the jobs they held run
+again (see :mod:`refstream.service.streaming`).
 
 With ``metrics_port`` set, the supervisor also serves Prometheus ``/metrics`` (values read from Redis at
 each scrape, see :mod:`refstream.service.metrics`). Events are logged on the ``refstream.serve`` logger
@@ -110,7 +115,25 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
     """
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be 'whole' or 'pools', got {pipeline!r}")
-    _start_ray(address)
+    session = _start_ray(address)
+    try:
+        return _serve(redis_url, session=session, address=address, workers=workers, model=model,
+                      checkpoint=checkpoint, device=device, allowed_roots=allowed_roots, upload_root=upload_root,
+                      max_upload_bytes=max_upload_bytes, lease_ms=lease_ms, max_deliveries=max_deliveries,
+                      num_gpus=num_gpus, num_cpus=num_cpus, stop_event=stop_event, on_start=on_start, log=log,
+                      metrics_port=metrics_port, metrics_host=metrics_host, log_format=log_format,
+                      log_level=log_level, pipeline=pipeline, decoders=decoders, encoders=encoders,
+                      jobs_in_flight=jobs_in_flight, encoder_gpus=encoder_gpus, abort_event=abort_event)
+    finally:
+        if session is not None:  # our own local Ray: shut down, and nothing of it left running
+            session.close()
+
+
+def _serve(redis_url, *, session, address, workers, model, checkpoint, device, allowed_roots, upload_root,
+           max_upload_bytes, lease_ms, max_deliveries, num_gpus, num_cpus, stop_event, on_start, log, metrics_port,
+           metrics_host, log_format, log_level, pipeline, decoders, encoders, jobs_in_flight, encoder_gpus,
+           abort_event) -> int:
+    """:func:`serve` once Ray is up (same arguments)."""
     num_cpus = _actor_cpus(num_cpus, pipeline, workers, encoders)
     stop_event, abort_event = stop_event or threading.Event(), abort_event or threading.Event()
     _handle_signals(stop_event, abort_event)
@@ -143,17 +166,35 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
     return handled
 
 
-def _start_ray(address: str | None) -> None:
+def _start_ray(address: str | None):
     """Join ``address``, or start a fresh local Ray of our own (never one left behind by a ``serve`` that was
-    killed); nothing when Ray is already initialised in this process."""
+    killed); nothing when Ray is already initialised in this process.
+
+    Returns:
+        The :class:`refstream.service.ray_session.LocalRaySession` of a local Ray started here (None
+        otherwise): its start reaps the processes left by a ``serve`` that was killed with ``kill -9``, and
+        ``serve`` closes it on the way out so that no process of it outlives ``serve``.
+    """
     import ray  # lazy: Ray takes seconds to import; the helpers of this module are used without it
 
+    from refstream.service.ray_session import LocalRaySession, reap_dead_sessions
+
     if ray.is_initialized():
-        return
+        return None
     if address:
+        reap_dead_sessions()  # a local serve killed earlier on this machine leaves nothing behind either
         ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False, object_store_memory=200 * 1024 * 1024)
+        return None
+    session = LocalRaySession()
+    try:
+        session.start(include_dashboard=False, object_store_memory=200 * 1024 * 1024)
+    except BaseException:
+        session.close()
+        raise
+    if session.reaped:
+        logger.warning("killed the processes left by %d serve(s) that died: %s", len(session.reaped),
+                       {token[:8]: pids for token, pids in session.reaped.items()})
+    return session
 
 
 def _actor_cpus(num_cpus: float | None, pipeline: str, workers: int, encoders: int) -> float:
@@ -210,7 +251,7 @@ def _whole_actors(redis_url: RedisSettings, prefix: str, serve_id: str, workers:
     import ray  # lazy: see _start_ray
 
     Actor = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=1, num_gpus=num_gpus,
-                       num_cpus=num_cpus)(QueueWorker)
+                       num_cpus=num_cpus, scheduling_strategy="SPREAD")(QueueWorker)  # one node's loss: fewer die
     return [Actor.remote(redis_url, name=f"worker-{i}", prefix=prefix, serve_id=serve_id, **worker_options)
             for i in range(workers)]
 

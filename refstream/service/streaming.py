@@ -23,9 +23,11 @@ overlay, reports ``frames_done`` to Redis and stores the same four files as ``re
 writer, :class:`refstream.outputs.JobWriter`, and result builder, :func:`refstream.outputs.job_result`). While a job
 waits on an actor (encoding, or queued behind another job on a busy VideoGLaMM worker) a
 :class:`refstream.service.queue.LeaseKeeper`
-renews its lease, so a waiting job is never taken over. An actor dying mid-job (``RayActorError``) makes the
-job run again at once (once, on the least busy actors of the pools); a second death fails it as transient,
-so it is retried after the lease. A cancelled job stops its stream (``ray.cancel``) and its decoding.
+renews its lease, so a waiting job is never taken over. An actor dying mid-job (``RayActorError``), or its
+node (the objects it held lost too: :func:`lost_to_a_death`), makes the job run again (once, on the least
+busy actors of the pools, as soon as every actor answers again: Ray restarts a dead node's actors on the nodes
+left, the actors being placed with ``SPREAD``); a second death fails it as transient, so it is retried after
+the lease. A cancelled job stops its stream (``ray.cancel``) and its decoding.
 
 Every pool actor beats in Redis (:class:`refstream.service.worker.HeartbeatThread`): ``worker-i``
 (VideoGLaMM), ``encoder-i`` and ``decoder-i``, with their ``role``, ``pid`` and ``state``.
@@ -276,10 +278,12 @@ class Pools:
         def beat(name: str) -> dict | None:
             return {"redis_url": redis_url, "prefix": prefix, "name": name} if redis_url else None
 
-        Decode = ray.remote(max_restarts=-1, max_task_retries=0, max_concurrency=16, num_cpus=num_cpus)(DecodeActor)
-        Encode = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus, num_gpus=encoder_gpus)(EncoderActor)
-        Worker = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=num_cpus,
-                            num_gpus=num_gpus)(VideoGLaMMWorker)
+        # SPREAD: on a cluster the actors of each pool go to different nodes (one node's loss takes fewer of
+        # them), and an actor whose node died is restarted by Ray on a node that is left
+        spread = dict(max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD")
+        Decode = ray.remote(max_concurrency=16, num_cpus=num_cpus, **spread)(DecodeActor)
+        Encode = ray.remote(num_cpus=num_cpus, num_gpus=encoder_gpus, **spread)(EncoderActor)
+        Worker = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, **spread)(VideoGLaMMWorker)
         self.decoders = [Decode.remote(ahead, chunk_size, threads, beat(f"decoder-{i}")) for i in range(max(1, decoders))]
         self.encoders = [Encode.remote(model, checkpoint, device, threads, beat(f"encoder-{i}"))
                          for i in range(max(1, encoders))]
@@ -313,13 +317,39 @@ class Pools:
                 i = getattr(self, role).index(actor)
                 self._busy[role][i] = max(0, self._busy[role][i] - 1)
 
+    def wait_until_answering(self, timeout_s: float = 120.0, poll_s: float = 0.5) -> bool:
+        """Wait until every actor of the pools answers a ping (after a death: Ray has restarted it, possibly
+        on another node once its node was found dead). Returns False after ``timeout_s`` seconds (the caller's
+        next attempt then fails or waits in Ray's queue of the restarting actor)."""
+        import ray  # lazy: see the module docstring
+
+        deadline = time.monotonic() + timeout_s
+        waiting = [a for role in self.ROLES for a in getattr(self, role)]
+        while waiting and time.monotonic() < deadline:
+            pings = {a.__ray_ready__.remote(): a for a in waiting}
+            ready, _ = ray.wait(list(pings), num_returns=len(pings), timeout=max(0.1, deadline - time.monotonic()))
+            answered = set()
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                    answered.add(ref)
+                except ray.exceptions.RayError:  # unavailable (its node not yet found dead) or restarting
+                    pass
+            waiting = [pings[ref] for ref in pings if ref not in answered]
+            if waiting:
+                time.sleep(poll_s)
+        return not waiting
+
 
 def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, lease_ms: int = 60_000,
                    abort=None) -> dict:
     """One queued job through the pools; the result is that of :func:`refstream.service.worker.run_job`.
 
-    An actor that dies mid-job (``RayActorError``) makes the job start again, ``retries`` times, on the least
-    busy actors; then the error goes up (the queue retries the job after its lease). The lease is renewed
+    An actor that dies mid-job (``RayActorError``), or a node that dies under it (its actors and the objects
+    it held lost: :func:`lost_to_a_death`), makes the job start again, ``retries`` times, on the least busy
+    actors once every actor of the pools answers again (:meth:`Pools.wait_until_answering`: Ray restarts the
+    actors of a dead node on the nodes left); then the error goes up (the queue retries the job after its
+    lease). The job keeps its delivery throughout: it finishes once, with the same outputs. The lease is renewed
     every ``lease_ms / 3`` while the job waits (:class:`refstream.service.queue.LeaseKeeper`). Once ``abort``
     (a ``threading.Event``) is set, the next progress report raises ``JobReturned`` (the job goes back to the
     queue unfinished; its stream is cancelled).
@@ -327,28 +357,41 @@ def run_pooled_job(pools: Pools, policy, request, progress, retries: int = 1, le
     Raises:
         RefStreamError subclasses for bad input (the job fails at once), JobCancelled, RayActorError.
     """
-    from ray.exceptions import RayActorError  # lazy: see the module docstring
-
     with LeaseKeeper(progress, lease_ms / 3000, abort=abort) as keeper:
         for attempt in itertools.count():
             try:
                 return _pooled_job_once(pools, policy, request, keeper)
-            except RayActorError as exc:
+            except lost_to_a_death() as exc:
                 if attempt >= retries:
                     raise
+                frames = getattr(getattr(progress, "delivery", None), "frames_reported", None)
                 log_event(logger, "job.actor_died",
-                          f"an actor died mid-job ({exc.__class__.__name__}); running it again", logging.WARNING,
-                          job_id=keeper.job_id, error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
+                          f"an actor or its node died mid-job ({exc.__class__.__name__}"
+                          f"{f', at frame {frames}' if frames is not None else ''}); running it again once the "
+                          "pools answer", logging.WARNING, job_id=keeper.job_id, frames=frames,
+                          error=str(exc).strip().splitlines()[-1] if str(exc).strip() else "")
                 time.sleep(0.5)
+                if not pools.wait_until_answering(timeout_s=max(180.0, lease_ms / 1000)):  # lease renewed
+                    log_event(logger, "job.pools_waiting", "some pool actors do not answer yet; the next attempt "
+                              "waits for them in Ray", logging.WARNING, job_id=keeper.job_id)
+
+
+def lost_to_a_death() -> tuple[type[BaseException], ...]:
+    """The Ray errors of an actor or node death, after which a job runs again: the actor died
+    (``RayActorError``, also ``ActorUnavailableError`` while its node is not yet found dead), its worker
+    process crashed, its node died, or an object it made was lost with its node (``ObjectLostError``:
+    e.g. the visual tokens of an encoder actor whose node died)."""
+    from ray import exceptions as e  # lazy: see the module docstring
+
+    return (e.RayActorError, e.ObjectLostError, e.NodeDiedError, e.WorkerCrashedError)
 
 
 def _cause(exc: BaseException) -> BaseException:
     """A Ray task error's own cause when it is a RefStreamError (bad input fails the job at once) or an
-    actor's death (e.g. the decode actor died under the VideoGLaMM worker: the job runs again)."""
-    from ray.exceptions import RayActorError  # lazy: see the module docstring
-
+    actor's or node's death (:func:`lost_to_a_death`; e.g. the decode actor died under the VideoGLaMM worker:
+    the job runs again)."""
     cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, (RefStreamError, RayActorError)) else exc
+    return cause if isinstance(cause, (RefStreamError, *lost_to_a_death())) else exc
 
 
 def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:

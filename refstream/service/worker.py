@@ -13,7 +13,7 @@ The supervisor talks to its workers through Redis instead:
   between jobs. On a second signal ``serve`` also sets :func:`abort_key`: the running job is handed back to the
   queue at its next progress report (:meth:`refstream.service.queue.JobQueue.release`) (one ``EXISTS`` per loop turn, at most every ``block_ms``), finishes the job it holds and returns.
 * **heartbeat**: each worker keeps a hash ``{prefix}:worker:{name}`` (:func:`heartbeat_key`) with its ``pid``,
-  ``host``, ``device``, torch ``threads``, ``handled`` (jobs taken), ``state`` (idle/running/stopped), ``input`` (of the running job)
+  ``host``, ``node`` (Ray node id), ``device``, torch ``threads``, ``handled`` (jobs taken), ``state`` (idle/running/stopped), ``input`` (of the running job)
   and ``beat`` (Unix time of the last beat: every loop turn and on job progress, at most once a second). The
   hash expires :data:`HEARTBEAT_TTL_S` after the last beat, so a dead worker's record goes away;
   :func:`heartbeats` reads them all (:mod:`refstream.service.heartbeat`).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -84,11 +85,22 @@ class RedisFlag:
         return self._value
 
 
+def ray_node_id() -> str | None:
+    """This process's Ray node id (hex) when it runs in Ray (an actor, or a driver), else None; Ray is not
+    imported for it."""
+    ray = sys.modules.get("ray")
+    try:
+        return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - e.g. a Ray client session: no node id, the heartbeat goes on without
+        return None
+
+
 class HeartbeatThread:
     """Beats for an actor that is busy in one long call (the pool actors of ``serve --pipeline pools``).
 
     A daemon thread writes the hash :func:`heartbeat_key` ``(prefix, name)`` every ``every_s`` seconds with
-    ``name``, ``pid``, ``host``, ``beat``, ``started`` and whatever ``fields()`` returns (e.g. ``role``,
+    ``name``, ``pid``, ``host``, ``node`` (the Ray node id, :func:`ray_node_id`; absent outside Ray), ``beat``,
+    ``started`` and whatever ``fields()`` returns (e.g. ``role``,
     ``state``, ``input``, ``handled``, ``device``, ``threads``); the hash expires :data:`HEARTBEAT_TTL_S` after
     the last beat. A Redis error is logged (``heartbeat.failed``) and the next beat tries again: a heartbeat
     never fails a job.
@@ -102,6 +114,7 @@ class HeartbeatThread:
         self.r = connect(redis_url)
         self.key, self.name, self.fields, self.every_s = heartbeat_key(prefix, name), name, fields, every_s
         self.started = time.time()
+        self.node = ray_node_id()
         self._stop = threading.Event()
         self.beat()
         self._thread = threading.Thread(target=self._loop, daemon=True, name=f"heartbeat-{name}")
@@ -111,7 +124,8 @@ class HeartbeatThread:
         """Write the record now."""
         try:
             record = {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(), "beat": time.time(),
-                      "started": self.started, **{k: v for k, v in self.fields().items() if v is not None}}
+                      "started": self.started, **({"node": self.node} if self.node else {}),
+                      **{k: v for k, v in self.fields().items() if v is not None}}
             pipe = self.r.pipeline(transaction=False)
             pipe.hset(self.key, mapping=record)
             pipe.expire(self.key, HEARTBEAT_TTL_S)
@@ -200,6 +214,7 @@ class QueueWorker:
         self._stop = False
         self.handled = 0
         self._started = time.time()
+        self._node = ray_node_id()
         self.beat(force=True)
         log_event(log, "worker.ready", f"model {model} loaded on {self.pipeline.device}",
                   consumer=name, seconds=time.perf_counter() - started)
@@ -225,7 +240,7 @@ class QueueWorker:
             "name": self.name, "role": "worker", "pid": os.getpid(), "host": socket.gethostname(),
             "device": str(self.pipeline.device),
             "threads": torch.get_num_threads(), "handled": self.handled, "state": self._state, "input": self._job,
-            "beat": now, "started": self._started})
+            "beat": now, "started": self._started, **({"node": self._node} if self._node else {})})
         pipe.expire(self.heartbeat_key, HEARTBEAT_TTL_S)
         if own:
             pipe.execute()
