@@ -20,14 +20,13 @@ from corpus.build import CASES, Built, MissingEncoder, check_message, check_run_
 
 from refstream.errors import RefStreamError
 
-SUBSET = [
-    "vp9_deadline_realtime", "single_jpeg", "raw_h264_stream", "rotated_90_display_matrix", "resolution_change_ts",
-    "grey16_png_folder", "png_20000x10000_in_folder", "expression_10000_characters",
-    "expression_zero_width_spaces_only", "truncated_inside_moov", "bit_flipped_h264", "random_bytes_named_mp4",
-    "fifo_named_like_a_video", "odd_size_97x55",
+SUBSET = [  # one case per class a job can meet; the good jobs go between them
+    "vp9_deadline_realtime", "single_jpeg", "rotated_90_display_matrix", "resolution_change_ts", "grey16_png_folder",
+    "png_20000x10000_in_folder", "expression_10000_characters", "expression_zero_width_spaces_only",
+    "truncated_inside_moov", "bit_flipped_h264", "fifo_named_like_a_video",
 ]
 JOB_TIMEOUT_S = 180  # a job still running after this is a hang
-GOOD = {"max_frames": 4, "budget": 81}
+GOOD = {"max_frames": 2, "budget": 81}
 
 
 @dataclass
@@ -157,7 +156,7 @@ def test_service_job(name, served_in_process, corpus):
 @pytest.mark.timeout(900)
 def test_good_jobs_around_the_corpus_finish_and_serve_keeps_serving(served_in_process):
     assert [s["state"] for s in served_in_process.good] == ["done"] * len(served_in_process.good)
-    assert all(s["frames_done"] == 4 for s in served_in_process.good)
+    assert all(s["frames_done"] == GOOD["max_frames"] for s in served_in_process.good)
     assert served_in_process.alive
 
 
