@@ -11,6 +11,7 @@ subprocess (``pytest -m slow tests/test_corpus_service.py``).
 from __future__ import annotations
 
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from refstream.errors import RefStreamError
 SUBSET = [  # one case per class a job can meet; the good jobs go between them
     "vp9_deadline_realtime", "single_jpeg", "rotated_90_display_matrix", "resolution_change_ts", "grey16_png_folder",
     "png_20000x10000_in_folder", "expression_10000_characters", "expression_zero_width_spaces_only",
-    "truncated_inside_moov", "bit_flipped_h264", "fifo_named_like_a_video",
+    "truncated_inside_moov", "bit_flipped_h264", "fifo_named_like_a_video", "symlink_loop",
 ]
 JOB_TIMEOUT_S = 180  # a job still running after this is a hang
 GOOD = {"max_frames": 2, "budget": 81}
@@ -35,7 +36,8 @@ class Served:
 
     Attributes:
         outcomes: per case name: ``("skipped", reason)``, ``("refused", message)`` (refused at submit, nothing
-            queued) or ``("job", status, result folder)``.
+            queued), ``("crashed", traceback)`` (the client raised something else at submit) or
+            ``("job", status, result folder)``.
         good: the statuses of the good jobs, in submission order.
         alive: whether serve was still running (and took the last good job) after every corpus job ended.
         log: serve's log (subprocess) for failure messages.
@@ -62,6 +64,8 @@ def _submit_all(client, corpus, names: list[str], blackswan: Path, folder: Path)
             jobs[name] = client.submit(built.input, list(built.expressions))
         except RefStreamError as e:  # refused at submit (the same validation as refstream run)
             jobs[name] = ("refused", str(e))
+        except Exception:  # noqa: BLE001 - what `refstream submit` would print as a traceback (exit 1)
+            jobs[name] = ("crashed", traceback.format_exc())
         if k % 3 == 2:
             good.append(client.submit(str(blackswan), ["the black swan"], **GOOD))
     return jobs, good
@@ -128,6 +132,7 @@ def _check_outcome(served: Served, corpus, name: str) -> None:
     outcome = served.outcomes[name]
     if outcome[0] == "skipped":
         pytest.skip(outcome[1])
+    assert outcome[0] != "crashed", f"the client raised at submit (refstream submit: a traceback, exit 1):\n{outcome[1]}"
     exp = built.expected
     if outcome[0] == "refused":
         assert exp.exit == 2, f"refused at submit, but refstream run succeeds: {outcome[1]}"

@@ -232,6 +232,7 @@ def case(klass: str, encoder: str | None = None):
 
 
 def good_video(d: Path) -> Path:
+    """A plain 6-frame H.264 MP4 for the cases about something else (``--out``, expressions)."""
     return lavfi(d / "good.mp4", *H264, frames=6)
 
 
@@ -619,7 +620,7 @@ def symlink_loop(d: Path) -> Built:
     a, b = d / "loop-a.mp4", d / "loop-b.mp4"
     a.symlink_to(b)
     b.symlink_to(a)
-    return Built(str(a), refused((r"no such file|symbolic links|loop",)), service=False)
+    return Built(str(a), refused((r"no such file|symbolic links|loop",)))
 
 
 # --------------------------------------------------------------------------------------------------- corpus
