@@ -112,7 +112,8 @@ def served_in_process(corpus, blackswan_dir, examples_dir, tmp_path_factory) -> 
         served.dead_letters = client.queue.dead_letters()
     finally:
         stop.set()
-        thread.join(timeout=120)
+        if thread.ident is not None:
+            thread.join(timeout=120)
         ray.shutdown()
         redis.stop()
     assert not thread.is_alive(), "serve did not stop"
