@@ -100,3 +100,12 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The odd-input corpus of issue 13 (``tests/corpus/build.py``), each case built on first use into one
+    session folder shared by ``tests/test_corpus.py`` and ``tests/test_corpus_service.py``."""
+    from corpus.build import Corpus
+
+    return Corpus(tmp_path_factory.mktemp("corpus"))

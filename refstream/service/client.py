@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from refstream.errors import RefStreamError
-from refstream.service.jobs import InputPolicy, JobRequest
+from refstream.service.jobs import InputPolicy, JobRequest, resolve_input
 from refstream.service.queue import JobQueue, connect
 from refstream.service.results import write_result
 from refstream.service.security import RedisSettings
@@ -34,9 +34,10 @@ class RefStreamClient:
         """Queue a job; returns its id. Options are those of ``refstream run`` (method, budget, ...).
 
         Raises:
-            ExpressionError / ConfigError: an invalid request (nothing is queued); InputError: a bad upload.
+            ExpressionError / ConfigError: an invalid request (nothing is queued); InputError: a bad upload or
+            an input path that cannot be resolved (a symbolic-link loop).
         """
-        path = self.uploads.upload(input) if upload else str(Path(input).expanduser().resolve())
+        path = self.uploads.upload(input) if upload else str(resolve_input(input))
         payload = {"input": path, "expressions": list(expressions),
                    **{k: v for k, v in options.items() if v is not None}}
         request = JobRequest.from_json(json.dumps(payload))

@@ -48,6 +48,19 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def resolve_input(path: str | os.PathLike) -> Path:
+    """``path`` absolute, with ``~``, symbolic links and ``..`` resolved.
+
+    Raises:
+        InputError: a symbolic-link loop (Python raises RuntimeError or OSError for it), named with the fix.
+    """
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:
+        raise InputError(f"{path}: the path cannot be resolved ({e}). Fix: remove the symbolic-link loop or name "
+                         "the file itself.") from None
+
+
 class InputPolicy:
     """Where job inputs may come from.
 
@@ -71,7 +84,7 @@ class InputPolicy:
         Raises:
             InputError: the path is outside every allowed root (the message lists them).
         """
-        resolved = Path(path).expanduser().resolve()
+        resolved = resolve_input(path)
         for root in self.allowed_roots:
             if resolved == root or root in resolved.parents:
                 return str(resolved)
