@@ -8,8 +8,10 @@ results expire during the run, and every job limit set, so that the submit-time 
 on every job), and ``--clients`` client OS processes. Each client keeps ``--window`` jobs in flight: submit, wait,
 fetch the result into a folder, check that ``masks.json`` is its own job's (its expression, its frame count),
 delete the folder; ``--jobs`` jobs in all (each a few frames of the bundled blackswan clip, about 0.2-1 s).
-``serve`` and the clients run with ``TMPDIR`` (and Ray with ``RAY_TMPDIR``) in folders of their own, so that
-what they leave there is seen.
+``serve`` and the clients run with ``TMPDIR`` in a folder of their own, so that what they leave there is seen;
+the third-party folders kept on purpose go elsewhere and are reported apart: Ray's session logs
+(``RAY_TMPDIR``) and torch's compile cache (``TORCHINDUCTOR_CACHE_DIR``, created empty when ``torch._dynamo`` is
+imported).
 
 Measured (the job count is the service's ``done`` counter in Redis, polled every 0.1 s):
 
@@ -179,6 +181,8 @@ def run_client(spec: dict) -> dict:
         report["deliveries"][job] = status["deliveries"]
         if problem:
             report["bad"][job] = problem
+    if out.exists():
+        out.rmdir()  # empty unless a job's folder was left behind (then OSError: the soak fails loudly)
     (gate.parent / f"finished-{spec['client']}").touch()
     while not (gate.parent / "exit").exists():
         time.sleep(0.05)
@@ -281,10 +285,11 @@ def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int
     window_jobs = min(WINDOW_JOBS, max(2, jobs // 5))
     root = Path(tempfile.mkdtemp(prefix="rs-soak-"))  # short: Ray's socket paths live under it
     tmp, ray_tmp, out, logs, gate = (root / "t", root / "ray", root / "out", root / "logs", root / "gate" / "go")
+    cache = root / "torchinductor"  # torch creates its (empty) compile cache folder when torch._dynamo is imported
     for folder in (tmp, ray_tmp, out, logs, gate.parent):
         folder.mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(TMPDIR=str(tmp), RAY_TMPDIR=str(ray_tmp),
+    env.update(TMPDIR=str(tmp), RAY_TMPDIR=str(ray_tmp), TORCHINDUCTOR_CACHE_DIR=str(cache),
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p))
     procs = Processes()
     (root / "redis").mkdir()
@@ -375,6 +380,7 @@ def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int
         serve = None
         left_files = _files_under(tmp) + [f"out/{p}" for p in _files_under(out)]
         ray_logs = sum(p.stat().st_size for p in ray_tmp.rglob("*") if p.is_file())
+        torch_cache = len(_files_under(cache))
     finally:
         for c in client_procs:
             if c.poll() is None:
@@ -407,7 +413,7 @@ def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int
         "redis": samples["redis"], "throughput": {"first": first, "last": last,
                                                   "ratio": last / first if first else 0.0},
         "shutdown": {**stopped, "temp_files_left": left_files[:50], "temp_files_left_count": len(left_files),
-                     "ray_session_bytes": ray_logs},
+                     "ray_session_bytes": ray_logs, "torch_cache_files": torch_cache},
         "total_s": time.perf_counter() - started,
     }
     report["criteria"] = verdicts(report)
@@ -542,7 +548,8 @@ def format_table(report: dict) -> str:
               f"shutdown: serve exit {sd['serve_exit']} after SIGTERM in {sd['stop_s']:.1f} s; processes left "
               f"{len(sd['processes_left'])} of {sd['processes_seen']} seen; temp files left "
               f"{sd['temp_files_left_count']}; Ray's session logs {sd['ray_session_bytes'] / mib:.1f} MiB (Ray's own, "
-              "in RAY_TMPDIR, removed by the soak)", ""]
+              f"in RAY_TMPDIR, removed by the soak); torch's compile cache folder {sd['torch_cache_files']} file(s) "
+              "(TORCHINDUCTOR_CACHE_DIR)", ""]
     width = max(len(k["name"]) for k in report["criteria"])
     for k in report["criteria"]:
         lines.append(f"{'PASS' if k['pass'] else 'FAIL'}  {k['name']:<{width}}  {k['value']}")
