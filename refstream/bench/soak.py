@@ -147,15 +147,14 @@ def _files_under(folder: Path) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- client
 def run_client(spec: dict) -> dict:
-    """One client process: ``spec["jobs"]`` jobs with ``spec["window"]`` in flight, each result fetched and
-    checked to be its own job's, then deleted. Prints nothing; returns the report (the caller prints it).
+    """One client process: ``spec["jobs"]`` jobs with ``spec["window"]`` in flight; whichever ends first is
+    handled first (its status polled every 0.1 s): its result fetched, checked to be its own job's, then deleted.
+    Prints nothing; returns the report (the caller prints it).
 
     Before submitting it creates ``ready-{client}`` in ``spec["gate"]``'s folder and waits for the gate file;
     after its last result it creates ``finished-{client}`` and waits for ``exit`` there (so its RSS can be read
     after the last job).
     """
-    from collections import deque
-
     from refstream.service.client import RefStreamClient  # lazy: see the module docstring
 
     gate = Path(spec["gate"])
@@ -166,21 +165,28 @@ def run_client(spec: dict) -> dict:
         time.sleep(0.01)
     out = Path(spec["out"])
     report = {"client": spec["client"], "pid": os.getpid(), "jobs": {}, "bad": {}, "deliveries": {}}
-    flying: deque = deque()
+    flying: dict[str, str] = {}  # job id -> expression
     n = 0
+    deadline = time.monotonic() + spec["timeout"]
     while n < spec["jobs"] or flying:
         while n < spec["jobs"] and len(flying) < spec["window"]:
             expression = f"the black swan {spec['client']}-{n}"
             job = client.submit(spec["video"], [expression], max_frames=spec["max_frames"], budget=spec["budget"])
             report["jobs"][job] = expression
-            flying.append((job, expression))
+            flying[job] = expression
             n += 1
-        job, expression = flying.popleft()
-        problem = _finish(client, job, expression, spec, out / job)
-        status = client.status(job)
-        report["deliveries"][job] = status["deliveries"]
-        if problem:
-            report["bad"][job] = problem
+        ended = _ended(client, list(flying))  # whichever of its jobs ended first, handled at once
+        if not ended:
+            if time.monotonic() > deadline:
+                report["bad"].update({job: "timed out" for job in flying})
+                break
+            time.sleep(0.1)
+            continue
+        for job, status in ended.items():
+            report["deliveries"][job] = status.get("deliveries", 0)
+            problem = _finish(client, job, flying.pop(job), status, spec, out / job)
+            if problem:
+                report["bad"][job] = problem
     if out.exists():
         out.rmdir()  # empty unless a job's folder was left behind (then OSError: the soak fails loudly)
     (gate.parent / f"finished-{spec['client']}").touch()
@@ -189,10 +195,24 @@ def run_client(spec: dict) -> dict:
     return report
 
 
-def _finish(client, job: str, expression: str, spec: dict, folder: Path) -> str | None:
-    """Wait for ``job``, write its files, check them, delete them; returns what was wrong (None: nothing)."""
+def _ended(client, jobs: list[str]) -> dict[str, dict]:
+    """The statuses of those of ``jobs`` that ended (or whose record is gone: ``{"state": "expired"}``)."""
+    from refstream.service.queue import JobNotFound  # lazy: see the module docstring
+
+    ended = {}
+    for job in jobs:
+        try:
+            status = client.status(job)
+        except JobNotFound as exc:
+            status = {"state": "expired", "error": str(exc)}
+        if status["state"] in ("done", "failed", "cancelled", "expired"):
+            ended[job] = status
+    return ended
+
+
+def _finish(client, job: str, expression: str, status: dict, spec: dict, folder: Path) -> str | None:
+    """Write an ended job's files, check them, delete them; returns what was wrong (None: nothing)."""
     try:
-        status = client.wait(job, timeout_s=spec["timeout"])
         if status["state"] != "done":
             return f"{status['state']}: {status['error']}"
         client.result(job, folder)
@@ -256,7 +276,7 @@ def _split(jobs: int, clients: int) -> list[int]:
 
 
 def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int = 4, video: str | None = None,
-             model: str = "tiny", budget: int = 81, result_ttl_s: int = 30, redis_url: str | None = None,
+             model: str = "tiny", budget: int = 81, result_ttl_s: int = 60, redis_url: str | None = None,
              timeout: float = 3600, wait_ttl: bool = True, jobs_in_flight: int | None = None) -> dict:
     """Run the soak; returns the report (see :func:`format_table` and :func:`verdicts`).
 
@@ -566,7 +586,7 @@ def _arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--model", "--config", dest="model", default="tiny",
                    help="serve --model: a preset or a model YAML (default tiny)")
     b.add_argument("--budget", type=int, default=81)
-    b.add_argument("--result-ttl-s", type=int, default=30, help="serve --result-ttl-s (default 30)")
+    b.add_argument("--result-ttl-s", type=int, default=60, help="serve --result-ttl-s (default 60)")
     b.add_argument("--jobs-in-flight", type=int, default=None, help="serve --jobs-in-flight (default serve's)")
     b.add_argument("--redis-url", "--redis", dest="redis_url", default=None,
                    help="a Redis used by nothing else (default: start a redis-server on a free port)")

@@ -273,7 +273,6 @@ def format_dead_letters(dead: list[dict]) -> str:
         when = (datetime.datetime.fromtimestamp(float(d["time"]), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
                 if d.get("time") else "?")
         error = (d.get("error") or "").splitlines()[0] if d.get("error") else ""
-        rows.append((d["id"], d.get("reason") or "retries", str(d.get("deliveries", "")), when,
-                     error if len(error) <= 100 else error[:97] + "..."))
+        rows.append((d["id"], d.get("reason") or "retries", str(d.get("deliveries", "")), when, error))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)

@@ -131,7 +131,7 @@ class JobLimitError(RefStreamError):
 
 #: ``JobLimits`` field -> (the ``refstream serve`` flag, what it counts, the client's fix)
 LIMIT_FLAGS = {
-    "max_frames_per_job": ("--max-frames-per-job", "frames to segment",
+    "max_frames_per_job": ("--max-frames-per-job", "frames",
                            "ask for fewer frames (submit --max-frames N or a larger --stride; Python: max_frames=, "
                            "stride=)"),
     "max_pixels_per_frame": ("--max-pixels-per-frame", "pixels per frame",

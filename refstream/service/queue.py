@@ -44,7 +44,7 @@ from redis.exceptions import ConnectionError, RedisError, ResponseError, Timeout
 from redis.retry import Retry
 
 from refstream.errors import RefStreamError
-from refstream.service.jobs import FINAL_STATES, STATES, JobRequest, new_job_id
+from refstream.service.jobs import FINAL_STATES, STATES, JobLimits, JobRequest, new_job_id
 from refstream.service.logs import log_event
 from refstream.service.metrics import record_frames, record_job, record_renewal_failures
 from refstream.service.security import RedisSettings, as_settings
@@ -543,14 +543,12 @@ class JobQueue:
         return removed
 
     # ------------------------------------------------------------------ limits, trimming
-    def publish_limits(self, limits) -> None:
+    def publish_limits(self, limits: JobLimits) -> None:
         """Write ``serve``'s :class:`refstream.service.jobs.JobLimits` to ``{prefix}:limits`` (read by ``submit``)."""
         self.r.hset(self.limits_key, mapping=limits.to_mapping())
 
-    def limits(self):
+    def limits(self) -> JobLimits | None:
         """The :class:`refstream.service.jobs.JobLimits` ``serve`` published, or None when none did."""
-        from refstream.service.jobs import JobLimits
-
         mapping = self.r.hgetall(self.limits_key)
         return JobLimits.from_mapping(mapping) if mapping else None
 
