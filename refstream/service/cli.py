@@ -7,9 +7,11 @@ The same names exist on :class:`refstream.service.client.RefStreamClient` for Py
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 
+from refstream.errors import ConfigError
 from refstream.options import JobOptions, add_option_arguments
 from refstream.service.logs import configure_logging, quiet_ray_log_prefix
 
@@ -150,8 +152,7 @@ def limits_from_args(args: argparse.Namespace):
     Raises:
         ConfigError: a negative limit (named, with its flag).
     """
-    from refstream.errors import ConfigError
-    from refstream.service.jobs import LIMIT_FLAGS, JobLimits
+    from refstream.service.jobs import LIMIT_FLAGS, JobLimits  # lazy: see run_service_command
 
     values = {}
     for name, (flag, _, _) in LIMIT_FLAGS.items():
@@ -243,8 +244,6 @@ def _dead_letters(args: argparse.Namespace, queue) -> int:
         ConfigError: ``requeue`` / ``purge`` with neither job ids nor ``--all``, or with both.
         JobNotFound: a job id not in the dead letters (nothing is changed).
     """
-    from refstream.errors import ConfigError
-
     if args.dead_action == "list":
         dead = queue.dead_letters()
         if args.json:
@@ -266,8 +265,6 @@ def _dead_letters(args: argparse.Namespace, queue) -> int:
 
 def format_dead_letters(dead: list[dict]) -> str:
     """The ``dead-letters list`` table: job id, reason, deliveries, time (UTC) and the error's first line."""
-    import datetime
-
     rows = [("JOB_ID", "REASON", "DELIVERIES", "TIME (UTC)", "ERROR")]
     for d in dead:
         when = (datetime.datetime.fromtimestamp(float(d["time"]), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
