@@ -515,7 +515,7 @@ def verdicts(report: dict) -> list[dict]:
     memory_ok = bool(end and middle) and end["used_memory"] <= middle["used_memory"] * 1.10 + MEMORY_SLACK
     expiry = redis_s.get("after_ttl")
     value = (f"{end.get('used_memory', 0) / 2**20:.2f} MiB after job {jobs} vs {middle.get('used_memory', 0) / 2**20:.2f}"
-             f" after job {mid}; job stream {end.get('stream')} entries")
+             f" after job {mid}; job stream {end.get('stream')} entries, {end.get('dead')} dead letters")
     if expiry:
         before = redis_s["before"]
         memory_ok = (memory_ok and expiry["job_records"] == 0 and expiry["results"] == 0
