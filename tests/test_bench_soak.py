@@ -109,6 +109,7 @@ SOAK_JOBS = int(os.environ.get("REFSTREAM_SOAK_JOBS", "250"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 250 jobs took about 10 min, 500 about 20 min on the shared 2-core machine
 def test_soak_from_4_client_processes(blackswan_dir):
     """The soak: SOAK_JOBS jobs x 4 frames from 4 client processes, every criterion PASS (on a shared 2-core
     machine the throughput ratio is the noisiest: others' load changes during the run)."""
