@@ -24,6 +24,7 @@ from refstream.bench.metrics import add_bench_metrics_parser, main_bench_metrics
 from refstream.bench.reproduce import add_reproduce_parser, run_reproduce_command
 from refstream.bench.runs import add_bench_run_parsers, run_bench_command
 from refstream.bench.service import add_bench_service_parser, main_bench_service
+from refstream.bench.soak import add_bench_soak_parser, main_bench_soak
 from refstream.config import load_model_config
 from refstream.convert import add_convert_parser, run_convert
 from refstream.errors import ConfigError, RefStreamError
@@ -148,12 +149,15 @@ def _add_bench_parser(sub) -> None:
     add_bench_metrics_parser(bsub)
     add_bench_run_parsers(bsub)
     add_bench_service_parser(bsub)
+    add_bench_soak_parser(bsub)
     add_bench_live_parser(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "service":
         return main_bench_service(args)
+    if args.bench == "soak":
+        return main_bench_soak(args)
     if args.bench in ("run", "report"):
         return run_bench_command(args)
     if args.bench == "metrics":

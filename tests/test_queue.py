@@ -100,7 +100,8 @@ def test_bad_job_fails_with_clear_error_others_finish(queue):
     queue.work("w1", handler, max_jobs=3)
     assert [queue.status(j)["state"] for j in (good1, bad, good2)] == ["done", "failed", "done"]
     assert "not a video" in queue.status(bad)["error"]
-    assert queue.dead_letters() == []  # bad input is not a poison job: failed at once, no retries
+    # bad input is not retried: failed at once, a dead letter with reason "failed" after one delivery
+    assert [(d["id"], d["reason"], d["deliveries"]) for d in queue.dead_letters()] == [(bad, "failed", "1")]
     assert queue.depth() == {"pending": 0, "lag": 0}
 
 

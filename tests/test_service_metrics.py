@@ -71,7 +71,7 @@ def test_metrics_after_jobs_and_json_logs(redis_server, examples_dir, blackswan_
     assert value(samples, "refstream_jobs", state="queued") == 1  # `waiting` was not taken
     assert value(samples, "refstream_queue_depth", kind="lag") == 1
     assert value(samples, "refstream_queue_depth", kind="pending") == 0
-    assert value(samples, "refstream_dead_letters") == 0  # bad input fails at once, not a dead letter
+    assert value(samples, "refstream_dead_letters") == 1  # bad input fails at once: a dead letter, not retried
     assert value(samples, "refstream_workers") == 1
     assert value(samples, "refstream_actors", role="worker", state="idle") == 1  # from w0's heartbeat
     # Job durations by outcome: 2 done, 1 failed; buckets cumulative, +Inf = count.

@@ -124,7 +124,8 @@ def test_bad_jobs_among_good_jobs_fail_cleanly_in_pools_mode(ray_local, redis_se
         assert "corrupt.mp4" in statuses["corrupt"]["error"]
         assert "allowed roots" in statuses["outside"]["error"]
         assert "expression is empty" in statuses["empty"]["error"]
-        assert client.queue.dead_letters() == []  # bad input fails at once, it is not retried
+        # bad input fails at once (a dead letter with reason "failed"), it is not retried
+        assert sorted((d["reason"], d["deliveries"]) for d in client.queue.dead_letters()) == [("failed", "1")] * 3
     finally:
         stop.set()
         thread.join(timeout=60)

@@ -196,6 +196,7 @@ def test_the_acl_user_runs_the_service_flow_and_nothing_more(auth_server, blacks
     assert delivery.job_id == again
     queue.fail(delivery, "boom", permanent=False)
     assert queue.dead_letters() and queue.depth() == {"pending": 0, "lag": 0}
+    assert [d["id"] for d in queue.requeue_dead([again])] == [again] and queue.purge_dead() == []  # dead letters
     assert queue.count_states()["done"] == 1 and "worker" in heartbeats(queue.r)
     supervisor = _WholeSupervisor(queue, "s1", threading.Event(), threading.Event(), lambda *a, **k: None)
     assert supervisor._set_key(stop_key("refstream", "s1"), "stop")

@@ -1,4 +1,5 @@
-"""Command-line verbs of the service: ``submit``, ``status``, ``result``, ``cancel`` and ``serve``.
+"""Command-line verbs of the service: ``submit``, ``status``, ``result``, ``cancel``, ``serve`` and
+``dead-letters list|requeue|purge``.
 
 The same names exist on :class:`refstream.service.client.RefStreamClient` for Python callers.
 """
@@ -6,9 +7,11 @@ The same names exist on :class:`refstream.service.client.RefStreamClient` for Py
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 
+from refstream.errors import ConfigError
 from refstream.options import JobOptions, add_option_arguments
 from refstream.service.logs import configure_logging, quiet_ray_log_prefix
 
@@ -24,6 +27,7 @@ def add_service_parsers(sub) -> None:
     _add_submit_parser(sub)
     _add_job_parsers(sub)
     _add_serve_parser(sub)
+    _add_dead_letters_parser(sub)
 
 
 def _redis_url_option(p: argparse.ArgumentParser) -> None:
@@ -101,6 +105,18 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--max-upload-mb", type=int, default=512)
     p.add_argument("--lease-ms", type=int, default=60_000)
     p.add_argument("--max-deliveries", type=int, default=3)
+    p.add_argument("--result-ttl-s", type=int, default=7 * 24 * 3600, metavar="S",
+                   help="seconds results and job records live after a job ends (default 7 days)")
+    # limits at the door: published to Redis, so `submit` refuses a past-limit job; workers check again
+    p.add_argument("--max-frames-per-job", type=int, default=0, metavar="N",
+                   help="largest job taken: frames to segment (after --stride/--max-frames; default 0 = no limit)")
+    p.add_argument("--max-pixels-per-frame", type=int, default=0, metavar="N",
+                   help="largest frame taken, width x height (default 0 = no limit of the service; the decoder "
+                        "refuses frames above 8K, 33,177,600 pixels)")
+    p.add_argument("--max-expressions", type=int, default=16, metavar="N",
+                   help="expressions per job (default 16; 0 = no limit)")
+    p.add_argument("--max-expression-chars", type=int, default=1000, metavar="N",
+                   help="characters per expression (default 1000; 0 = no limit)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("REFSTREAM_METRICS_PORT", 9464)),
                    help="serve Prometheus /metrics on this port (default 9464; 0 = off)")
     p.add_argument("--metrics-host", default=os.environ.get("REFSTREAM_METRICS_HOST", "0.0.0.0"),
@@ -111,7 +127,41 @@ def _add_serve_parser(sub) -> None:
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-SERVICE_COMMANDS = ("submit", "status", "result", "cancel", "serve")
+def _add_dead_letters_parser(sub) -> None:
+    """``refstream dead-letters list|requeue|purge``: inspect and replay the jobs that failed."""
+    p = sub.add_parser("dead-letters", help="list, requeue or purge the dead jobs (failed: bad input, or retries "
+                                            "used up)")
+    dsub = p.add_subparsers(dest="dead_action", required=True)
+    q = dsub.add_parser("list", help="job id, reason, error, deliveries, time of each dead job")
+    _redis_url_option(q)
+    q.add_argument("--json", action="store_true", help="one JSON list instead of the table")
+    for action, text in (("requeue", "put dead jobs back on the queue (fresh delivery count; each runs once)"),
+                         ("purge", "delete dead jobs and their records")):
+        q = dsub.add_parser(action, help=text)
+        _redis_url_option(q)
+        q.add_argument("ids", nargs="*", metavar="JOB_ID")
+        q.add_argument("--all", action="store_true", help="every dead job")
+
+
+SERVICE_COMMANDS = ("submit", "status", "result", "cancel", "serve", "dead-letters")
+
+
+def limits_from_args(args: argparse.Namespace):
+    """``serve``'s :class:`refstream.service.jobs.JobLimits` from its ``--max-*`` flags (0 = no limit).
+
+    Raises:
+        ConfigError: a negative limit (named, with its flag).
+    """
+    from refstream.service.jobs import LIMIT_FLAGS, JobLimits  # lazy: see run_service_command
+
+    values = {}
+    for name, (flag, _, _) in LIMIT_FLAGS.items():
+        value = getattr(args, name)
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0 (0 = no limit), got {value}. Fix: pass {flag} 0 or a positive "
+                              "number.")
+        values[name] = value or None
+    return JobLimits(**values)
 
 
 def gpu_shares(args: argparse.Namespace) -> tuple[float, float]:
@@ -151,6 +201,7 @@ def _run(args: argparse.Namespace, redis_settings, RefStreamClient) -> int:
             quiet_ray_log_prefix()  # before Ray starts: forwarded worker lines stay pure JSON
         num_gpus, encoder_gpus = gpu_shares(args)
         num_cpus = args.num_cpus if args.num_cpus is not None else (1.0 if args.address else None)
+        limits = limits_from_args(args)
         serve(redis_settings, address=args.address, workers=args.workers, model=args.model,
               checkpoint=args.checkpoint, device=args.device, allowed_roots=args.allowed_root,
               upload_root=args.upload_root, max_upload_bytes=args.max_upload_mb * 1024 * 1024,
@@ -158,8 +209,10 @@ def _run(args: argparse.Namespace, redis_settings, RefStreamClient) -> int:
               metrics_port=args.metrics_port or None, metrics_host=args.metrics_host,
               log_format=args.log_format, log_level=args.log_level, pipeline=args.pipeline,
               decoders=args.decoders, encoders=args.encoders, jobs_in_flight=args.jobs_in_flight,
-              encoder_gpus=encoder_gpus)
+              encoder_gpus=encoder_gpus, limits=limits, result_ttl_s=args.result_ttl_s)
         return 0
+    if args.command == "dead-letters":
+        return _dead_letters(args, RefStreamClient(redis_settings).queue)
     client = RefStreamClient(redis_settings, upload_root=getattr(args, "upload_root", None),
                              max_upload_bytes=getattr(args, "max_upload_mb", 512) * 1024 * 1024)
     if args.command == "submit":
@@ -182,3 +235,41 @@ def _run(args: argparse.Namespace, redis_settings, RefStreamClient) -> int:
         print("cancelled" if client.cancel(args.id) else "already finished")
         return 0
     raise ValueError(args.command)
+
+
+def _dead_letters(args: argparse.Namespace, queue) -> int:
+    """``refstream dead-letters list|requeue|purge`` on ``queue`` (a :class:`refstream.service.queue.JobQueue`).
+
+    Raises:
+        ConfigError: ``requeue`` / ``purge`` with neither job ids nor ``--all``, or with both.
+        JobNotFound: a job id not in the dead letters (nothing is changed).
+    """
+    if args.dead_action == "list":
+        dead = queue.dead_letters()
+        if args.json:
+            print(json.dumps(dead, indent=2))
+            return 0
+        print(format_dead_letters(dead) if dead else "no dead letters")
+        return 0
+    if bool(args.ids) == bool(args.all):
+        raise ConfigError(f"dead-letters {args.dead_action}: name the jobs (JOB_ID ...) or pass --all, not both. "
+                          f"Fix: see the ids with `refstream dead-letters list`.")
+    ids = None if args.all else args.ids
+    done = queue.requeue_dead(ids) if args.dead_action == "requeue" else queue.purge_dead(ids)
+    verb = "requeued" if args.dead_action == "requeue" else "purged"
+    for dead in done:
+        print(f"{verb} {dead['id']}")
+    print(f"{len(done)} dead job(s) {verb}")
+    return 0
+
+
+def format_dead_letters(dead: list[dict]) -> str:
+    """The ``dead-letters list`` table: job id, reason, deliveries, time (UTC) and the error's first line."""
+    rows = [("JOB_ID", "REASON", "DELIVERIES", "TIME (UTC)", "ERROR")]
+    for d in dead:
+        when = (datetime.datetime.fromtimestamp(float(d["time"]), datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+                if d.get("time") else "?")
+        error = (d.get("error") or "").splitlines()[0] if d.get("error") else ""
+        rows.append((d["id"], d.get("reason") or "retries", str(d.get("deliveries", "")), when, error))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)

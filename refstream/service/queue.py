@@ -6,8 +6,16 @@ Keys (``prefix`` defaults to ``refstream``):
 ``{prefix}:job:{id}``     hash: ``state``, ``request`` (JSON), ``frames_done``, ``frames_total``, ``stages``
                           (JSON seconds per stage), ``error``, ``deliveries``, ``consumer``, timestamps
 ``{prefix}:result:{id}``  the result JSON, written once (``SET NX``) with a TTL
-``{prefix}:dead``         dead-letter stream: jobs that failed ``max_deliveries`` times, with their last error
+``{prefix}:dead``         dead-letter stream: jobs that failed (bad input: at once; otherwise ``max_deliveries``
+                          times), with their last error, ``reason``, ``deliveries``, ``time`` and ``request``;
+                          capped at ``dead_max`` entries (``XADD MAXLEN ~``)
+``{prefix}:limits``       hash: the largest job ``serve`` accepts (:class:`refstream.service.jobs.JobLimits`)
 ``{prefix}:metrics``      hash of counters and histograms for Prometheus (see :mod:`refstream.service.metrics`)
+
+Bounded memory: job records and results expire ``result_ttl_s`` after the job ends, and the job stream is
+trimmed (:meth:`JobQueue.trim`, ``XTRIM MINID``) below its oldest entry still needed: the oldest one pending
+(delivered, not acknowledged) or, when none is, the first not yet delivered. Workers trim at most every
+``trim_every_s`` seconds, after an acknowledgement.
 
 Delivery (at-least-once, as in the Redis Streams consumer-group documentation; docs/design.md, section Service delivery): a worker
 takes an entry with ``XREADGROUP``; it stays pending until the worker ``XACK``s it, which happens only after
@@ -36,7 +44,7 @@ from redis.exceptions import ConnectionError, RedisError, ResponseError, Timeout
 from redis.retry import Retry
 
 from refstream.errors import RefStreamError
-from refstream.service.jobs import FINAL_STATES, STATES, JobRequest, new_job_id
+from refstream.service.jobs import FINAL_STATES, STATES, JobLimits, JobRequest, new_job_id
 from refstream.service.logs import log_event
 from refstream.service.metrics import record_frames, record_job, record_renewal_failures
 from refstream.service.security import RedisSettings, as_settings
@@ -128,12 +136,18 @@ class JobQueue:
         prefix: key prefix.
         lease_ms: a delivered job idle longer than this is taken over by another worker.
         max_deliveries: deliveries before a job goes to the dead-letter stream.
-        result_ttl_s: how long results and job records live after the job ends.
+        result_ttl_s: how long results and job records live after the job ends, seconds.
+        dead_max: dead letters kept (about: ``XADD MAXLEN ~``); the oldest go first.
+        trim_every_s: trim the job stream at most this often (seconds, after an acknowledgement; 0: every time).
     """
 
     def __init__(self, client, prefix: str = "refstream", lease_ms: int = 60_000, max_deliveries: int = 3,
-                 result_ttl_s: int = 7 * 24 * 3600):
+                 result_ttl_s: int = 7 * 24 * 3600, dead_max: int = 10_000, trim_every_s: float = 2.0):
         self.r = client
+        self.limits_key = f"{prefix}:limits"
+        self.dead_max = dead_max
+        self.trim_every_s = trim_every_s
+        self._trimmed_at = float("-inf")
         self.prefix = prefix
         self.stream = f"{prefix}:jobs"
         self.group = f"{prefix}-workers"
@@ -276,11 +290,12 @@ class JobQueue:
         record = self.r.hgetall(self._job(job_id)) if job_id else {}
         if not record or record.get("state") in FINAL_STATES or self.r.exists(self._result(job_id)):
             self.r.xack(self.stream, self.group, entry_id)  # nothing (left) to do
+            self._maybe_trim()
             return None
         deliveries = self.r.hincrby(self._job(job_id), "deliveries", 1)
         if deliveries > self.max_deliveries:
             error = record.get("error") or "the worker died or timed out on every delivery"
-            self._dead_letter(job_id, entry_id, error, deliveries - 1)
+            self._dead_letter(job_id, entry_id, error, deliveries - 1, "retries", record.get("request"))
             log_event(log, "job.dead_letter", "job sent to the dead letters", logging.ERROR, job_id=job_id,
                       consumer=consumer, state="failed", error=error, deliveries=deliveries - 1)
             return None
@@ -378,18 +393,21 @@ class JobQueue:
         pipe.xack(self.stream, self.group, delivery.entry_id)
         record_job(pipe, self.prefix, "done", seconds, delivery.stages)
         self._execute(pipe)
+        self._maybe_trim()
         log_event(log, "job.done", "job finished", job_id=delivery.job_id, consumer=delivery.consumer or None,
                   state="done", seconds=seconds, frames=delivery.frames_reported, deliveries=delivery.deliveries)
         return written
 
     def fail(self, delivery: Delivery, error: str, permanent: bool = True) -> None:
-        """Record an error. Permanent (bad input): failed and acknowledged now. Otherwise the entry stays
-        pending and is retried after the lease, until ``max_deliveries`` sends it to the dead letters."""
+        """Record an error. Permanent (bad input): failed, acknowledged and added to the dead letters now (reason
+        ``failed``; no retries: :meth:`requeue_dead` once the input is fixed). Otherwise the entry stays pending
+        and is retried after the lease, until ``max_deliveries`` sends it to the dead letters (``retries``)."""
         seconds = delivery.elapsed()
         self.r.hset(self._job(delivery.job_id), mapping={"error": error, "updated": time.time()})
         final = permanent or delivery.deliveries >= self.max_deliveries
         if final:
-            self._dead_letter(delivery.job_id, delivery.entry_id, error, delivery.deliveries, dead=not permanent)
+            self._dead_letter(delivery.job_id, delivery.entry_id, error, delivery.deliveries,
+                              "failed" if permanent else "retries")
         else:
             self.r.hset(self._job(delivery.job_id), "state", "queued")
         pipe = self.r.pipeline(transaction=False)
@@ -426,21 +444,148 @@ class JobQueue:
         pipe.xack(self.stream, self.group, delivery.entry_id)
         record_job(pipe, self.prefix, "cancelled", seconds)
         self._execute(pipe)
+        self._maybe_trim()
         log_event(log, "job.cancelled", "job stopped: it was cancelled", job_id=delivery.job_id,
                   consumer=delivery.consumer or None, state="cancelled", seconds=seconds)
 
-    def _dead_letter(self, job_id: str, entry_id: str, error: str, deliveries: int, dead: bool = True) -> None:
+    def _dead_letter(self, job_id: str, entry_id: str, error: str, deliveries: int, reason: str,
+                     request: str | None = None) -> None:
+        """Fail the job, acknowledge its entry and add it to the dead letters (``reason``: ``failed`` for bad
+        input, ``retries`` after ``max_deliveries``)."""
+        now = time.time()
+        if request is None:
+            request = self.r.hget(self._job(job_id), "request")
         pipe = self.r.pipeline()
-        if dead:
-            pipe.xadd(self.dead, {"id": job_id, "error": error, "deliveries": deliveries})
-        pipe.hset(self._job(job_id), mapping={"state": "failed", "error": error, "updated": time.time()})
+        pipe.xadd(self.dead, {"id": job_id, "error": error, "deliveries": deliveries, "reason": reason, "time": now,
+                              "request": request or ""}, maxlen=self.dead_max, approximate=True)
+        pipe.hset(self._job(job_id), mapping={"state": "failed", "error": error, "updated": now})
         pipe.expire(self._job(job_id), self.result_ttl_s)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.execute()
+        self._maybe_trim()
 
     def dead_letters(self) -> list[dict[str, Any]]:
-        """The dead-letter stream's entries (job id, last error, deliveries)."""
-        return [fields for _, fields in self.r.xrange(self.dead)]
+        """The dead-letter stream's entries, oldest first: ``id`` (the job's), ``error`` (its last),
+        ``deliveries``, ``reason`` (``failed``: bad input, failed at once; ``retries``: failed ``max_deliveries``
+        times), ``time`` (Unix seconds), ``request`` (JSON) and ``entry`` (the dead stream's entry id)."""
+        return [{**fields, "entry": entry} for entry, fields in self.r.xrange(self.dead)]
+
+    def _select_dead(self, job_ids) -> list[dict[str, Any]]:
+        """The dead letters of ``job_ids`` (None: all).
+
+        Raises:
+            JobNotFound: a job id that is not in the dead letters (nothing is changed).
+        """
+        dead = self.dead_letters()
+        if job_ids is None:
+            return dead
+        wanted = list(dict.fromkeys(job_ids))
+        missing = [j for j in wanted if not any(d["id"] == j for d in dead)]
+        if missing:
+            raise JobNotFound(f"not in the dead letters: {', '.join(missing)}. Fix: see the job ids with "
+                              f"`refstream dead-letters list`")
+        return [d for d in dead if d["id"] in wanted]
+
+    def requeue_dead(self, job_ids=None) -> list[dict[str, Any]]:
+        """Put dead jobs back on the queue with a fresh record (state ``queued``, no deliveries, no error) and
+        remove them from the dead letters; returns the dead letters requeued.
+
+        Exactly once: each dead entry is claimed first (``SET NX`` of ``{prefix}:requeue:{entry}``), so two
+        requeues at the same moment queue it once; then, in one transaction, the entry is deleted, the job record
+        rewritten (no TTL any more) and the job id added to the job stream. A requeued job is a queued job like
+        any other: it runs once (results are written once, see :meth:`complete`).
+
+        Args:
+            job_ids: the jobs to requeue (None: every dead letter).
+
+        Raises:
+            JobNotFound: a job id not in the dead letters (nothing is requeued).
+        """
+        requeued = []
+        for dead in self._select_dead(job_ids):
+            if not self.r.set(f"{self.prefix}:requeue:{dead['entry']}", "1", nx=True, ex=3600):
+                continue  # another requeue has it
+            request = dead.get("request") or self.r.hget(self._job(dead["id"]), "request")
+            if not request:
+                log_event(log, "job.requeue_skipped", "no request stored for this dead letter: left in place",
+                          logging.WARNING, job_id=dead["id"])
+                continue
+            now = time.time()
+            pipe = self.r.pipeline()
+            pipe.xdel(self.dead, dead["entry"])
+            pipe.delete(self._job(dead["id"]), self._result(dead["id"]))
+            pipe.hset(self._job(dead["id"]), mapping={
+                "request": request, "state": "queued", "frames_done": 0, "frames_total": 0, "stages": "{}",
+                "error": "", "deliveries": 0, "created": now, "updated": now, "requeued": now})
+            pipe.xadd(self.stream, {"id": dead["id"]})
+            pipe.execute()
+            requeued.append(dead)
+            log_event(log, "job.requeued", "dead job put back on the queue", job_id=dead["id"], state="queued")
+        return requeued
+
+    def purge_dead(self, job_ids=None) -> list[dict[str, Any]]:
+        """Delete dead letters and their job records; returns the dead letters removed.
+
+        Args:
+            job_ids: the jobs to purge (None: every dead letter).
+
+        Raises:
+            JobNotFound: a job id not in the dead letters (nothing is removed).
+        """
+        removed = []
+        for dead in self._select_dead(job_ids):
+            pipe = self.r.pipeline()
+            pipe.xdel(self.dead, dead["entry"])
+            pipe.delete(self._job(dead["id"]))
+            if pipe.execute()[0]:
+                removed.append(dead)
+                log_event(log, "job.purged", "dead job deleted", job_id=dead["id"])
+        return removed
+
+    # ------------------------------------------------------------------ limits, trimming
+    def publish_limits(self, limits: JobLimits) -> None:
+        """Write ``serve``'s :class:`refstream.service.jobs.JobLimits` to ``{prefix}:limits`` (read by ``submit``)."""
+        self.r.hset(self.limits_key, mapping=limits.to_mapping())
+
+    def limits(self) -> JobLimits | None:
+        """The :class:`refstream.service.jobs.JobLimits` ``serve`` published, or None when none did."""
+        mapping = self.r.hgetall(self.limits_key)
+        return JobLimits.from_mapping(mapping) if mapping else None
+
+    def trim(self) -> int:
+        """Trim the job stream below its oldest entry still needed; returns the entries removed.
+
+        Needed are the entries pending (delivered, not acknowledged: their job may be reclaimed) and those not
+        yet delivered (after the group's last-delivered id). Both are read in one transaction, the group's
+        position first, so an entry delivered meanwhile is pending or after it. Entries only ever leave that
+        set, so trimming below it (``XTRIM MINID``) never loses a job.
+        """
+        pipe = self.r.pipeline()
+        pipe.xinfo_groups(self.stream)
+        pipe.xpending(self.stream, self.group)
+        groups, pending = pipe.execute()
+        group = next((g for g in groups if g["name"] == self.group), None)
+        if group is None:
+            return 0
+        ms, seq = (int(x) for x in group["last-delivered-id"].split("-"))
+        keep = (ms, seq + 1)
+        if pending.get("pending") and pending.get("min"):
+            oldest = tuple(int(x) for x in pending["min"].split("-"))
+            keep = min(keep, oldest)
+        removed = self.r.xtrim(self.stream, minid=f"{keep[0]}-{keep[1]}", approximate=False)
+        self._trimmed_at = time.monotonic()
+        return int(removed or 0)
+
+    def _maybe_trim(self) -> None:
+        """:meth:`trim` when it has not run for ``trim_every_s`` (a failure is logged: trimming is never vital)."""
+        if time.monotonic() - self._trimmed_at < self.trim_every_s:
+            return
+        try:
+            self.trim()
+        except RedisError as exc:
+            self._trimmed_at = time.monotonic()
+            log_event(log, "queue.trim_failed", f"could not trim the job stream ({exc}); trying again later",
+                      logging.WARNING, error=str(exc))
 
     def work(self, consumer: str, handler: Callable[[JobRequest, Callable[..., None]], dict], *,
              stop: Callable[[], bool] = lambda: False, block_ms: int = 500, max_jobs: int | None = None) -> int:

@@ -35,7 +35,7 @@ ACL_COMMANDS = (
     "get", "set", "del", "exists", "expire", "scan",
     "hget", "hset", "hsetnx", "hgetall", "hincrby", "hincrbyfloat",
     "xadd", "xack", "xautoclaim", "xclaim", "xgroup|create", "xinfo|groups", "xlen", "xpending", "xrange",
-    "xreadgroup",
+    "xreadgroup", "xtrim", "xdel",
 )
 
 

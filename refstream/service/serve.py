@@ -40,7 +40,7 @@ from contextlib import contextmanager
 
 from redis.exceptions import RedisError
 
-from refstream.service.jobs import InputPolicy
+from refstream.service.jobs import InputPolicy, JobLimits
 from refstream.service.logs import log_event
 from refstream.service.metrics import start_metrics_server
 from refstream.service.queue import JobQueue, connect
@@ -60,7 +60,7 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
           on_start=None, log=None, metrics_port: int | None = None, metrics_host: str = "0.0.0.0",
           log_format: str | None = None, log_level: str = "INFO", pipeline: str = "pools", decoders: int = 1,
           encoders: int = 1, jobs_in_flight: int | None = None, encoder_gpus: float = 0.0,
-          abort_event: threading.Event | None = None) -> int:
+          abort_event: threading.Event | None = None, limits=None, result_ttl_s: int = 7 * 24 * 3600) -> int:
     """Run the worker pool until stopped; returns the number of jobs handled.
 
     Args:
@@ -102,6 +102,9 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
         abort_event: set on the second signal (after ``stop_event``): the running jobs are handed back to the
             queue unfinished at their next progress report (:meth:`JobQueue.release`); the next ``serve`` takes
             them at once (created when None).
+        limits: the largest job taken (:class:`refstream.service.jobs.JobLimits`; None: no limits), published to
+            Redis for ``submit`` and checked by the workers before each job.
+        result_ttl_s: how long results and job records live after a job ends, seconds.
 
     Raises:
         ValueError: ``pipeline`` is neither ``pools`` nor ``whole`` (nothing is started).
@@ -141,18 +144,22 @@ def _serve(redis_url, *, session, address, workers, model, checkpoint, device, a
     serve_id = uuid.uuid4().hex[:12]
     redis_url = as_settings(redis_url)
     control = JobQueue(connect(redis_url))
+    limits = limits or JobLimits()
+    control.publish_limits(limits)  # read by submit: a past-limit job is refused before it is queued
     options = dict(model=model, checkpoint=checkpoint, device=device, lease_ms=lease_ms,
-                   max_deliveries=max_deliveries, num_gpus=num_gpus, threads=max(1, int(num_cpus)))
+                   max_deliveries=max_deliveries, num_gpus=num_gpus, threads=max(1, int(num_cpus)),
+                   result_ttl_s=result_ttl_s)
     if pipeline == "pools":
         with _metrics_server(control, metrics_port, metrics_host, note, workers=lambda: workers):
             handled = serve_pools(
                 redis_url, decoders=decoders, encoders=encoders, workers=workers, encoder_gpus=encoder_gpus,
-                policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes), num_cpus=min(num_cpus, 0.5),
+                policy=InputPolicy(allowed_roots, upload_root, max_upload_bytes, limits), num_cpus=min(num_cpus, 0.5),
                 stop_event=stop_event, abort_event=abort_event, on_start=on_start, note=note, serve_id=serve_id,
                 prefix=control.prefix, jobs_in_flight=jobs_in_flight, **options)
     else:
         actors = _whole_actors(redis_url, control.prefix, serve_id, workers, num_cpus,
-                               allowed_roots=list(allowed_roots), upload_root=upload_root, max_upload_bytes=max_upload_bytes, log_format=log_format,
+                               allowed_roots=list(allowed_roots), upload_root=upload_root, max_upload_bytes=max_upload_bytes,
+                               limits=limits, log_format=log_format,
                                log_level=log_level, **options)
         if on_start is not None:
             on_start(actors)

@@ -399,7 +399,7 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
 
     ``progress`` is the job's :class:`LeaseKeeper`. Returns ``{"summary", "files", "seconds"}``.
     """
-    path = policy.check(request.input)
+    path = policy.admit(request)  # allowed roots and the job limits, before anything runs
     options = request  # a JobRequest is the job's refstream.options.JobOptions, validated when it was parsed
     expressions = list(options.expressions)
     actors = pools.acquire()
@@ -582,15 +582,16 @@ def serve_pools(redis_url: RedisSettings | str, *, decoders: int = 1, encoders: 
                 max_deliveries: int = 3, num_gpus: float = 0.0, encoder_gpus: float = 0.0, num_cpus: float = 0.5,
                 threads: int | None = None, stop_event: threading.Event, abort_event: threading.Event | None = None,
                 on_start=None, note=None, ahead: int = 2, chunk_size: int = 8, serve_id: str = "pools",
-                prefix: str = "refstream", jobs_in_flight: int | None = None) -> int:
+                prefix: str = "refstream", jobs_in_flight: int | None = None,
+                result_ttl_s: int = 7 * 24 * 3600) -> int:
     """Build the pools and run ``jobs_in_flight`` coordinator threads over the queue until ``stop_event``.
 
     ``jobs_in_flight`` defaults to ``2 * workers``: while one job is in SAM2 on a VideoGLaMM worker, the next
     is decoded and encoded. On ``stop_event`` each coordinator finishes the job it holds and stops (jobs not
     taken stay queued); once ``abort_event`` is set too, the jobs held go back to the queue at their next
     progress report instead of finishing. ``on_start(pools)`` is called once the actors are up. ``note(event,
-    message, level, **fields)`` receives the events (default: logged on ``refstream.serve``). Returns the
-    number of jobs handled.
+    message, level, **fields)`` receives the events (default: logged on ``refstream.serve``). ``result_ttl_s``: how
+    long results and job records live after a job ends (seconds). Returns the number of jobs handled.
 
     Raises:
         ConfigError: the pools do not fit a local Ray (:func:`check_resources`).
@@ -611,7 +612,8 @@ def serve_pools(redis_url: RedisSettings | str, *, decoders: int = 1, encoders: 
         return run_pooled_job(pools, policy, request, progress, lease_ms=lease_ms, abort=abort_event)
 
     def loop(slot: int) -> None:
-        queue = JobQueue(connect(redis_url), prefix=prefix, lease_ms=lease_ms, max_deliveries=max_deliveries)
+        queue = JobQueue(connect(redis_url), prefix=prefix, lease_ms=lease_ms, max_deliveries=max_deliveries,
+                         result_ttl_s=result_ttl_s)
         handled[slot] = _coordinate(queue, f"{serve_id}-coordinator-{slot}", handler, stop_event, note)
 
     threads_ = [threading.Thread(target=loop, args=(i,), daemon=True, name=f"refstream-coordinator-{i}")

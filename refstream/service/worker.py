@@ -149,7 +149,7 @@ def run_job(pipeline, policy: InputPolicy, request: JobRequest, progress) -> dic
     Raises:
         RefStreamError subclasses for bad input (the queue fails the job at once, no retries).
     """
-    path = policy.check(request.input)
+    path = policy.admit(request)  # allowed roots and the job limits, before anything runs
     options = request  # a JobRequest is the job's refstream.options.JobOptions, validated when it was parsed
     done = {"frames": 0, "last": 0.0}
 
@@ -189,13 +189,16 @@ class QueueWorker:
             :func:`stop_key` (None: only :meth:`stop` stops it).
         threads: torch intra-op threads in this process (None: leave torch's setting; ``serve`` passes the
             actor's CPUs).
+        limits: the largest job taken (:class:`refstream.service.jobs.JobLimits`; None: no limits), checked
+            before each job runs.
     """
 
     def __init__(self, redis_url: RedisSettings | str, model: str = "tiny", checkpoint: str | None = None, device: str = "auto",
                  allowed_roots=(), upload_root=None, max_upload_bytes: int = 512 * 1024 * 1024,
                  lease_ms: int = 60_000, max_deliveries: int = 3, result_ttl_s: int = 7 * 24 * 3600,
                  name: str = "worker", log_format: str | None = None, log_level: str = "INFO",
-                 prefix: str = "refstream", serve_id: str | None = None, threads: int | None = None):
+                 prefix: str = "refstream", serve_id: str | None = None, threads: int | None = None,
+                 limits=None):
         if log_format is not None:
             configure_logging(log_format, log_level)
         if threads:
@@ -209,7 +212,7 @@ class QueueWorker:
         self.heartbeat_key = heartbeat_key(prefix, name)
         self._beat_at = 0.0
         self._state, self._job = "idle", ""
-        self.policy = InputPolicy(allowed_roots, upload_root, max_upload_bytes)
+        self.policy = InputPolicy(allowed_roots, upload_root, max_upload_bytes, limits)
         self.pipeline = load(model, checkpoint=checkpoint, device=device).pipeline
         self._stop = False
         self.handled = 0
