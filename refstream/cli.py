@@ -24,6 +24,7 @@ from refstream.bench.metrics import add_bench_metrics_parser, main_bench_metrics
 from refstream.bench.reproduce import add_reproduce_parser, run_reproduce_command
 from refstream.bench.runs import add_bench_run_parsers, run_bench_command
 from refstream.bench.service import add_bench_service_parser, main_bench_service
+from refstream.bench.stages import add_bench_stages_parser, main_bench_stages
 from refstream.config import load_model_config
 from refstream.convert import add_convert_parser, run_convert
 from refstream.errors import ConfigError, RefStreamError
@@ -148,6 +149,7 @@ def _add_bench_parser(sub) -> None:
     add_bench_run_parsers(bsub)
     add_bench_service_parser(bsub)
     add_bench_live_parser(bsub)
+    add_bench_stages_parser(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -159,6 +161,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return main_bench_metrics(args)
     if args.bench == "live":
         return main_bench_live(args)
+    if args.bench == "stages":
+        return main_bench_stages(args)
     from refstream.bench.pruning import main_bench_pruning  # lazy: torch (see the top)
 
     if args.video is None:
