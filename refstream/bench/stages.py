@@ -580,6 +580,8 @@ def run_stages(
                 embeds = torch.cat([randn(text_tokens, hidden), visual[r]]).unsqueeze(0)
             else:
                 embeds = randn(1, length, hidden)
+                if r == 0:
+                    synthetic.append("LLM visual embeddings (projectors skipped)")
             mask = torch.ones(1, length, dtype=torch.long, device=dev)
             log(f"llm {row}: prefill of {length} tokens ...")
             with torch.inference_mode(), clock("llm", r):
@@ -805,6 +807,10 @@ def format_table(report: dict) -> str:
         f"{'/'.join(f'{x:.1f}' for x in env.get('load_average_end', [0, 0, 0]))}",
         f"stages run: {','.join(st['stages'])}; {st['random_weights']}",
     ]
+    for run in env.get("runs", []):
+        lines.append(f"  run of --stages {','.join(run['stages'])}: load average "
+                     f"{'/'.join(f'{x:.1f}' for x in run['load_average_start'])} -> "
+                     f"{'/'.join(f'{x:.1f}' for x in run['load_average_end'] or [])}, peak RSS {run['peak_rss_mb']:.0f} MiB")
     if report["synthetic_inputs"]:
         lines.append("random inputs of the right shapes for: " + "; ".join(report["synthetic_inputs"]))
     for stage, note in report["notes"].items():
@@ -842,6 +848,58 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+#: settings that must agree for reports to be merged
+MERGE_KEYS = ("model", "device", "dtype", "video", "frames", "max_frames", "sam2_frames", "text_tokens")
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from reports of the same settings whose stages ran in separate processes (``--stages llm``
+    alone, then the rest: so that each fits in memory). Each stage must come from exactly one report; the
+    summary (Table 6) is recomputed over the union, and the environment of every run is kept.
+
+    Raises:
+        ConfigError: settings or rows that differ, or a stage measured twice (named, with the fix).
+    """
+    if not reports:
+        raise ConfigError("--merge needs at least one JSON report written by refstream bench stages --json")
+    base = json.loads(json.dumps(reports[0]))
+    keys = [(r["method"], r["budget"], r["placement"]) for r in base["rows"]]
+    seen = set(base["settings"]["stages"])
+    for i, other in enumerate(reports[1:], start=2):
+        for key in MERGE_KEYS:
+            if other["settings"].get(key) != base["settings"].get(key):
+                raise ConfigError(f"--merge: report {i} has {key} {other['settings'].get(key)!r} but report 1 has "
+                                  f"{base['settings'].get(key)!r}; merge only runs made with the same options")
+        if [(r["method"], r["budget"], r["placement"]) for r in other["rows"]] != keys:
+            raise ConfigError(f"--merge: report {i} has other rows (--method/--budget/--placement) than report 1")
+        twice = seen & set(other["settings"]["stages"])
+        if twice:
+            raise ConfigError(f"--merge: stage(s) {', '.join(sorted(twice))} are in more than one report; run each "
+                              "stage once (--stages)")
+        seen |= set(other["settings"]["stages"])
+        for row, extra in zip(base["rows"], other["rows"]):
+            row["stages"].update(extra["stages"])
+            row["note"] = "; ".join(n for n in (row["note"], extra["note"]) if n)
+        base["synthetic_inputs"] += [s for s in other["synthetic_inputs"] if s not in base["synthetic_inputs"]]
+        base["notes"].update(other["notes"])
+        base["rss_after_free_mb"].update(other.get("rss_after_free_mb", {}))
+        base["sam2"] = base["sam2"] or other["sam2"]
+    order = [c for c, _, _ in COLUMNS]
+    for row in base["rows"]:
+        row["stages"] = {c: row["stages"][c] for c in order if c in row["stages"]}
+    stages = tuple(s for s in STAGES if s in seen)
+    base["settings"]["stages"] = list(stages)
+    base["settings"]["merged_runs"] = [r["settings"]["stages"] for r in reports]
+    env = base["environment"]
+    env["runs"] = [{"stages": r["settings"]["stages"], "load_average_start": r["environment"]["load_average_start"],
+                    "load_average_end": r["environment"].get("load_average_end"),
+                    "peak_rss_mb": r["environment"]["peak_rss_mb"]} for r in reports]
+    env["load_average_end"] = reports[-1]["environment"].get("load_average_end", env.get("load_average_end"))
+    env["peak_rss_mb"] = max(r["environment"]["peak_rss_mb"] for r in reports)
+    base["summary"] = _summary(base["rows"], stages)
+    return base
+
+
 def add_bench_stages_parser(bsub) -> None:
     """Add ``refstream bench stages`` to the ``bench`` subparsers."""
     p = bsub.add_parser(
@@ -873,10 +931,22 @@ def add_bench_stages_parser(bsub) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the table to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge reports of the same options whose stages ran separately (e.g. --stages "
+                   "llm, then the rest) into one table")
 
 
 def main_bench_stages(args) -> int:
     """CLI entry for ``refstream bench stages``."""
+    if args.merge:
+        reports = []
+        for name in args.merge:
+            try:
+                reports.append(json.loads(Path(name).read_text()))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"--merge {name}: cannot read a JSON report ({exc}); write one with --json") from exc
+        report = merge_reports(reports)
+        return _emit(report, args)
     report = run_stages(
         args.model, device=args.device, dtype=args.dtype, video=args.video, frames=args.frames,
         max_frames=args.max_frames, methods=args.method or ("none", "litelvlm"),
@@ -885,6 +955,10 @@ def main_bench_stages(args) -> int:
         expression=args.expression, decoder=args.decoder, seed=args.seed,
         log=(lambda *_: None) if args.quiet else (lambda *a: print(*a, flush=True)),
     )
+    return _emit(report, args)
+
+
+def _emit(report: dict, args) -> int:
     table = format_table(report)
     print(table)
     if args.out:
