@@ -25,6 +25,7 @@ from refstream.bench.reproduce import add_reproduce_parser, run_reproduce_comman
 from refstream.bench.runs import add_bench_run_parsers, run_bench_command
 from refstream.bench.service import add_bench_service_parser, main_bench_service
 from refstream.bench.soak import add_bench_soak_parser, main_bench_soak
+from refstream.bench.stages import add_bench_stages_parser, main_bench_stages
 from refstream.config import load_model_config
 from refstream.convert import add_convert_parser, run_convert
 from refstream.errors import ConfigError, RefStreamError
@@ -151,6 +152,7 @@ def _add_bench_parser(sub) -> None:
     add_bench_service_parser(bsub)
     add_bench_soak_parser(bsub)
     add_bench_live_parser(bsub)
+    add_bench_stages_parser(bsub)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -164,6 +166,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return main_bench_metrics(args)
     if args.bench == "live":
         return main_bench_live(args)
+    if args.bench == "stages":
+        return main_bench_stages(args)
     from refstream.bench.pruning import main_bench_pruning  # lazy: torch (see the top)
 
     if args.video is None:
