@@ -147,3 +147,25 @@ def test_damaged_frames_are_counted_and_ffmpeg_stays_quiet(damaged, decoder, cap
     with open_video(clean, decoder) as video:
         video.read(range(video.num_frames))
         assert video.decode_report()["frames_damaged"] == 0 and video.decoder_used == decoder
+
+
+def test_a_frame_past_pillows_bomb_limit_is_refused_by_max_pixels_and_a_raised_limit_is_honoured(tmp_path):
+    """A 20000x10000 PNG (above twice Pillow's MAX_IMAGE_PIXELS, where Pillow raises DecompressionBombError at
+    open) is refused by our limit, naming its size and ``--max-pixels``; with the limit raised, a 12000x8000
+    frame (past Pillow's limit too) opens."""
+    from PIL import Image
+
+    from refstream_errors import InputError
+
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    Image.new("RGB", (64, 36)).save(folder / "00000.png")
+    Image.new("1", (20000, 10000)).save(folder / "00001.png")  # 1 bit per pixel: a small file
+    with pytest.raises(InputError, match=r"00001\.png: frames are 20000x10000 = 200,000,000 pixels.*max.pixels"):
+        open_video(folder)
+    raised = tmp_path / "raised"
+    raised.mkdir()
+    Image.new("1", (12000, 8000)).save(raised / "00000.png")
+    video = open_video(raised, max_pixels=10**9)
+    assert (video.width, video.height, video.num_frames) == (12000, 8000, 1)
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own check is back on

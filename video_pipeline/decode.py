@@ -14,7 +14,9 @@ fix; an unknown decoder name raises :class:`refstream_errors.ConfigError`.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,32 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
+_PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def _no_bomb_warning():
+    """Pillow's DecompressionBombWarning silenced (the frame size was checked against ``max_pixels``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+@contextmanager
+def _pillow_size_check_off():
+    """Pillow's own decompression-bomb check off while a frame is opened: the frame size is checked against
+    ``max_pixels`` (:func:`video_pipeline.video_file.check_frame_size`, from the header) instead, so the error
+    names ``--max-pixels`` and a raised limit is honoured. Pillow reads ``Image.MAX_IMAGE_PIXELS`` at open; it
+    is restored afterwards (a lock keeps overlapping readers from restoring each other's value)."""
+    with _PILLOW_LIMIT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 class FrameFolder(VideoSource):
     """Frames stored as JPEG/PNG files in one folder, ordered by file name (DAVIS ``JPEGImages`` layout).
 
@@ -87,11 +115,8 @@ class FrameFolder(VideoSource):
         sizes = {}
         for f in self.files:
             try:
-                with Image.open(f) as im:  # the header only: nothing is decoded here
+                with _pillow_size_check_off(), Image.open(f) as im:  # the header only: nothing is decoded here
                     sizes[f] = im.size
-            except Image.DecompressionBombError as e:  # Pillow refuses twice its own pixel limit at open
-                raise input_error(f, f"frame is far too large to decode ({e})",
-                                  "downscale the frames, e.g. to 1920 pixels wide") from None
             except (UnidentifiedImageError, OSError) as e:
                 raise input_error(f, f"frame is not a readable image ({e})", "replace or remove this file") from e
             check_frame_size(f, *sizes[f], max_pixels)
@@ -113,8 +138,8 @@ class FrameFolder(VideoSource):
         for k, i in enumerate(indices):
             f = self.files[i]
             try:
-                with warnings.catch_warnings():  # the size was checked at construction (max_pixels)
-                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                big = Image.MAX_IMAGE_PIXELS is not None and self.width * self.height > Image.MAX_IMAGE_PIXELS
+                with _pillow_size_check_off() if big else _no_bomb_warning():  # size checked against max_pixels
                     with Image.open(f) as im:
                         rgb = to_rgb8(im)
             except OSError as e:
