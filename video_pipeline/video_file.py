@@ -513,12 +513,15 @@ class DecordVideo(_FileSource):
                                                  f"expected {self.width}x{self.height}")
         if _DecordErrors.count != self._errors_seen:
             return self._switch_to_pyav(indices, f"FFmpeg reported {_DecordErrors.count - self._errors_seen} "
-                                                 f"decoding error(s) by frame {indices[-1]} (damaged data)")
+                                                 f"decoding error(s) by frame {indices[-1]} (damaged data)",
+                                        quiet=True)  # the run's one damaged-frames line reports it
         return np.ascontiguousarray(frames, dtype=np.uint8)
 
-    def _switch_to_pyav(self, indices: list[int], problem: str) -> np.ndarray:
-        """Read these and all later frames with PyAV (one warning); raises only when PyAV fails too."""
-        log.warning("%s: %s; reading the video with PyAV instead", self.path, problem)
+    def _switch_to_pyav(self, indices: list[int], problem: str, quiet: bool = False) -> np.ndarray:
+        """Read these and all later frames with PyAV (one warning, or a debug line when ``quiet``: damaged data,
+        which the run reports in its one ``frames_damaged`` line); raises only when PyAV fails too."""
+        log.log(logging.DEBUG if quiet else logging.WARNING, "%s: %s; reading the video with PyAV instead",
+                self.path, problem)
         self._fallback = PyAVVideo(self.path, self._info)
         self.decoder_used = "pyav"
         return self._fallback._read_sorted(indices)
