@@ -542,8 +542,9 @@ def verdicts(report: dict) -> list[dict]:
          "value": f"{shutdown['temp_files_left_count']} left" + (f": {shutdown['temp_files_left'][:3]}"
                                                                  if shutdown["temp_files_left"] else "")},
         {"name": "no processes left", "pass": not shutdown["processes_left"] and shutdown["serve_exit"] == 0,
-         "value": f"{len(shutdown['processes_left'])} of {shutdown['processes_seen']} left; serve exit "
-                  f"{shutdown['serve_exit']} after SIGTERM in {shutdown['stop_s']:.1f} s"},
+         "value": f"{len(shutdown['processes_left'])} of {shutdown['processes_seen']} left"
+                  + (f" ({', '.join(p['name'] for p in shutdown['processes_left'])})" if shutdown["processes_left"]
+                     else "") + f"; serve exit {shutdown['serve_exit']} after SIGTERM in {shutdown['stop_s']:.1f} s"},
     ]
 
 
