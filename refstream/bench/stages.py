@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import os
@@ -56,6 +55,7 @@ from pathlib import Path
 
 from refstream.bench import cpu_name
 from refstream.errors import ConfigError
+from refstream.memory import release_freed_memory
 
 STAGES = ("decode", "clip", "prune", "internvideo2", "projectors", "llm", "sam2", "write")
 #: stages measured once per video and shared by every row (the others are measured per row)
@@ -331,11 +331,7 @@ def _free() -> None:
     """Collect garbage, hand freed heap pages back to the OS (glibc ``malloc_trim``: without it the pages freed
     by a stage's forward in the worker threads' arenas stay in the RSS) and return cached CUDA blocks. The
     caller drops its references first."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
+    release_freed_memory()
     try:
         import torch  # lazy (see the module docstring)
 

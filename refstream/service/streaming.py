@@ -54,6 +54,7 @@ import torch
 
 from refstream.config import load_model_config
 from refstream.errors import ConfigError, RefStreamError
+from refstream.memory import release_freed_memory
 from refstream.options import make_method
 from refstream.outputs import JobResult, JobWriter, job_result
 from refstream.pipeline import Pipeline, StageTimer, clip_view
@@ -177,6 +178,8 @@ class DecodeActor:
         job = self.jobs.pop(job_id, None)
         if job is not None:
             job.stop.set()
+        if not self.jobs:  # between jobs: the pages the job's decode thread freed go back to the OS
+            release_freed_memory()
 
     def stats(self) -> dict:
         return {"pid": os.getpid(), "jobs": len(self.jobs), "max_ahead": self.max_ahead, "ahead": self.ahead,
