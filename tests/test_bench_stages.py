@@ -248,7 +248,7 @@ def test_full_size_sam2_stage(tmp_path):
 
 @pytest.mark.slow
 def test_full_size_llm_prefill(tmp_path):
-    """Full-size Phi-3 (fp32, about 14.3 GiB) prefill at 4 encoder frames, unpruned and 81 pooled."""
+    """Full-size Phi-3 (fp32: 13.9 GiB of weights) prefill at 4 encoder frames, unpruned and 81 pooled."""
     if (available_mb() or 0) < 17 * 1024:
         pytest.skip("needs about 17 GiB of free memory for Phi-3 in float32")
     assert main(["bench", "stages", "--stages", "llm", "--frames", "4", "--budget", "81", "--quiet",

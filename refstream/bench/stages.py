@@ -60,7 +60,6 @@ from refstream.memory import release_freed_memory
 STAGES = ("decode", "clip", "prune", "internvideo2", "projectors", "llm", "sam2", "write")
 #: stages measured once per video and shared by every row (the others are measured per row)
 SHARED = ("decode", "clip", "internvideo2", "sam2", "write")
-#: what each stage's FLOPs are in ``workers.stats.stage_flops`` (None: not counted, no matmuls)
 DEFAULT_VIDEO = Path(__file__).resolve().parents[2] / "examples" / "bedroom.mp4"
 DEFAULT_EXPRESSION = "the bed"
 UNPRUNED = ("none", 576, "pooled")
