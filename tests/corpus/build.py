@@ -27,7 +27,7 @@ import shutil
 import struct
 import subprocess
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -689,7 +689,8 @@ def check_run_outputs(built: Built, out: Path) -> dict:
         assert len(obj["masks"]) == exp.frames and all(m["size"] == [height, width] for m in obj["masks"])
     damaged = summary.get("frames_damaged", 0)
     if exp.damaged:
-        assert "frames_damaged" in summary and damaged > 0, f"summary.json frames_damaged: {summary.get('frames_damaged')!r}"
+        assert "frames_damaged" in summary and damaged > 0, \
+            f"summary.json frames_damaged: {summary.get('frames_damaged')!r}"
     else:
         assert damaged == 0, f"summary.json frames_damaged = {damaged} for an intact input"
     with av.open(str(out / "overlay.mp4")) as container:
