@@ -133,7 +133,8 @@ def _check_outcome(served: Served, corpus, name: str) -> None:
     outcome = served.outcomes[name]
     if outcome[0] == "skipped":
         pytest.skip(outcome[1])
-    assert outcome[0] != "crashed", f"the client raised at submit (refstream submit: a traceback, exit 1):\n{outcome[1]}"
+    assert outcome[0] != "crashed", \
+        f"the client raised at submit (refstream submit: a traceback, exit 1):\n{outcome[1]}"
     exp = built.expected
     if outcome[0] == "refused":
         assert exp.exit == 2, f"refused at submit, but refstream run succeeds: {outcome[1]}"
