@@ -126,7 +126,8 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
                       num_gpus=num_gpus, num_cpus=num_cpus, stop_event=stop_event, on_start=on_start, log=log,
                       metrics_port=metrics_port, metrics_host=metrics_host, log_format=log_format,
                       log_level=log_level, pipeline=pipeline, decoders=decoders, encoders=encoders,
-                      jobs_in_flight=jobs_in_flight, encoder_gpus=encoder_gpus, abort_event=abort_event)
+                      jobs_in_flight=jobs_in_flight, encoder_gpus=encoder_gpus, abort_event=abort_event,
+                      limits=limits, result_ttl_s=result_ttl_s)
     finally:
         if session is not None:  # our own local Ray: shut down, and nothing of it left running
             session.close()
@@ -135,7 +136,7 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
 def _serve(redis_url, *, session, address, workers, model, checkpoint, device, allowed_roots, upload_root,
            max_upload_bytes, lease_ms, max_deliveries, num_gpus, num_cpus, stop_event, on_start, log, metrics_port,
            metrics_host, log_format, log_level, pipeline, decoders, encoders, jobs_in_flight, encoder_gpus,
-           abort_event) -> int:
+           abort_event, limits, result_ttl_s) -> int:
     """:func:`serve` once Ray is up (same arguments)."""
     num_cpus = _actor_cpus(num_cpus, pipeline, workers, encoders)
     stop_event, abort_event = stop_event or threading.Event(), abort_event or threading.Event()
