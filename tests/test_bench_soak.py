@@ -120,3 +120,20 @@ def test_soak_from_4_client_processes(blackswan_dir):
     assert not failed, failed
     counts = report["counts"]
     assert counts["finished"] == SOAK_JOBS and counts["lost"] == counts["duplicated"] == 0
+
+
+def test_a_serve_that_exits_at_start_ends_the_soak_at_once_with_its_log(blackswan_dir, tmp_path):
+    """serve exits 2 at start (a model YAML that does not exist): the soak stops as soon as it has exited,
+    with serve's own message, instead of waiting for actors that will never beat."""
+    _skip_without_redis()
+    import time
+
+    from refstream.bench.soak import run_soak
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)serve did not start: serve exited with 2.*no-such-model.*Use --model tiny") \
+            as failure:
+        run_soak(jobs=2, clients=1, video=str(blackswan_dir), model=str(tmp_path / "no-such-model.yaml"),
+                 timeout=600)
+    assert "Traceback" not in str(failure.value)  # checked before Ray starts: no actor died of it
+    assert time.monotonic() - started < 120

@@ -180,13 +180,20 @@ def _inprocess_subprocess(spec: dict, timeout: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- service
-def _wait_heartbeats(url: str, names: list[str], timeout: float) -> list[dict]:
-    """The actors' Redis heartbeats, once every one of ``names`` has loaded its model and beats."""
+def _wait_heartbeats(url: str, names: list[str], timeout: float, serve=None) -> list[dict]:
+    """The actors' Redis heartbeats, once every one of ``names`` has loaded its model and beats.
+
+    Raises:
+        TimeoutError: not every actor beats after ``timeout`` seconds, or the ``serve`` process (a
+            ``subprocess.Popen``, optional) exited first (its exit code in the message).
+    """
     from refstream.service.queue import connect  # lazy: see the module docstring
 
     client = connect(url)
     deadline = time.monotonic() + timeout
     while missing := [n for n in names if n not in (beats := heartbeats(client))]:
+        if serve is not None and serve.poll() is not None:
+            raise TimeoutError(f"serve exited with {serve.returncode} before its actors beat ({', '.join(missing)})")
         if time.monotonic() > deadline:
             raise TimeoutError(f"actors not ready after {timeout} s: {', '.join(missing)}")
         time.sleep(0.1)

@@ -337,7 +337,7 @@ def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int
                                      start_new_session=True)
         procs.serve_pid = serve.pid
         try:
-            _wait_heartbeats(url, ["worker-0", "encoder-0", "decoder-0"], min(600.0, timeout))
+            _wait_heartbeats(url, ["worker-0", "encoder-0", "decoder-0"], min(600.0, timeout), serve)
         except TimeoutError as exc:
             raise RuntimeError(f"serve did not start: {exc}\n{_tail(logs / 'serve.log')}") from None
         startup_s = time.perf_counter() - started

@@ -40,6 +40,7 @@ from contextlib import contextmanager
 
 from redis.exceptions import RedisError
 
+from refstream.config import load_model_config
 from refstream.service.jobs import InputPolicy, JobLimits
 from refstream.service.logs import log_event
 from refstream.service.metrics import start_metrics_server
@@ -110,7 +111,8 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
         ValueError: ``pipeline`` is neither ``pools`` nor ``whole`` (nothing is started).
         ConnectionError: ``address`` names a Ray cluster that cannot be reached (from ``ray.init``).
         redis.exceptions.RedisError: Redis does not answer at start (after the client's retries).
-        refstream.errors.ConfigError: ``pools`` on a local Ray whose CPUs or GPUs cannot hold the actors asked
+        refstream.errors.ConfigError: ``model`` is neither a preset nor a valid model YAML (before Ray starts);
+            ``pools`` on a local Ray whose CPUs or GPUs cannot hold the actors asked
             for (:func:`refstream.service.streaming.check_resources`; the message names the options to lower).
         OSError: the metrics port cannot be bound.
         ray.exceptions.RayActorError: ``pools``: an actor died while loading its model (the pools are checked
@@ -118,6 +120,7 @@ def serve(redis_url: RedisSettings | str, *, address: str | None = None, workers
     """
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be 'whole' or 'pools', got {pipeline!r}")
+    load_model_config(model, checkpoint)  # a bad --model fails here (ConfigError, exit 2), not in the actors
     session = _start_ray(address)
     try:
         return _serve(redis_url, session=session, address=address, workers=workers, model=model,
