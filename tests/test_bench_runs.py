@@ -138,8 +138,8 @@ def test_sweep_computes_video_features_once(blackswan_dir):
         model.clip.vision_model.register_forward_hook(lambda *a: counts.__setitem__("vision", counts["vision"] + 1)),
         model.clip.text_model.register_forward_hook(lambda *a: counts.__setitem__("text", counts["text"] + 1)),
         model.internvideo2.register_forward_hook(lambda *a: counts.__setitem__("iv2", counts["iv2"] + 1)),
-        model.sam2.vision_encoder.register_forward_hook(
-            lambda *a: counts.__setitem__("sam2_image", counts["sam2_image"] + 1)),
+        model.sam2.vision_encoder.register_forward_hook(  # frames encoded (batched by --sam2-chunk)
+            lambda m, args, out: counts.__setitem__("sam2_image", counts["sam2_image"] + args[0].shape[0])),
     ]
     frames = 4
     logits: dict = {}

@@ -52,12 +52,13 @@ def machine() -> list[str]:
             f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
 
 
-def run_cli(extra: list[str], pythonpath: Path) -> float:
+def run_cli(extra: list[str], pythonpath: Path, max_frames: int | None = None) -> float:
     """Wall seconds of one ``refstream run`` of the README's example in a fresh process."""
     with tempfile.TemporaryDirectory(prefix="bench-sam2-") as tmp:
         cmd = [sys.executable, "-c", "import sys; from refstream.cli import main; sys.exit(main())", "run",
                str(REPO / "examples" / "bedroom.mp4"), "--expression", "the bed", "--model", "tiny",
-               "--out", str(Path(tmp) / "out"), *extra]
+               "--out", str(Path(tmp) / "out"), *extra,
+               *(["--max-frames", str(max_frames)] if max_frames else [])]
         env = dict(os.environ, PYTHONPATH=str(pythonpath), PYTHONDONTWRITEBYTECODE="1")  # read-only on a baseline
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=pythonpath, env=env, capture_output=True, text=True)
@@ -67,7 +68,7 @@ def run_cli(extra: list[str], pythonpath: Path) -> float:
         return seconds
 
 
-def part_a(rounds: int, baseline: Path | None, lines: list[str]) -> None:
+def part_a(rounds: int, baseline: Path | None, lines: list[str], max_frames: int | None = None) -> None:
     arms = {"old (--sam2-chunk 1 --no-overlap)": (["--sam2-chunk", "1", "--no-overlap"], REPO),
             "new (defaults)": ([], REPO)}
     if baseline is not None:
@@ -75,9 +76,10 @@ def part_a(rounds: int, baseline: Path | None, lines: list[str]) -> None:
     times: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(rounds):
         for name, (extra, path) in arms.items():
-            times[name].append(run_cli(extra, path))
+            times[name].append(run_cli(extra, path, max_frames))
             print(f"  (a) round {r + 1} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
-    lines.append("(a) refstream run examples/bedroom.mp4 --expression 'the bed' --model tiny (200 frames, "
+    frames = f"--max-frames {max_frames}: {max_frames}" if max_frames else "200"
+    lines.append(f"(a) refstream run examples/bedroom.mp4 --expression 'the bed' --model tiny ({frames} frames, "
                  "960x540), whole-process wall seconds, fresh process each")
     for name, values in times.items():
         lines.append(f"    {name:<40} " + "  ".join(f"{v:7.2f}" for v in values)
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--parts", default="ab", help="a, b or ab (default ab)")
     parser.add_argument("--baseline-repo", type=Path, help="another checkout whose code runs as a third arm of (a)")
+    parser.add_argument("--max-frames", type=int, help="(a) on the first N frames only (default: all 200)")
     parser.add_argument("--full-frames", type=int, default=8, help="frames of part (b) (default 8)")
     parser.add_argument("--chunks", default="4", help="chunk sizes of part (b), comma-separated (default 4)")
     parser.add_argument("--out", type=Path, help="also write the table to this file")
@@ -138,7 +141,7 @@ def main() -> None:
     lines = ["SAM2 share: old path (image encoder frame by frame, no overlap) vs new, side by side, interleaved "
              f"{args.rounds} rounds", *machine()]
     if "a" in args.parts:
-        part_a(args.rounds, args.baseline_repo.resolve() if args.baseline_repo else None, lines)
+        part_a(args.rounds, args.baseline_repo.resolve() if args.baseline_repo else None, lines, args.max_frames)
     if "b" in args.parts:
         part_b(args.rounds, args.full_frames, [int(c) for c in args.chunks.split(",")], lines)
     lines.append(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
