@@ -129,6 +129,7 @@ def test_bad_chunk_size_and_frames(model, video, segs):
         next(stream.step_chunk(pixels))
 
 
+@pytest.mark.slow  # two threads on the shared 2 cores: ~60 s of OpenMP contention
 def test_two_threads_batching_moves_less_than_the_thread_count(model, video, segs, reference):
     """At two threads (MKL splits small GEMMs' reductions), batching changes the logits less than going from one
     to two threads does on the frame-by-frame path, and a mask pixel can only differ where |logit| < 1e-3."""
