@@ -251,7 +251,7 @@ def _add_live_parser(sub) -> None:
     p.add_argument("source", help="a video file or frame folder (played in real time), a V4L2 camera (/dev/video0), a "
                    "stream URL (rtsp://, rtmp://, srt://, http(s):// incl. HLS, udp://, tcp://) or 'browser' (each "
                    "page's own camera)")
-    add_option_arguments(p, LiveOptions)
+    add_option_arguments(p, LiveOptions, exclude=("sam2_chunk", "overlap"))  # live steps one frame at a time
     add_option_arguments(p, ModelOptions)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")

@@ -6,7 +6,7 @@ takes it, so defaults and validation cannot drift between the CLI, the service a
 =====================  =================================================================================
 :class:`SharedOptions`  how frames are chosen and how the LLM is asked: the same for every run of a video
                         (variant, placement, frames, clip_length, stride, max_frames, decoder, clip_text,
-                        answer)
+                        answer, seed) and how SAM2 is fed (sam2_chunk, overlap: speed only, same masks)
 :class:`JobOptions`     + what one job asks for: ``expressions``, ``method``, ``budget``
 :class:`ModelOptions`   which model, where and how precisely it runs: ``model``, ``checkpoint``, ``device``,
                         ``dtype``
@@ -46,6 +46,8 @@ VARIANT_NAMES = ("paper", "official", "context-heavy")
 #: the default of ``max_pixels``: 8K UHD, 7680 x 4320 pixels (the same number as
 #: ``video_pipeline.video_file.MAX_PIXELS``, which is not imported here: it loads PyAV; a test keeps them equal)
 MAX_PIXELS = 7680 * 4320
+#: default ``sam2_chunk``: frames per SAM2 image-encoder batch, chosen by measurement (docs/bench_sam2_cpu.txt)
+SAM2_CHUNK_DEFAULT = 4
 METHOD_NAMES = ("fastv", "litelvlm", "none", "prumerge", "prumerge+", "random", "trim", "visionzip", "vispruner")
 
 
@@ -207,6 +209,12 @@ class SharedOptions(_Options):
         "forced", description='forced: answer "Sure, [SEG]." in one prefill; generate: greedy decoding; sample: '
         "sampling with the checkpoint's temperature and top-p (generation_config.json), seeded by --seed")
     seed: int = Field(0, description="seed of --answer sample (recorded with the results)")
+    sam2_chunk: int = Field(
+        SAM2_CHUNK_DEFAULT, description="frames whose SAM2 image features are computed in one batch (1: frame by "
+        "frame); the masks do not change", json_schema_extra={"metavar": "N"})
+    overlap: bool = Field(
+        True, description="decode the next frames and write the outputs in background threads while SAM2 runs "
+        "(--no-overlap: one thread, in turn)")
 
     @field_validator("variant")
     @classmethod
@@ -242,6 +250,11 @@ class SharedOptions(_Options):
     @classmethod
     def _max_pixels(cls, value: int) -> int:
         return _positive(value, f"the default {MAX_PIXELS} takes 8K (7680x4320)")
+
+    @field_validator("sam2_chunk")
+    @classmethod
+    def _sam2_chunk(cls, value: int) -> int:
+        return _positive(value, f"1 runs SAM2's image encoder frame by frame; the default is {SAM2_CHUNK_DEFAULT}")
 
 
 class JobOptions(SharedOptions):
@@ -392,7 +405,8 @@ def _is_optional(annotation) -> tuple[Any, bool]:
 
 #: the order options are listed in ``--help``: what to segment, how to prune, which frames, which model
 FLAG_ORDER = ("expressions", "method", "variant", "budget", "placement", "frames", "clip_length", "stride",
-              "max_frames", "decoder", "max_pixels", "clip_text", "answer", "seed", "sam2_pass", "model", "checkpoint", "device", "dtype")
+              "max_frames", "decoder", "max_pixels", "clip_text", "answer", "seed", "sam2_pass", "sam2_chunk", "overlap",
+              "model", "checkpoint", "device", "dtype")
 
 
 def _flag_rank(name: str) -> int:
@@ -423,8 +437,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, model: type[_Options],
             kwargs["choices"] = list(extra["choices"])
         elif typing.get_origin(annotation) is list:
             kwargs["action"] = "append"
-        elif annotation is bool:
-            kwargs["action"] = "store_true"
+        elif annotation is bool:  # on by default: --flag / --no-flag
+            kwargs["action"] = argparse.BooleanOptionalAction if field.default is True else "store_true"
         elif annotation is int:
             kwargs["type"] = int
             kwargs["metavar"] = "N"
@@ -434,7 +448,7 @@ def add_option_arguments(parser: argparse.ArgumentParser, model: type[_Options],
             kwargs["metavar"] = extra["metavar"]
         if field.is_required():
             help_text += " (required)"
-        elif field.default not in (None, False) and field.default_factory is None:
+        elif field.default not in (None, False) and field.default is not True and field.default_factory is None:
             help_text += f" (default {field.default})"
         kwargs["help"] = help_text.replace("%", "%%")
         parser.add_argument(*flags, **kwargs)

@@ -33,6 +33,7 @@ from refstream.errors import ConfigError, ExpressionError
 from refstream_errors import option
 from refstream.explain import clip_views
 from refstream.options import JobOptions, RunOptions, SweepOptions, make_method
+from refstream.overlap import BackgroundConsumer, BackgroundIterator
 from refstream.outputs import JobResult, JobWriter, check_out_folder, job_result, logits_to_mask, staged_folder
 from refstream.preflight import preflight
 from video_pipeline.decode import MAX_PIXELS, open_video, warn_decode_report
@@ -236,16 +237,27 @@ class Pipeline:
         return selection, visual
 
     def iter_logits(self, source, plan, answers: Sequence, timer: "StageTimer | None" = None,
-                    progress: bool = False, desc: str = "segmenting") -> Iterator[tuple[int, np.ndarray, list]]:
+                    progress: bool = False, desc: str = "segmenting", *, sam2_chunk: int = 1,
+                    overlap: bool = False) -> Iterator[tuple[int, np.ndarray, list]]:
         """ONE streaming SAM2 pass for every answer (N objects in one session: each frame's image features are
-        computed once for all of them), decoding the SAM2 frames in chunks of 8 (bounded memory).
+        computed once for all of them), decoding the SAM2 frames in chunks of ``max(8, sam2_chunk)`` (bounded
+        memory).
+
+        Args:
+            sam2_chunk: frames per SAM2 image-encoder batch (:meth:`workers.sam2_decoder.Sam2Stream.step_chunk`;
+                1: frame by frame). The logits do not change (up to float rounding, see tests/test_sam2_batched.py).
+            overlap: decode and SAM2-preprocess the next chunk in a background thread
+                (:class:`refstream.overlap.BackgroundIterator`, one chunk ahead) while SAM2 runs; the model and
+                every device transfer stay in this thread. The decode thread's seconds go to the ``decode``
+                (reading) and ``sam2`` (resize/normalise) stages as before, so stages may overlap in time.
 
         Yields, per SAM2 frame in order, ``(position, frame, logits)``: the frame's position in
         ``plan.sam2_indices``, the source frame uint8 [H, W, 3], and per answer float32 [H, W] mask logits
-        (``> 0`` = object) or None for an answer without [SEG]. Closing the generator ends the SAM2 session.
+        (``> 0`` = object) or None for an answer without [SEG]. Closing the generator ends the SAM2 session and
+        the decode thread. An error of the decode thread is raised here, as raised there.
         """
         timer = timer or StageTimer()
-        decoder = Sam2VideoDecoder(self.model.sam2)
+        decoder = Sam2VideoDecoder(self.model.sam2, chunk_size=sam2_chunk)
         prompted = [i for i, a in enumerate(answers) if a.embedding is not None]
         stream = None
         if prompted:
@@ -253,36 +265,57 @@ class Pipeline:
             with timer("sam2"):
                 stream = decoder.open_stream(seg, (source.height, source.width))
         bar = tqdm(total=len(plan.sam2_indices), desc=desc, unit="frame", disable=not progress, file=sys.stderr)
+        reader = StageTimer()  # the decoding side's own seconds (another thread with ``overlap``)
+
+        def read_chunks():
+            chunks = source.iter_chunks(plan.sam2_indices, chunk_size=max(8, sam2_chunk))
+            try:
+                while True:
+                    with reader("decode"):
+                        item = next(chunks, None)
+                    if item is None:
+                        return
+                    _, frames = item
+                    with reader("sam2"):
+                        pixels = (sam2_preprocess(frames, style=self.sam2_style, size=decoder.image_size)
+                                  if stream is not None else None)
+                    yield frames, pixels
+            finally:
+                chunks.close()
+
+        chunks = BackgroundIterator(read_chunks(), maxsize=1, name="refstream-decode") if overlap else read_chunks()
         position = 0
         try:
-            chunks = source.iter_chunks(plan.sam2_indices, chunk_size=8)
             while True:
-                with timer("decode"):
-                    item = next(chunks, None)
+                item = next(chunks, None)  # its decode/resize seconds are counted by ``reader``
                 if item is None:
                     break
-                _, frames = item
-                with timer("sam2"):
-                    pixels = sam2_preprocess(frames, style=self.sam2_style, size=decoder.image_size) if stream is not None else None
-                for j, frame in enumerate(frames):
+                frames, pixels = item
+                steps = stream.step_chunk(pixels) if stream is not None else None
+                for frame in frames:
                     per_object: list = [None] * len(answers)
-                    if stream is not None:
+                    if steps is not None:
                         with timer("sam2"):
-                            logits = stream.step(pixels[j].to(self.device, self.model.dtype))
+                            logits = next(steps)
                             for k, i in enumerate(prompted):
                                 per_object[i] = logits[k].float().cpu()
                     yield position, frame, per_object
                     position += 1
                     bar.update(1)
         finally:
+            chunks.close()
             bar.close()
             if stream is not None:
                 stream.close()
+            for stage, seconds in reader.seconds.items():
+                timer.seconds[stage] += seconds
 
     def segment_logits(self, source, plan, answers: Sequence, on_frame, timer: "StageTimer | None" = None,
-                       progress: bool = False, desc: str = "segmenting") -> None:
+                       progress: bool = False, desc: str = "segmenting", *, sam2_chunk: int = 1,
+                       overlap: bool = False) -> None:
         """:meth:`iter_logits` with a callback: ``on_frame(position, frame, logits)`` per frame, in order."""
-        for position, frame, logits in self.iter_logits(source, plan, answers, timer, progress, desc):
+        for position, frame, logits in self.iter_logits(source, plan, answers, timer, progress, desc,
+                                                         sam2_chunk=sam2_chunk, overlap=overlap):
             on_frame(position, frame, logits)
 
     # ------------------------------------------------------------------------------------------------ one job
@@ -315,11 +348,23 @@ class Pipeline:
         """
         job = self.stream(input_path, options, progress, on_open)
         collector = JobWriter(None, len(options.expressions))  # RLE only, no files
-        for item in job:
-            with job.timer("write"):
-                collector.add(None, item.masks)
-                if on_frames is not None:
-                    on_frames(item.position, item.frame, item.masks)
+        sink = BackgroundConsumer(collector.add, maxsize=4) if options.overlap else None  # RLE in a thread
+        try:
+            for item in job:
+                with job.timer("write"):
+                    if sink is not None:
+                        sink.put(None, item.masks)
+                    else:
+                        collector.add(None, item.masks)
+                    if on_frames is not None:
+                        on_frames(item.position, item.frame, item.masks)
+            if sink is not None:
+                sink.finish()
+                job.timer.seconds["write"] += collector.seconds
+        finally:
+            job.close()
+            if sink is not None:
+                sink.close()
         return job.result(collector.masks)
 
     # ------------------------------------------------------------------------------ sweep (bench run)
@@ -422,7 +467,8 @@ class Pipeline:
                 for r in range(len(runs)):
                     on_run_frame(r, offset + position, clip_names[position], logits[offsets[r]:offsets[r + 1]])
 
-            self.segment_logits(source, plan, flat, on_frame, combined, progress)
+            self.segment_logits(source, plan, flat, on_frame, combined, progress, sam2_chunk=options.sam2_chunk,
+                                overlap=options.overlap)
             for r, timer in enumerate(per_run):  # one pass for all runs: its time split evenly
                 for stage, seconds in combined.seconds.items():
                     timer.seconds[stage] += seconds / len(runs)
@@ -434,7 +480,7 @@ class Pipeline:
                     source, plan, answers,
                     lambda position, frame, logits, r=r: on_run_frame(
                         r, offset + position, clip_names[position], logits),
-                    per_run[r], progress)
+                    per_run[r], progress, sam2_chunk=options.sam2_chunk, overlap=options.overlap)
                 if on_run_done is not None:
                     on_run_done(r, dict(per_run[r].seconds))
 
@@ -517,8 +563,13 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
     moved in only when the job succeeded (:func:`refstream.outputs.staged_folder`).
 
     ``on_open(source)`` and ``on_frames(position, frame, masks)`` are called as in :meth:`Pipeline.run`, after
-    the writer's own handling (the service uses them for progress). ``pipeline`` is a loaded model (else one is
-    loaded from ``options``, and its load time reported).
+    the frame is handed to the writer (the service uses them for progress). ``pipeline`` is a loaded model (else
+    one is loaded from ``options``, and its load time reported).
+
+    With ``options.overlap`` (default) the writer's per-frame work (RLE + overlay encoding) runs in a background
+    thread (:class:`refstream.overlap.BackgroundConsumer`, at most 4 frames queued, in order) and the next frames
+    are decoded in another (:meth:`Pipeline.iter_logits`) while SAM2 runs; an error in either thread fails the
+    job here with its own exception, both threads are joined, and the staging folder is removed.
 
     Returns:
         The summary dictionary (also written to ``summary.json``).
@@ -537,19 +588,28 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
         started -= load_seconds  # the model was loaded by the caller just before
     with staged_folder(out) as stage:  # a failed run leaves no empty or partial out folder
         job = pipeline.stream(input_path, options, progress, on_open)
-        writer = None
+        writer = sink = None
         try:
             for item in job:
                 if writer is None:
                     writer = JobWriter(stage, len(options.expressions), job.width, job.height, job.fps)
-                writer.add(item.frame, item.masks)
+                    if options.overlap:  # RLE + overlay encoding in a thread, at most 4 frames behind SAM2
+                        sink = BackgroundConsumer(writer.add, maxsize=4, name="refstream-writer")
+                if sink is not None:
+                    sink.put(item.frame, item.masks)
+                else:
+                    writer.add(item.frame, item.masks)
                 if on_frames is not None:
                     on_frames(item.position, item.frame, item.masks)
+            if sink is not None:
+                sink.finish()  # every frame written (or the writer's error raised here)
             if writer is None:  # no SAM2 frame (cannot happen with a valid plan; kept for a clear error path)
                 writer = JobWriter(stage, len(options.expressions), job.width, job.height, job.fps)
             return writer.finish(job.result(writer.masks), device=str(pipeline.device), started=started,
                                  load_seconds=load_seconds)
         finally:
+            if sink is not None:
+                sink.close()
             job.close()
             if writer is not None:
                 writer.close()
@@ -647,7 +707,8 @@ class JobStream:
                 start = len(self.frame_names) - len(clip.sam2_indices)
                 desc = "segmenting" if options.clip_length is None else f"segmenting clip {clip_index + 1}"
                 for position, frame, logits in pipeline.iter_logits(source, clip, answer.answers, self.timer,
-                                                                    progress, desc):
+                                                                    progress, desc, sam2_chunk=options.sam2_chunk,
+                                                                    overlap=options.overlap):
                     with self.timer("sam2"):
                         masks = np.stack([logits_to_mask(lg, (self.height, self.width)) for lg in logits])
                     yield FrameMasks(position=start + position, frame_index=clip.sam2_indices[position],

@@ -138,8 +138,8 @@ def test_sweep_computes_video_features_once(blackswan_dir):
         model.clip.vision_model.register_forward_hook(lambda *a: counts.__setitem__("vision", counts["vision"] + 1)),
         model.clip.text_model.register_forward_hook(lambda *a: counts.__setitem__("text", counts["text"] + 1)),
         model.internvideo2.register_forward_hook(lambda *a: counts.__setitem__("iv2", counts["iv2"] + 1)),
-        model.sam2.vision_encoder.register_forward_hook(
-            lambda *a: counts.__setitem__("sam2_image", counts["sam2_image"] + 1)),
+        model.sam2.vision_encoder.register_forward_hook(  # frames encoded (batched by --sam2-chunk)
+            lambda m, args, out: counts.__setitem__("sam2_image", counts["sam2_image"] + args[0].shape[0])),
     ]
     frames = 4
     logits: dict = {}
@@ -369,7 +369,8 @@ def test_one_sam2_pass_for_the_whole_sweep_matches_per_run_passes(blackswan_dir)
 
     pipe = Pipeline(load_model_config("tiny"), "cpu")
     calls = []
-    hook = pipe.model.sam2.vision_encoder.register_forward_hook(lambda *a: calls.append(1))
+    hook = pipe.model.sam2.vision_encoder.register_forward_hook(  # frames encoded (batched by --sam2-chunk)
+        lambda m, args, out: calls.append(args[0].shape[0]))
     out = {"run": {}, "video": {}}
     runs = [("none", 576), ("litelvlm", 81)]
     try:
@@ -379,7 +380,7 @@ def test_one_sam2_pass_for_the_whole_sweep_matches_per_run_passes(blackswan_dir)
                            options=SweepOptions(max_frames=3, sam2_pass=mode))
     finally:
         hook.remove()
-    assert len(calls) == 3 * 2 + 3  # per-run passes: 3 frames x 2 runs; one shared pass: 3 frames
+    assert sum(calls) == 3 * 2 + 3  # per-run passes: 3 frames x 2 runs; one shared pass: 3 frames
     for r in range(2):
         for t in range(3):
             for i in range(2):

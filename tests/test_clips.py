@@ -75,15 +75,15 @@ def test_sixteen_frame_clips_on_blackswan(tiny, blackswan_dir, monkeypatch):
         stream = open_stream(self, seg, size)
         steps = {"n": 0, "first": None}
         streams.append(steps)
-        step = stream.step
+        step_chunk = stream.step_chunk  # the pipeline feeds SAM2 chunk by chunk (frames [t, 3, S, S])
 
-        def counted(frame):
+        def counted(frames):
             if steps["n"] == 0:
-                steps["first"] = frame.clone()
-            steps["n"] += 1
-            return step(frame)
+                steps["first"] = frames[0].clone()
+            steps["n"] += frames.shape[0]
+            return step_chunk(frames)
 
-        stream.step = counted
+        stream.step_chunk = counted
         return stream
 
     monkeypatch.setattr(Pipeline, "encode_video", spy_encode)

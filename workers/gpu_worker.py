@@ -32,7 +32,7 @@ def is_cuda_error(exc: BaseException) -> bool:
 
 def segment_clip(model, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
                  frame_chunks: Iterable[torch.Tensor], answer_mode: str = "forced", report_answers: bool = False,
-                 fastv=None, seed: int = 0) -> Iterator[tuple[int, np.ndarray | dict]]:
+                 fastv=None, seed: int = 0, sam2_chunk: int = 1) -> Iterator[tuple[int, np.ndarray | dict]]:
     """Answer once, then stream masks.
 
     Args:
@@ -50,6 +50,8 @@ def segment_clip(model, visual_tokens: torch.Tensor, expressions: Sequence[str],
             each LLM layer processed; else None).
         fastv: :class:`pruning.methods.fastv.FastVSettings` to prune inside the LLM (FastV; then
             ``visual_tokens`` holds every CLIP token), or None.
+        sam2_chunk: frames per SAM2 image-encoder batch within each chunk received
+            (:meth:`workers.sam2_decoder.Sam2Stream.step_chunk`; 1: frame by frame); the masks do not change.
 
     Yields:
         ``(frame_index, masks)`` with masks bool [N, H, W] (an expression whose answer has no [SEG] gets
@@ -65,15 +67,18 @@ def segment_clip(model, visual_tokens: torch.Tensor, expressions: Sequence[str],
     height, width = video_size
     stream = None
     if prompted:
-        stream = Sam2VideoDecoder(model.sam2).open_stream(torch.stack([answers[i].embedding for i in prompted]),
-                                                          (height, width))
+        stream = Sam2VideoDecoder(model.sam2, chunk_size=sam2_chunk).open_stream(
+            torch.stack([answers[i].embedding for i in prompted]), (height, width))
     index = 0
     try:
         for chunk in frame_chunks:
-            for frame in chunk:
+            if not isinstance(chunk, torch.Tensor):  # a sequence of [3, S, S] frames
+                chunk = torch.stack(list(chunk))
+            steps = stream.step_chunk(chunk) if stream is not None else None
+            for _ in range(chunk.shape[0]):
                 masks = np.zeros((len(answers), height, width), dtype=bool)
-                if stream is not None:
-                    logits = stream.step(frame.to(model.device, model.dtype))
+                if steps is not None:
+                    logits = next(steps)
                     for k, i in enumerate(prompted):
                         masks[i] = (logits[k] > 0).cpu().numpy()
                 yield index, masks

@@ -33,6 +33,15 @@ Streaming: :class:`Sam2Stream` feeds ``Sam2VideoInferenceSession(video=None)`` o
 ``Sam2VideoModel.forward(session, frame_idx=t, frame=x)`` and, after each frame, drops what SAM2 will never
 read again (see :meth:`Sam2Stream._release`), so memory does not grow with the length of the video.
 
+Batched image encoder: SAM2's image encoder (Hiera trunk, FPN neck, the mask decoder's ``conv_s0``/``conv_s1``
+projections: ``Sam2VideoModel.get_image_features``) does not depend on the memory, so :meth:`Sam2Stream.step_chunk`
+runs it on ``chunk_size`` frames in one batch and hands each frame's slice to the sequential memory-attention /
+mask-decoder step through the session's feature cache (``Sam2VideoInferenceCache.cache_vision_features``, which
+``_prepare_vision_features`` reads before it would encode the frame itself). Every layer of the encoder works per
+sample (convolutions, per-token layer norms, windowed/global attention within one image, sine position encodings
+from the map size only), so the logits equal the frame-by-frame path up to float rounding (tested: max difference
+<= 1e-5 in float32, ``tests/test_sam2_batched.py``). Only one chunk of features is held.
+
 Preprocessing (resize to the model's square input, ImageNet mean/std) is done elsewhere
 (``video_pipeline.preprocess.sam2_preprocess``); this module takes normalised tensors.
 """
@@ -311,6 +320,29 @@ def _iter_frames(frames: Iterable[torch.Tensor], size: int) -> Iterator[torch.Te
         yield from chunk
 
 
+def _iter_batches(frames: Iterable[torch.Tensor], size: int, chunk_size: int) -> Iterator[torch.Tensor]:
+    """Regroup frames / chunks into ``[b, 3, S, S]`` batches of ``chunk_size`` frames (the last may be shorter),
+    consuming ``frames`` lazily (at most one batch is held)."""
+    if chunk_size == 1:
+        yield from (frame.unsqueeze(0) for frame in _iter_frames(frames, size))
+        return
+    held: list[torch.Tensor] = []
+    for frame in _iter_frames(frames, size):
+        held.append(frame)
+        if len(held) == chunk_size:
+            yield torch.stack(held)
+            held = []
+    if held:
+        yield torch.stack(held)
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1 (frames per image-encoder batch; 1 = frame by "
+                         f"frame), got {chunk_size!r}")
+    return chunk_size
+
+
 def _check_video_size(video_size: tuple[int, int]) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in video_size)
@@ -356,6 +388,7 @@ class Sam2Stream:
         *,
         state_device: str | torch.device | None = None,
         prune_memory: bool = True,
+        chunk_size: int = 1,
     ) -> None:
         """Open a session and register N objects with a dummy (label -1) point on frame 0.
 
@@ -366,10 +399,13 @@ class Sam2Stream:
             video_size: ``(H, W)`` of the original video in pixels; output logits have this size.
             state_device: where memory features/outputs are kept (default: the model's device; "cpu" offloads).
             prune_memory: drop session data no later frame reads (see class doc).
+            chunk_size: frames whose image features :meth:`step_chunk` computes in one batch (1: frame by
+                frame, as :meth:`step`).
 
         Raises:
-            ValueError / TypeError: bad embedding shape/dtype or video size.
+            ValueError / TypeError: bad embedding shape/dtype, video size or chunk size.
         """
+        self.chunk_size = _check_chunk_size(chunk_size)
         self.model = model
         cfg = model.config
         self._hidden = cfg.prompt_encoder_config.hidden_size
@@ -457,8 +493,69 @@ class Sam2Stream:
         if frame.dim() == 4 and frame.shape[0] == 1:
             frame = frame[0]
         (frame,) = list(_iter_frames([frame], self.image_size))
-        frame = frame.to(device=self._device, dtype=self._dtype)
+        return self._step(frame.to(device=self._device, dtype=self._dtype))
+
+    @torch.inference_mode()
+    def step_chunk(self, frames: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Segment the next ``t`` frames, the image encoder batched over :attr:`chunk_size` frames at a time.
+
+        The image features of ``min(chunk_size, frames left)`` frames are computed in one
+        ``get_image_features`` call, then each frame goes through memory attention, the mask decoder and the
+        memory encoder in order, exactly as :meth:`step` (which computes its own features). Logits equal
+        :meth:`step`'s up to float rounding (<= 1e-5 in float32, tested). Only the current batch's features
+        are held (besides the session's memory bank).
+
+        Args:
+            frames: float ``[t, 3, S, S]`` (or one ``[3, S, S]`` frame), preprocessed as for :meth:`step`; any
+                device (moved to the model's device and dtype one batch at a time).
+
+        Yields:
+            per frame, in order: float32 mask logits ``[N, H, W]`` as :meth:`step` returns them.
+
+        Raises:
+            ValueError: wrong frame shape (before any frame is segmented). RuntimeError: the stream is closed.
+        """
+        if self._closed:
+            raise RuntimeError("this Sam2Stream is closed")
+        if frames.dim() == 3:
+            frames = frames.unsqueeze(0)
+        if frames.dim() != 4 or tuple(frames.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"SAM2 frames must be [t, 3, {self.image_size}, {self.image_size}] (resized + ImageNet-normalised "
+                f"by video_pipeline.preprocess.sam2_preprocess), got {tuple(frames.shape)}"
+            )
+        for start in range(0, frames.shape[0], self.chunk_size):
+            batch = frames[start:start + self.chunk_size].to(device=self._device, dtype=self._dtype)
+            if batch.shape[0] == 1:  # nothing to batch: the model encodes the frame itself (today's path)
+                yield self._step(batch[0])
+                continue
+            features = self._encode(batch)
+            for i in range(batch.shape[0]):
+                feature, features[i] = features[i], None  # held by this frame's step only
+                yield self._step(batch[i], feature)
+
+    def _encode(self, batch: torch.Tensor) -> list[dict]:
+        """Image features of ``batch`` ``[B, 3, S, S]`` in one encoder call, split per frame.
+
+        Returns:
+            B dicts in the layout of ``Sam2VideoInferenceCache``: ``vision_feats`` (per FPN level
+            ``[HW, 1, C]``, a view of the batch's ``[HW, B, C]`` with the same strides as a one-frame batch)
+            and ``vision_pos_embeds`` (per level ``[HW, 1, C]``: the sine encoding depends on the map size only,
+            so frame 0's copy serves every frame and the ``[HW, B, C]`` maps are not kept).
+        """
+        out = self.model.get_image_features(batch, return_dict=True)
+        feats = out.fpn_hidden_states
+        pos = [p[:, :1].clone() for p in out.fpn_position_encoding]
+        del out
+        return [{"vision_feats": [f[:, i:i + 1] for f in feats], "vision_pos_embeds": pos}
+                for i in range(batch.shape[0])]
+
+    def _step(self, frame: torch.Tensor, features: dict | None = None) -> torch.Tensor:
+        """One frame ``[3, S, S]`` already on the model's device/dtype; ``features``: its precomputed image
+        features (:meth:`_encode`), put in the session's cache so that the model does not encode it again."""
         t = self.next_frame_idx
+        if features is not None:
+            self.session.cache.cache_vision_features(t, features)
         out = self._anchor_forward(frame) if t == 0 else self.model(self.session, frame_idx=t, frame=frame)
         self.next_frame_idx = t + 1
         if self._prune:
@@ -561,6 +658,10 @@ class Sam2VideoDecoder:
         model: ``Sam2VideoModel`` (e.g. :func:`build_sam2` or :func:`load_sam2`), eval mode.
         state_device: where memory features/outputs are kept (default: the model's device).
         prune_memory: keep only what later frames read (default; bounded memory), see :class:`Sam2Stream`.
+        chunk_size: frames per image-encoder batch (1: frame by frame); see :meth:`Sam2Stream.step_chunk`.
+
+    Raises:
+        ValueError: ``chunk_size`` is not an integer >= 1.
     """
 
     def __init__(
@@ -569,10 +670,12 @@ class Sam2VideoDecoder:
         *,
         state_device: str | torch.device | None = None,
         prune_memory: bool = True,
+        chunk_size: int = 1,
     ) -> None:
         self.model = model.eval()
         self.state_device = state_device
         self.prune_memory = prune_memory
+        self.chunk_size = _check_chunk_size(chunk_size)
 
     @property
     def image_size(self) -> int:
@@ -587,7 +690,8 @@ class Sam2VideoDecoder:
     def open_stream(self, seg_embeddings: torch.Tensor, video_size: tuple[int, int]) -> Sam2Stream:
         """A :class:`Sam2Stream` for ``seg_embeddings`` ``[N, C]`` / ``[N, 1, C]``; feed it with ``step``."""
         return Sam2Stream(
-            self.model, seg_embeddings, video_size, state_device=self.state_device, prune_memory=self.prune_memory
+            self.model, seg_embeddings, video_size, state_device=self.state_device, prune_memory=self.prune_memory,
+            chunk_size=self.chunk_size,
         )
 
     def propagate_many(
@@ -618,9 +722,9 @@ class Sam2VideoDecoder:
 
     def _run(self, stream: Sam2Stream, frames: Iterable[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
         try:
-            for frame in _iter_frames(frames, self.image_size):
-                idx = stream.next_frame_idx
-                yield idx, stream.step(frame)
+            for batch in _iter_batches(frames, self.image_size, self.chunk_size):
+                for logits in stream.step_chunk(batch):
+                    yield stream.next_frame_idx - 1, logits
         finally:
             stream.close()
 

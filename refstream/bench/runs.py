@@ -160,15 +160,17 @@ class BenchRun:
     def __init__(self, settings: dict, methods: list[str], budgets: list[int], out: str | Path, *,
                  address: str | None = None, workers: int | None = None, retries: int = 1, device: str = "auto",
                  num_gpus: float | None = None, decoder: str = "decord", sam2_pass: str = "run",
-                 progress: bool = True, score: bool = True):
+                 progress: bool = True, score: bool = True, sam2_chunk: int | None = None,
+                 overlap: bool = True):
 
         if not methods:
             raise ConfigError("bench run: pass at least one --method (e.g. --method none --method litelvlm)")
         if not budgets:
             raise ConfigError("bench run: pass --budget B (>= 1) at least once")
         # the one options model validates the sweep's options, and each method and budget as a job would
+        speed = {"overlap": overlap, **({"sam2_chunk": sam2_chunk} if sam2_chunk is not None else {})}  # not results
         shared = SweepOptions(**{k: settings[k] for k in SWEEP_FIELDS if settings.get(k) is not None},
-                              decoder=decoder, sam2_pass=sam2_pass)
+                              decoder=decoder, sam2_pass=sam2_pass, **speed)
         for m in methods:
             for b in budgets:
                 JobOptions(expressions=["-"], method=m, budget=b, **shared.model_dump(exclude={"sam2_pass"}))
@@ -221,7 +223,7 @@ class BenchRun:
         return cls(settings, args.method or [], args.budget or [], args.out, address=args.address,
                    workers=args.workers, retries=args.retries, device=model.device, num_gpus=args.gpus_per_worker,
                    decoder=shared.decoder, sam2_pass=shared.sam2_pass, progress=not args.quiet,
-                   score=not args.no_score)
+                   score=not args.no_score, sam2_chunk=shared.sam2_chunk, overlap=shared.overlap)
 
     # -- bookkeeping ------------------------------------------------------------------------------------
     def status_path(self, combo: str, video: str, exp_id: str) -> Path:

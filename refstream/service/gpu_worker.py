@@ -110,7 +110,7 @@ class VideoGLaMMWorker:
 
     def segment_stream(self, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
                        frame_chunks: Sequence, answer_mode: str = "forced", report_answers: bool = False,
-                       fastv=None, label: str = "", seed: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+                       fastv=None, label: str = "", seed: int = 0, sam2_chunk: int = 1) -> Iterator[tuple[int, np.ndarray]]:
         """Answer once, then stream masks.
 
         Args:
@@ -130,6 +130,7 @@ class VideoGLaMMWorker:
             fastv: :class:`pruning.methods.fastv.FastVSettings` to prune inside the LLM (FastV; then
                 ``visual_tokens`` holds every CLIP token), or None.
             label: what the heartbeat shows as ``input`` while this clip runs (e.g. the job id).
+            sam2_chunk: frames per SAM2 image-encoder batch within each chunk (the job's ``sam2_chunk``).
 
         Yields:
             ``(frame_index, masks)`` with masks bool [N, H, W] (an expression whose answer has no [SEG] gets
@@ -139,7 +140,7 @@ class VideoGLaMMWorker:
         self.clips += 1
         try:
             yield from self._segment(visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers,
-                                     fastv, seed)
+                                     fastv, seed, sam2_chunk)
         except Exception as exc:  # noqa: BLE001
             if is_cuda_error(exc):
                 os._exit(1)  # let Ray restart the actor with a fresh CUDA context
@@ -148,12 +149,12 @@ class VideoGLaMMWorker:
             self.state, self.label = "idle", ""
 
     def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers=False,
-                 fastv=None, seed: int = 0):
+                 fastv=None, seed: int = 0, sam2_chunk: int = 1):
         import ray  # lazy: Ray is only loaded in processes that run actors
 
         chunks = (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref for ref in frame_chunks)
         for index, item in segment_clip(self.pipeline.model, visual_tokens, expressions, video_size, chunks,
-                                        answer_mode, report_answers, fastv, seed):
+                                        answer_mode, report_answers, fastv, seed, sam2_chunk):
             if index >= 0:
                 self.frames_done += 1
             yield index, item

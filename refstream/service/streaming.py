@@ -472,7 +472,7 @@ def _start_stream(worker, decoder, decode_id: str, visual_ref, expressions: list
     return worker.segment_stream.options(
         num_returns="streaming", _generator_backpressure_num_objects=MASKS_AHEAD).remote(
         visual_ref, expressions, (meta["height"], meta["width"]), ChunkFeed(decoder, decode_id), options.answer,
-        report_answers=True, fastv=encoded["fastv"], label=label, seed=options.seed)
+        report_answers=True, fastv=encoded["fastv"], label=label, seed=options.seed, sam2_chunk=options.sam2_chunk)
 
 
 def _receive_masks(stream, decoder, decode_id: str, writer: JobWriter, timer: StageTimer,
