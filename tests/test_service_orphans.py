@@ -139,7 +139,7 @@ def test_sigterm_exits_0_and_leaves_no_process_of_its_ray(serve_env, tmp_path):
     left = _alive(before)
     print(f"\nSIGTERM: exit 0, {len(before)} processes before, {len(left)} left")
     assert left == [], [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in left]
-    assert list((tmp_path / "state").glob("serve-*.json")) == []
+    assert not (tmp_path / "state").exists()  # its state file and the emptied folder: no temp files left
 
 
 def test_reap_kills_only_what_a_dead_owner_recorded_or_marked(tmp_path):
@@ -177,3 +177,19 @@ def test_reap_kills_only_what_a_dead_owner_recorded_or_marked(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_a_state_folder_is_removed_once_empty_and_kept_while_another_serve_has_a_file(tmp_path):
+    from refstream.service.ray_session import _remove_if_empty, state_dir
+
+    root = tmp_path / f"refstream-{os.getuid()}"
+    folder = state_dir(root / "serve")
+    (folder / "serve-other.json").write_text("{}")
+    _remove_if_empty(folder)
+    assert (folder / "serve-other.json").is_file()  # another serve's state: kept
+    (folder / "serve-other.json").unlink()
+    _remove_if_empty(folder)
+    assert not folder.exists() and not root.exists()  # the default layout's refstream-<uid> parent goes too
+    plain = state_dir(tmp_path / "custom")
+    _remove_if_empty(plain)
+    assert not plain.exists() and tmp_path.exists()  # a parent of another name is never touched

@@ -44,6 +44,19 @@ STATE_DIR_ENV = "REFSTREAM_STATE_DIR"
 RECORD_EVERY_S = 2.0  # how often a live serve rewrites the pids of its session in its state file
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove the state folder (and the default one's ``refstream-<uid>`` parent) when nothing is left in it:
+    a serve that stopped cleanly leaves no temp folder behind (``refstream bench soak`` checks). Another
+    serve's state file keeps it; a race with a serve creating its file is harmless (it makes the folder again)."""
+    for path in (folder, folder.parent if folder.parent.name == f"refstream-{os.getuid()}" else None):
+        if path is None:
+            return
+        try:
+            path.rmdir()
+        except OSError:  # not empty (another serve's state), or gone
+            return
+
+
 def state_dir(folder: str | os.PathLike | None = None) -> Path:
     """The folder of the session state files: ``folder``, else ``$REFSTREAM_STATE_DIR``, else
     ``<tmp>/refstream-<uid>/serve``; created with mode 0700 (it names processes to kill)."""
@@ -184,6 +197,7 @@ class LocalRaySession:
             data = {"token": self.token, "owner_pid": os.getpid(), "owner_start": start_time(os.getpid()),
                     "session_dir": self.session_dir, "started": time.time(),
                     "pids": {str(pid): start for pid, start in self.pids.items()}}
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # a closing serve may remove it
             tmp = self.path.with_suffix(f".{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps(data))
             os.replace(tmp, self.path)
@@ -240,6 +254,7 @@ class LocalRaySession:
             if os.environ.get(MARKER_ENV) == self.token:
                 del os.environ[MARKER_ENV]
             self.path.unlink(missing_ok=True)
+            _remove_if_empty(self.path.parent)
         if left:
             log.debug("killed %d Ray process(es) left after ray.shutdown()", len(left))
         return left
