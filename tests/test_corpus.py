@@ -131,7 +131,22 @@ def test_run(name, corpus, cached_load, tmp_path, capfd):
         logging.getLogger().removeHandler(logs)
     captured = capfd.readouterr()
     err = "\n".join([captured.err, *logs.lines, crash])
+    _record(name, code, err)
     _check(built, code, err, out, built.out is None)
+
+
+def _record(name: str, code: int, err: str) -> None:
+    """With ``$REFSTREAM_CORPUS_TABLE`` set to a file: append the case's outcome to it as a JSON line (case,
+    class, exit code, the message's last line), for the corpus table of a report."""
+    path = os.environ.get("REFSTREAM_CORPUS_TABLE")
+    if path:
+        import json
+
+        klass = next(c.klass for c in CASES if c.name == name)
+        lines = [line for line in err.splitlines() if line.strip()]
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"case": name, "class": klass, "exit": code,
+                                 "message": lines[-1] if lines else ""}) + "\n")
 
 
 @pytest.mark.slow
