@@ -7,6 +7,7 @@ Frame ``i`` is the ``i``-th frame in presentation order (sorted by pts), as deco
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,9 +393,8 @@ class _DecordErrors:
         if cls._callback is not None or getattr(cls, "_tried", False):
             return
         cls._tried = True
-        import ctypes
-        import decord
-        import decord.logging
+        import decord  # lazy: decord is optional (PyAV reads every file without it), as in DecordVideo
+        import decord.logging  # lazy: same
 
         library = cls._find_libavutil(decord)
         if library is None:

@@ -64,7 +64,7 @@ from refstream.service.results import pack_outputs
 from refstream.service.security import RedisSettings, as_settings
 from refstream.service.gpu_worker import ChunkFeed, VideoGLaMMWorker
 from refstream.service.worker import HeartbeatThread
-from video_pipeline.decode import open_video
+from video_pipeline.decode import open_video, warn_decode_report
 from video_pipeline.plan import plan_frames
 from video_pipeline.preprocess import sam2_preprocess
 
@@ -81,6 +81,7 @@ class _DecodeJob:
         self.frames: deque = deque()  # source frames of chunks handed out, until the coordinator takes them
         self.stop = threading.Event()
         self.error: BaseException | None = None
+        self.report: dict = {}  # the source's decode_report() once every chunk is decoded
 
 
 class DecodeActor:
@@ -137,6 +138,8 @@ class DecodeActor:
                 item = (sam2_preprocess(frames, style=style, size=size), frames)
                 if not self._put(job, item):
                     return
+            job.report = job.source.decode_report()  # before the end marker: read by decode_report()
+            warn_decode_report(job.source.path, job.report, len(job.plan.sam2_indices))
             self._put(job, None)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer by next_chunk
             log_event(logger, "decode.failed", f"decoding failed ({exc.__class__.__name__}: {exc}); the job gets "
@@ -168,6 +171,12 @@ class DecodeActor:
         job.frames.append(frames)
         self.chunks_out += 1
         return pixels
+
+    def decode_report(self, job_id: str) -> dict:
+        """What decoding did, once :meth:`next_chunk` returned None (the job's last chunk):
+        :meth:`video_pipeline.source.VideoSource.decode_report` (decoder, rotation, frame sizes, resized and
+        damaged frames), for the job's ``summary.json`` as ``refstream run`` writes it."""
+        return self.jobs[job_id].report
 
     def frames_chunk(self, job_id: str) -> np.ndarray:
         """Source frames uint8 [t, H, W, 3] of the oldest chunk handed out by :meth:`next_chunk` not taken yet."""
@@ -402,6 +411,8 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
 
     ``progress`` is the job's :class:`LeaseKeeper`. Returns ``{"summary", "files", "seconds"}``.
     """
+    import ray  # lazy: see the module docstring
+
     path = policy.admit(request)  # allowed roots and the job limits, before anything runs
     options = request  # a JobRequest is the job's refstream.options.JobOptions, validated when it was parsed
     expressions = list(options.expressions)
@@ -420,7 +431,9 @@ def _pooled_job_once(pools: Pools, policy, request, progress) -> dict:
             with JobWriter(tmp, len(expressions), meta["width"], meta["height"], meta["fps"]) as writer:
                 report = _receive_masks(stream, decoder, decode_id, writer, timer, progress)
                 stream = None  # finished: nothing to cancel
-                result = _job_result(str(path), meta, report, encoded, options, pools.sam2, timer, writer.masks)
+                decode = ray.get(decoder.decode_report.remote(decode_id))
+                result = _job_result(str(path), meta, report, encoded, options, pools.sam2, timer, writer.masks,
+                                     decode)
                 summary = writer.finish(result, device=pools.sam2["device"], started=started,
                                         extra={"pipeline": "pools"})
             files = pack_outputs(tmp)
@@ -510,7 +523,7 @@ def _receive_masks(stream, decoder, decode_id: str, writer: JobWriter, timer: St
 
 
 def _job_result(video: str, meta: dict, report: dict, encoded: dict, options, sam2: dict, timer: StageTimer,
-                masks: list[list[dict]]) -> JobResult:
+                masks: list[list[dict]], decode: dict | None = None) -> JobResult:
     """The :class:`refstream.outputs.JobResult` of a pooled job through the one builder
     :func:`refstream.outputs.job_result` (FastV: the tokens it kept for the first expression replace the
     encoder's selection)."""
@@ -524,7 +537,7 @@ def _job_result(video: str, meta: dict, report: dict, encoded: dict, options, sa
         options=options, answers=list(report.get("answers", [])), masks=masks, selection=selection,
         llm_info=llm_info, model=sam2["name"], random_weights=sam2["random_weights"],
         visual_tokens=encoded["visual_tokens"], llm_sequence_length=encoded["seq_len"], timings=dict(timer.seconds),
-        tokens_view=encoded["view"])
+        tokens_view=encoded["view"], decode=decode)
 
 
 def _end_on_actors(stream, decoder, decode_id: str, job_id: str | None) -> None:
