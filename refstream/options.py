@@ -46,7 +46,8 @@ VARIANT_NAMES = ("paper", "official", "context-heavy")
 #: the default of ``max_pixels``: 8K UHD, 7680 x 4320 pixels (the same number as
 #: ``video_pipeline.video_file.MAX_PIXELS``, which is not imported here: it loads PyAV; a test keeps them equal)
 MAX_PIXELS = 7680 * 4320
-#: default ``sam2_chunk``: frames per SAM2 image-encoder batch, chosen by measurement (docs/bench_sam2_cpu.txt)
+#: default ``sam2_chunk``: frames per SAM2 image-encoder batch. On the CPU 1 and 4 measured the same
+#: (docs/bench_sam2_cpu.txt); 4 is kept for GPUs (fewer, larger kernels), where it is not measured yet
 SAM2_CHUNK_DEFAULT = 4
 METHOD_NAMES = ("fastv", "litelvlm", "none", "prumerge", "prumerge+", "random", "trim", "visionzip", "vispruner")
 
