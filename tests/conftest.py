@@ -109,3 +109,16 @@ def corpus(tmp_path_factory):
     from corpus.build import Corpus
 
     return Corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    small CPU kernels do not oversubscribe the 2 cores other jobs share, and MKL's reductions do not depend on
+    the batch's row count (batched and frame-by-frame SAM2 are then bit-identical)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,13 +31,8 @@ TOL = 1e-5
 NUM_FRAMES = 11  # not a multiple of 3 nor of 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: batched and frame-by-frame are then bit-identical (see the module docstring)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread (tests/conftest.py): small kernels, and bit-identical batched vs frame-by-frame results
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -37,13 +37,8 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small CPU kernels: one intra-op thread avoids oversubscription when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# one intra-op thread (tests/conftest.py): small kernels, and bit-identical batched vs frame-by-frame results
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _preprocess(path: Path, size: int) -> torch.Tensor:
