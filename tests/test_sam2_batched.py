@@ -17,7 +17,6 @@ checks that second statement.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
