@@ -31,7 +31,8 @@ def materialize_meta_buffers(model: torch.nn.Module) -> None:
     """Recompute buffers left on the meta device (non-persistent ones: rotary ``inv_freq``, position ids).
 
     Each module holding one is rebuilt on the CPU from its own ``config`` (``type(m)(m.config)``, under a
-    private RNG), or from its nearest ancestor's config when it keeps none, and its buffers are copied over.
+    private RNG), or from its nearest ancestor's config when it keeps none, or else from a sub-config of one of
+    those (``sub_configs`` entries and ``*_config`` attributes), and its buffers are copied over.
     Afterwards no parameter or buffer may be on the meta device.
 
     Raises:
@@ -42,9 +43,12 @@ def materialize_meta_buffers(model: torch.nn.Module) -> None:
         metas = [b for b, t in module.named_buffers(recurse=False) if t is not None and t.is_meta]
         if not metas:
             continue
-        # the module's own config, else the nearest ancestor's (e.g. CLIPTextEmbeddings keeps none)
+        # the module's own config, else the nearest ancestor's (e.g. CLIPTextEmbeddings keeps none), then the
+        # sub-configs of those (SAM2's positional embedding is built from ``prompt_encoder_config``)
         parts = name.split(".") if name else []
         configs = [getattr(modules[".".join(parts[:i])], "config", None) for i in range(len(parts), -1, -1)]
+        configs = [c for c in configs if c is not None and not isinstance(c, dict)]
+        configs += [sub for c in configs for sub in _sub_configs(c)]
         fresh = None
         for cfg in (c for c in configs if c is not None and not isinstance(c, dict)):
             try:
@@ -63,3 +67,9 @@ def materialize_meta_buffers(model: torch.nn.Module) -> None:
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise RuntimeError(f"tensors left on the meta device after loading: {left[:20]}")
+
+
+def _sub_configs(config) -> list:
+    """The nested configs of a transformers config: its ``sub_configs`` entries and ``*_config`` attributes."""
+    names = list(getattr(config, "sub_configs", None) or {}) + [k for k in vars(config) if k.endswith("_config")]
+    return [getattr(config, n, None) for n in dict.fromkeys(names)]

@@ -262,41 +262,8 @@ def materialize(module, device, dtype, seed: int, std: float = INIT_STD):
                 else:
                     tensor.normal_(0.0, std, generator=generator)
                 mod._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
-    _rebuild_buffers_from_sub_configs(module)
     materialize_meta_buffers(module)
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _rebuild_buffers_from_sub_configs(module) -> None:
-    """Rebuild meta buffers of modules built from a SUB-config of an ancestor's config (SAM2's positional
-    embeddings take ``prompt_encoder_config``), which :func:`workers.loading.materialize_meta_buffers` (own or
-    ancestor config only) does not try. Buffers that no candidate rebuilds are left for that function."""
-    import torch  # lazy (see the module docstring)
-
-    modules = dict(module.named_modules())
-    for name, mod in modules.items():
-        metas = [b for b, t in mod.named_buffers(recurse=False) if t is not None and t.is_meta]
-        if not metas:
-            continue
-        parts = name.split(".") if name else []
-        candidates = []
-        for i in range(len(parts), -1, -1):
-            cfg = getattr(modules[".".join(parts[:i])], "config", None)
-            if cfg is None or isinstance(cfg, dict):
-                continue
-            candidates += [getattr(cfg, key, None) for key in getattr(cfg, "sub_configs", {}) or {}]
-            candidates += [getattr(cfg, key) for key in vars(cfg) if key.endswith("_config")]
-        for cfg in (c for c in candidates if c is not None and not isinstance(c, dict)):
-            try:
-                with torch.device("cpu"), torch.random.fork_rng(devices=[]):
-                    fresh = type(mod)(cfg)
-            except Exception:  # noqa: BLE001 - not this module's config; try the next one
-                continue
-            if all(fresh._buffers.get(b) is not None and fresh._buffers[b].shape == mod._buffers[b].shape
-                   for b in metas):
-                for b in metas:
-                    mod._buffers[b] = fresh._buffers[b]
-                break
 
 
 def module_bytes(module, dtype) -> int:
