@@ -213,9 +213,10 @@ class SharedOptions(_Options):
     sam2_chunk: int = Field(
         SAM2_CHUNK_DEFAULT, description="frames whose SAM2 image features are computed in one batch (1: frame by "
         "frame); the masks do not change", json_schema_extra={"metavar": "N"})
-    overlap: bool = Field(
-        True, description="decode the next frames and write the outputs in background threads while SAM2 runs "
-        "(--no-overlap: one thread, in turn)")
+    overlap: bool | None = Field(
+        None, description="decode the next frames and write the outputs in background threads while SAM2 runs "
+        "(--no-overlap: one thread, in turn); default: on with CUDA, off on the CPU, where torch's threads "
+        "already use every core and a writer thread beside them made the job slower (docs/bench_sam2_cpu.txt)")
 
     @field_validator("variant")
     @classmethod
@@ -438,8 +439,9 @@ def add_option_arguments(parser: argparse.ArgumentParser, model: type[_Options],
             kwargs["choices"] = list(extra["choices"])
         elif typing.get_origin(annotation) is list:
             kwargs["action"] = "append"
-        elif annotation is bool:  # on by default: --flag / --no-flag
-            kwargs["action"] = argparse.BooleanOptionalAction if field.default is True else "store_true"
+        elif annotation is bool:
+            # on by default or decided at run time (None): --flag / --no-flag; off by default: --flag
+            kwargs["action"] = argparse.BooleanOptionalAction if field.default is not False else "store_true"
         elif annotation is int:
             kwargs["type"] = int
             kwargs["metavar"] = "N"

@@ -115,6 +115,15 @@ class Pipeline:
         """Load the model that :class:`refstream.options.RunOptions` names (model, checkpoint, device, dtype)."""
         return cls(load_model_config(options.model, options.checkpoint), options.device, options.dtype)
 
+    def overlap_for(self, options) -> bool:
+        """Whether a job decodes and writes in background threads while SAM2 runs: ``options.overlap`` when
+        given, else on with CUDA (the main thread waits on the GPU; the threads use the idle CPU) and off on
+        the CPU, where torch's intra-op threads already occupy every core: on the 2-core CPU a writer thread
+        beside them made the README job slower, 17.9 s vs 15.3 s (docs/bench_sam2_cpu.txt)."""
+        if options.overlap is not None:
+            return bool(options.overlap)
+        return self.device.type == "cuda"
+
     # ----------------------------------------------------------------------------------- building blocks
     # ``run`` (one job) and ``run_sweep`` (several methods x budgets over one video, for ``refstream bench run``)
     # are both made of these steps; each expression-independent result is computed once per video and kept in
@@ -348,7 +357,7 @@ class Pipeline:
         """
         job = self.stream(input_path, options, progress, on_open)
         collector = JobWriter(None, len(options.expressions))  # RLE only, no files
-        sink = BackgroundConsumer(collector.add, maxsize=4) if options.overlap else None  # RLE in a thread
+        sink = BackgroundConsumer(collector.add, maxsize=4) if self.overlap_for(options) else None  # RLE in a thread
         try:
             for item in job:
                 with job.timer("write"):
@@ -468,7 +477,7 @@ class Pipeline:
                     on_run_frame(r, offset + position, clip_names[position], logits[offsets[r]:offsets[r + 1]])
 
             self.segment_logits(source, plan, flat, on_frame, combined, progress, sam2_chunk=options.sam2_chunk,
-                                overlap=options.overlap)
+                                overlap=self.overlap_for(options))
             for r, timer in enumerate(per_run):  # one pass for all runs: its time split evenly
                 for stage, seconds in combined.seconds.items():
                     timer.seconds[stage] += seconds / len(runs)
@@ -480,7 +489,7 @@ class Pipeline:
                     source, plan, answers,
                     lambda position, frame, logits, r=r: on_run_frame(
                         r, offset + position, clip_names[position], logits),
-                    per_run[r], progress, sam2_chunk=options.sam2_chunk, overlap=options.overlap)
+                    per_run[r], progress, sam2_chunk=options.sam2_chunk, overlap=self.overlap_for(options))
                 if on_run_done is not None:
                     on_run_done(r, dict(per_run[r].seconds))
 
@@ -566,9 +575,10 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
     the frame is handed to the writer (the service uses them for progress). ``pipeline`` is a loaded model (else
     one is loaded from ``options``, and its load time reported).
 
-    With ``options.overlap`` (default) the writer's per-frame work (RLE + overlay encoding) runs in a background
-    thread (:class:`refstream.overlap.BackgroundConsumer`, at most 4 frames queued, in order) and the next frames
-    are decoded in another (:meth:`Pipeline.iter_logits`) while SAM2 runs; an error in either thread fails the
+    With overlap (:meth:`Pipeline.overlap_for`: ``options.overlap``, by default on with CUDA only) the writer's
+    per-frame work (RLE + overlay encoding) runs in a background thread
+    (:class:`refstream.overlap.BackgroundConsumer`, at most 4 frames queued, in order) and the next frames are
+    decoded in another (:meth:`Pipeline.iter_logits`) while SAM2 runs; an error in either thread fails the
     job here with its own exception, both threads are joined, and the staging folder is removed.
 
     Returns:
@@ -593,7 +603,7 @@ def run_to_folder(input_path: str | Path, options: RunOptions, out: str | Path, 
             for item in job:
                 if writer is None:
                     writer = JobWriter(stage, len(options.expressions), job.width, job.height, job.fps)
-                    if options.overlap:  # RLE + overlay encoding in a thread, at most 4 frames behind SAM2
+                    if pipeline.overlap_for(options):  # RLE + overlay encoding in a thread, at most 4 frames behind SAM2
                         sink = BackgroundConsumer(writer.add, maxsize=4, name="refstream-writer")
                 if sink is not None:
                     sink.put(item.frame, item.masks)
@@ -708,7 +718,7 @@ class JobStream:
                 desc = "segmenting" if options.clip_length is None else f"segmenting clip {clip_index + 1}"
                 for position, frame, logits in pipeline.iter_logits(source, clip, answer.answers, self.timer,
                                                                     progress, desc, sam2_chunk=options.sam2_chunk,
-                                                                    overlap=options.overlap):
+                                                                    overlap=pipeline.overlap_for(options)):
                     with self.timer("sam2"):
                         masks = np.stack([logits_to_mask(lg, (self.height, self.width)) for lg in logits])
                     yield FrameMasks(position=start + position, frame_index=clip.sam2_indices[position],

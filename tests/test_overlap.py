@@ -8,6 +8,7 @@ threads may move a few near-zero logits).
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -149,7 +150,7 @@ def test_a_writer_error_fails_the_job_with_its_message_and_leaves_nothing(tiny, 
     monkeypatch.setattr(outputs.OverlayWriter, "write", write)
     out = tmp_path / "out"
     with pytest.raises(OSError, match=r"No space left on device \(injected\)"):
-        run_to_folder(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", max_frames=12),
+        run_to_folder(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", max_frames=12, overlap=True),
                       out, False, tiny)
     assert set(calls) == {"refstream-writer"}  # it really ran in the writer thread
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no out folder, no staging folder
@@ -171,7 +172,7 @@ def test_a_decode_thread_error_fails_the_job_with_its_message(tiny, blackswan_di
     monkeypatch.setattr(pipeline_module, "sam2_preprocess", preprocess)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match=r"^cannot resize chunk 2 \(injected\)$"):
-        run_to_folder(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", max_frames=12),
+        run_to_folder(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", max_frames=12, overlap=True),
                       out, False, tiny)
     assert set(calls) == {"refstream-decode"}
     assert not out.exists() and list(tmp_path.iterdir()) == []
@@ -186,3 +187,27 @@ def test_cli_flags(blackswan_dir, tmp_path, capsys):
     assert main(["run", str(blackswan_dir), "-e", "x", "--model", "tiny", "--max-frames", "2", "--sam2-chunk", "2",
                  "--no-overlap", "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "b" / "masks.json").is_file()
+
+
+def test_overlap_default_is_on_with_cuda_only(tiny):
+    """Not given: off on the CPU (a writer thread beside torch's threads slowed the job there), on with CUDA."""
+    assert tiny.device.type == "cpu"
+    assert tiny.overlap_for(RunOptions(expressions=["x"])) is False
+    assert tiny.overlap_for(RunOptions(expressions=["x"], overlap=True)) is True
+    assert tiny.overlap_for(RunOptions(expressions=["x"], overlap=False)) is False
+    cuda = copy.copy(tiny)
+    cuda.device = torch.device("cuda")  # the decision only: nothing runs on it
+    assert cuda.overlap_for(RunOptions(expressions=["x"])) is True
+    assert cuda.overlap_for(RunOptions(expressions=["x"], overlap=False)) is False
+
+
+def test_overlap_flag_has_three_states():
+    import argparse
+
+    from refstream.options import add_option_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_option_arguments(parser, RunOptions, only=["expressions", "overlap"])
+    for argv, want in (([], None), (["--overlap"], True), (["--no-overlap"], False)):
+        options = options_from_args(RunOptions, parser.parse_args(["-e", "x", *argv]))
+        assert options.overlap is want, argv

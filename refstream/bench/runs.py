@@ -161,7 +161,7 @@ class BenchRun:
                  address: str | None = None, workers: int | None = None, retries: int = 1, device: str = "auto",
                  num_gpus: float | None = None, decoder: str = "decord", sam2_pass: str = "run",
                  progress: bool = True, score: bool = True, sam2_chunk: int | None = None,
-                 overlap: bool = True):
+                 overlap: bool | None = None):
 
         if not methods:
             raise ConfigError("bench run: pass at least one --method (e.g. --method none --method litelvlm)")
