@@ -137,3 +137,39 @@ def test_a_serve_that_exits_at_start_ends_the_soak_at_once_with_its_log(blackswa
                  timeout=600)
     assert "Traceback" not in str(failure.value)  # checked before Ray starts: no actor died of it
     assert time.monotonic() - started < 120
+
+
+def test_memory_parts_of_a_process_and_the_split_of_a_change():
+    """The RSS sample has the private and shared parts (/proc/PID/status); touching shared memory moves only
+    the shared part, and the report and the RSS verdict name both parts of the worst change."""
+    import mmap
+
+    from refstream.bench.soak import _memory, _rss_table
+
+    before = _memory(os.getpid())
+    assert set(before) == {"rss", "anon", "shmem", "file"} and before["rss"] > 0
+    size = 32 * 2**20
+    shm_file = f"/dev/shm/refstream-soak-test-{os.getpid()}"  # a shared mapping of tmpfs: RssShmem only
+    with open(shm_file, "wb") as handle:
+        handle.truncate(size)
+    try:
+        with open(shm_file, "r+b") as handle, mmap.mmap(handle.fileno(), size) as shared:
+            for offset in range(0, size, mmap.PAGESIZE):
+                shared[offset] = 1  # touch every page
+            after = _memory(os.getpid())
+    finally:
+        os.remove(shm_file)
+    assert after["shmem"] - before["shmem"] >= 0.9 * size
+    assert abs(after["anon"] - before["anon"]) < 0.25 * size
+
+    row = _rss_table({"x:1": {"pid": 1, "name": "x", **before}}, {"x:1": {"pid": 1, "name": "x", **after}})[0]
+    assert row["shmem_delta"] == after["shmem"] - before["shmem"]
+    assert row["anon_delta"] == after["anon"] - before["anon"]
+    report = {"jobs": 500, "first_sample": 50, "mid_sample": 250, "window_jobs": 100,
+              "counts": {"submitted": 500, "finished": 500, "lost": 0, "duplicated": 0, "redelivered": 0,
+                         "distinct_expressions": 500}, "rss": [row], "redis": {},
+              "throughput": {"first": 1.0, "last": 1.0, "ratio": 1.0},
+              "shutdown": {"temp_files_left_count": 0, "temp_files_left": [], "processes_left": [], "serve_exit": 0,
+                           "processes_seen": 1, "stop_s": 1.0}}
+    rss_verdict = next(v for v in verdicts(report) if v["name"].startswith("RSS"))
+    assert " private, " in rss_verdict["value"] and " shared)" in rss_verdict["value"], rss_verdict["value"]

@@ -18,7 +18,9 @@ Measured (the job count is the service's ``done`` counter in Redis, polled every
 * submitted / finished (the client got its own result) / lost / duplicated (completions counted by the queue
   beyond one per job) and deliveries per job;
 * RSS (``VmRSS``) of every process: ``serve``, each process under it (Ray's gcs_server, raylet and agents, the
-  decode / encoder / VideoGLaMM actors), redis-server and the clients, after job 50 and after the last job;
+  decode / encoder / VideoGLaMM actors), redis-server and the clients, after job 50 and after the last job,
+  with the change split into private pages (``RssAnon``) and shared ones (``RssShmem``: for Ray's processes
+  the pages of the object store they have touched, bounded by its size);
 * Redis ``used_memory`` before the first job, after jobs 50, ``jobs // 2`` and the last, and once the TTL has
   expired after the last one; the job and dead-letter stream lengths;
 * throughput (jobs/s) of the first 100 jobs and of the last 100 (between their completions);
@@ -63,15 +65,21 @@ WINDOW_JOBS = 100  # throughput windows: the first and the last this many jobs
 
 
 # ---------------------------------------------------------------------------------------------- processes
-def _rss(pid: int) -> int:
-    """``VmRSS`` of ``pid``, bytes (0 when it is gone)."""
+def _memory(pid: int) -> dict[str, int]:
+    """``VmRSS`` of ``pid`` and its parts, bytes: ``rss``, ``anon`` (private: heap, stacks), ``shmem`` (shared
+    memory pages it has touched, e.g. Ray's object store) and ``file`` (mapped files); empty when it is gone
+    (``/proc/PID/status``, man 5 proc)."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssShmem:": "shmem", "RssFile:": "file"}
+    out: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError) as exc:
+            key = line.split(maxsplit=1)[0] if line else ""
+            if key in fields:
+                out[fields[key]] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError) as exc:
         log.debug("no RSS of process %d (%s)", pid, exc)
-    return 0
+        return {}
+    return out if out.get("rss") else {}
 
 
 def _start_time(pid: int) -> str | None:
@@ -120,10 +128,10 @@ class Processes:
         pids = {pid: ("serve" if pid == self.serve_pid else None) for pid in self.tree()}
         pids.update(self.named)
         for pid, role in pids.items():
-            rss = _rss(pid)
-            if rss:
+            memory = _memory(pid)
+            if memory:
                 name = role or _label(pid)
-                out[f"{name}:{pid}"] = {"pid": pid, "name": name, "rss": rss}
+                out[f"{name}:{pid}"] = {"pid": pid, "name": name, **memory}
         return out
 
     def left(self) -> list[dict]:
@@ -498,7 +506,10 @@ def _rss_table(before: dict, after: dict) -> list[dict]:
         b, a = before.get(key), after.get(key)
         rows.append({"name": (b or a)["name"], "pid": (b or a)["pid"], "before": b["rss"] if b else None,
                      "after": a["rss"] if a else None,
-                     "ratio": a["rss"] / b["rss"] if a and b and b["rss"] else None})
+                     "ratio": a["rss"] / b["rss"] if a and b and b["rss"] else None,
+                     # where a change lies: private pages vs shared ones (Ray's object store is shared memory)
+                     "anon_delta": a["anon"] - b["anon"] if a and b and "anon" in a and "anon" in b else None,
+                     "shmem_delta": a["shmem"] - b["shmem"] if a and b and "shmem" in a and "shmem" in b else None})
     return rows
 
 
@@ -532,8 +543,9 @@ def verdicts(report: dict) -> list[dict]:
          "value": f"{counts['duplicated']} duplicated, {counts['redelivered']} delivered more than once"},
         {"name": f"RSS after job {jobs} <= {1 + RSS_GROWTH:.2f}x after job {first} (every process)",
          "pass": bool(compared) and worst["ratio"] <= 1 + RSS_GROWTH and not gone,
-         "value": (f"worst {worst['name']} {worst['ratio']:.3f}x over {len(compared)} processes" if worst
-                   else "no data") + (f"; gone before the end (restarted?): {', '.join(gone)}" if gone else "")},
+         "value": (f"worst {worst['name']} {worst['ratio']:.3f}x{_change_parts(worst)} over {len(compared)} "
+                   "processes"
+                   if worst else "no data") + (f"; gone before the end (restarted?): {', '.join(gone)}" if gone else "")},
         {"name": "Redis memory bounded", "pass": memory_ok, "value": value},
         {"name": f"throughput last {report['window_jobs']} >= {1 - THROUGHPUT_DROP:.2f}x first {report['window_jobs']}",
          "pass": tp["ratio"] >= 1 - THROUGHPUT_DROP,
@@ -546,6 +558,15 @@ def verdicts(report: dict) -> list[dict]:
                   + (f" ({', '.join(p['name'] for p in shutdown['processes_left'])})" if shutdown["processes_left"]
                      else "") + f"; serve exit {shutdown['serve_exit']} after SIGTERM in {shutdown['stop_s']:.1f} s"},
     ]
+
+
+def _change_parts(row: dict) -> str:
+    """`` (+5.2 MiB: +0.3 private, +4.9 shared)`` for a row with the parts of its change, else ``""``."""
+    if row.get("anon_delta") is None or row.get("shmem_delta") is None or row["before"] is None:
+        return ""
+    mib = 2**20
+    return (f" ({(row['after'] - row['before']) / mib:+.1f} MiB: {row['anon_delta'] / mib:+.1f} private, "
+            f"{row['shmem_delta'] / mib:+.1f} shared)")
 
 
 def format_table(report: dict) -> str:
@@ -567,13 +588,15 @@ def format_table(report: dict) -> str:
         f"({c['completions']} completions counted, {c['failed']} failed, {c['redelivered']} delivered more than once)",
         "",
         f"{'process':<24}{'pid':>8}{'RSS after job ' + str(report['first_sample']) + ', MiB':>24}"
-        f"{'after job ' + str(report['jobs']) + ', MiB':>22}{'ratio':>9}",
+        f"{'after job ' + str(report['jobs']) + ', MiB':>22}{'ratio':>9}{'private / shared change, MiB':>30}",
     ]
     for row in report["rss"]:
         b = f"{row['before'] / mib:.1f}" if row["before"] else "-"
         a = f"{row['after'] / mib:.1f}" if row["after"] else "-"
         r = f"{row['ratio']:.3f}" if row["ratio"] is not None else "-"
-        lines.append(f"{row['name']:<24}{row['pid']:>8}{b:>24}{a:>22}{r:>9}")
+        parts = (f"{row['anon_delta'] / mib:+.1f} / {row['shmem_delta'] / mib:+.1f}"
+                 if row.get("anon_delta") is not None and row.get("shmem_delta") is not None else "-")
+        lines.append(f"{row['name']:<24}{row['pid']:>8}{b:>24}{a:>22}{r:>9}{parts:>30}")
     lines += ["", f"{'redis':<22}{'used_memory MiB':>16}{'keys':>8}{'records':>9}{'results':>9}{'job stream':>12}"
                   f"{'dead':>6}"]
     for name, s in report["redis"].items():

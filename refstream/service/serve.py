@@ -177,11 +177,36 @@ def _serve(redis_url, *, session, address, workers, model, checkpoint, device, a
     return handled
 
 
-#: the local Ray's settings for a long-running service: the GCS keeps the events of at most this many tasks
-#: (Ray's default, 100,000, made its RSS grow 1.22x from job 50 to job 500 in ``refstream bench soak``, each
-#: job being a few dozen actor-method calls); Ray's config key ``task_events_max_num_task_in_gcs``
-#: (ray-project/ray, src/ray/common/ray_config_def.h)
-RAY_SYSTEM_CONFIG = {"task_events_max_num_task_in_gcs": 2000}
+#: the local Ray's settings for a long-running service: no task events at all
+#: (``task_events_report_interval_ms: 0``: workers record and send none). With Ray's default (events of up to
+#: 100,000 tasks kept in the GCS) gcs_server's RSS grew 1.22x from job 50 to job 500 in ``refstream bench
+#: soak``, each job being a few dozen actor-method calls; with the events of at most 2000 tasks kept it still
+#: grew 1.10-1.14x (the GCS then counts the dropped ones); with none, 1.015x. What is lost: ``ray list tasks``
+#: and the dashboard's task view (serve starts Ray without the dashboard anyway). Config keys from
+#: ray-project/ray, src/ray/common/ray_config_def.h. A cluster joined with ``--address`` keeps its own settings.
+RAY_SYSTEM_CONFIG = {"task_events_report_interval_ms": 0, "task_events_max_num_task_in_gcs": 2000}
+
+#: glibc malloc settings for the processes of serve's local Ray (the raylet, the GCS and the actors inherit
+#: them; a value already in the environment wins): two arenas instead of 8 per core, and fixed mmap/trim
+#: thresholds (glibc otherwise raises them after freeing a large block, and later large blocks stay in the heap
+#: when freed). In ``refstream bench soak`` (500 jobs, docs/bench_soak.txt run 7) the decode, encoder and
+#: VideoGLaMM actors' RSS fell from 905 / 689 / 622 MiB to 560 / 574 / 553 MiB after job 50, and their growth to
+#: job 500 from up to 1.10x to at most 1.06x. glibc's tunables: man 3 mallopt (M_ARENA_MAX, M_MMAP_THRESHOLD,
+#: M_TRIM_THRESHOLD).
+RAY_PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    """Set the variables of ``values`` that are not set yet for the duration of the block (processes started
+    inside inherit them), then put the environment back as it was."""
+    added = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _start_ray(address: str | None):
@@ -205,8 +230,9 @@ def _start_ray(address: str | None):
         return None
     session = LocalRaySession()
     try:
-        session.start(include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-                      _system_config=RAY_SYSTEM_CONFIG)
+        with _environment(RAY_PROCESS_ENV):  # Ray's workers start later, from the raylet, which has them
+            session.start(include_dashboard=False, object_store_memory=200 * 1024 * 1024,
+                          _system_config=RAY_SYSTEM_CONFIG)
     except BaseException:
         session.close()
         raise
