@@ -46,9 +46,16 @@ VARIANT_NAMES = ("paper", "official", "context-heavy")
 #: the default of ``max_pixels``: 8K UHD, 7680 x 4320 pixels (the same number as
 #: ``video_pipeline.video_file.MAX_PIXELS``, which is not imported here: it loads PyAV; a test keeps them equal)
 MAX_PIXELS = 7680 * 4320
-#: default ``sam2_chunk``: frames per SAM2 image-encoder batch. On the CPU 1 and 4 measured the same
-#: (docs/bench_sam2_cpu.txt); 4 is kept for GPUs (fewer, larger kernels), where it is not measured yet
-SAM2_CHUNK_DEFAULT = 4
+#: default ``sam2_chunk`` (frames per SAM2 image-encoder batch) by device type. On the 2-core CPU batching did
+#: not pay for the real model: the full-size SAM2 (Hiera-L, 1024 px) ran 0.077-0.081 frames/s with 4 frames
+#: per batch vs 0.087-0.092 frame by frame (docs/bench_sam2_cpu.txt), hence 1; with tiny 4 took 0.97x. On GPUs
+#: (fewer, larger kernels) 4, not measured yet.
+SAM2_CHUNK_DEFAULTS = {"cpu": 1, "cuda": 4}
+
+
+def sam2_chunk_for(value: int | None, device_type: str) -> int:
+    """``value`` when given, else :data:`SAM2_CHUNK_DEFAULTS` of ``device_type`` (``cpu``, ``cuda``; others: 1)."""
+    return int(value) if value is not None else SAM2_CHUNK_DEFAULTS.get(device_type, 1)
 METHOD_NAMES = ("fastv", "litelvlm", "none", "prumerge", "prumerge+", "random", "trim", "visionzip", "vispruner")
 
 
@@ -210,9 +217,10 @@ class SharedOptions(_Options):
         "forced", description='forced: answer "Sure, [SEG]." in one prefill; generate: greedy decoding; sample: '
         "sampling with the checkpoint's temperature and top-p (generation_config.json), seeded by --seed")
     seed: int = Field(0, description="seed of --answer sample (recorded with the results)")
-    sam2_chunk: int = Field(
-        SAM2_CHUNK_DEFAULT, description="frames whose SAM2 image features are computed in one batch (1: frame by "
-        "frame); the masks do not change", json_schema_extra={"metavar": "N"})
+    sam2_chunk: int | None = Field(
+        None, description="frames whose SAM2 image features are computed in one batch (1: frame by frame); the "
+        "masks do not change; default: 4 with CUDA, 1 on the CPU (where batching measured slower)",
+        json_schema_extra={"metavar": "N"})
     overlap: bool | None = Field(
         None, description="decode the next frames and write the outputs in background threads while SAM2 runs "
         "(--no-overlap: one thread, in turn); default: on with CUDA, off on the CPU, where torch's threads "
@@ -255,8 +263,11 @@ class SharedOptions(_Options):
 
     @field_validator("sam2_chunk")
     @classmethod
-    def _sam2_chunk(cls, value: int) -> int:
-        return _positive(value, f"1 runs SAM2's image encoder frame by frame; the default is {SAM2_CHUNK_DEFAULT}")
+    def _sam2_chunk(cls, value: int | None) -> int | None:
+        if value is None:
+            return None
+        return _positive(value, "1 runs SAM2's image encoder frame by frame; the default is "
+                                f"{SAM2_CHUNK_DEFAULTS['cuda']} with CUDA, {SAM2_CHUNK_DEFAULTS['cpu']} on the CPU")
 
 
 class JobOptions(SharedOptions):

@@ -32,7 +32,7 @@ from refstream.config import ModelConfig, load_model_config
 from refstream.errors import ConfigError, ExpressionError
 from refstream_errors import option
 from refstream.explain import clip_views
-from refstream.options import JobOptions, RunOptions, SweepOptions, make_method
+from refstream.options import JobOptions, RunOptions, SweepOptions, make_method, sam2_chunk_for
 from refstream.overlap import BackgroundConsumer, BackgroundIterator
 from refstream.outputs import JobResult, JobWriter, check_out_folder, job_result, logits_to_mask, staged_folder
 from refstream.preflight import preflight
@@ -123,6 +123,12 @@ class Pipeline:
         if options.overlap is not None:
             return bool(options.overlap)
         return self.device.type == "cuda"
+
+    def sam2_chunk_for(self, options) -> int:
+        """Frames per SAM2 image-encoder batch: ``options.sam2_chunk`` when given, else 4 with CUDA and 1 on the
+        CPU (:data:`refstream.options.SAM2_CHUNK_DEFAULTS`: batching measured slower there with the full-size
+        SAM2)."""
+        return sam2_chunk_for(options.sam2_chunk, self.device.type)
 
     # ----------------------------------------------------------------------------------- building blocks
     # ``run`` (one job) and ``run_sweep`` (several methods x budgets over one video, for ``refstream bench run``)
@@ -476,8 +482,8 @@ class Pipeline:
                 for r in range(len(runs)):
                     on_run_frame(r, offset + position, clip_names[position], logits[offsets[r]:offsets[r + 1]])
 
-            self.segment_logits(source, plan, flat, on_frame, combined, progress, sam2_chunk=options.sam2_chunk,
-                                overlap=self.overlap_for(options))
+            self.segment_logits(source, plan, flat, on_frame, combined, progress,
+                                sam2_chunk=self.sam2_chunk_for(options), overlap=self.overlap_for(options))
             for r, timer in enumerate(per_run):  # one pass for all runs: its time split evenly
                 for stage, seconds in combined.seconds.items():
                     timer.seconds[stage] += seconds / len(runs)
@@ -489,7 +495,8 @@ class Pipeline:
                     source, plan, answers,
                     lambda position, frame, logits, r=r: on_run_frame(
                         r, offset + position, clip_names[position], logits),
-                    per_run[r], progress, sam2_chunk=options.sam2_chunk, overlap=self.overlap_for(options))
+                    per_run[r], progress, sam2_chunk=self.sam2_chunk_for(options),
+                    overlap=self.overlap_for(options))
                 if on_run_done is not None:
                     on_run_done(r, dict(per_run[r].seconds))
 
@@ -717,7 +724,8 @@ class JobStream:
                 start = len(self.frame_names) - len(clip.sam2_indices)
                 desc = "segmenting" if options.clip_length is None else f"segmenting clip {clip_index + 1}"
                 for position, frame, logits in pipeline.iter_logits(source, clip, answer.answers, self.timer,
-                                                                    progress, desc, sam2_chunk=options.sam2_chunk,
+                                                                    progress, desc,
+                                                                    sam2_chunk=pipeline.sam2_chunk_for(options),
                                                                     overlap=pipeline.overlap_for(options)):
                     with self.timer("sam2"):
                         masks = np.stack([logits_to_mask(lg, (self.height, self.width)) for lg in logits])

@@ -43,7 +43,7 @@ def test_segment_clip_without_ray_equals_the_pipeline(blackswan_dir):
     expected = pipeline.run(blackswan_dir, options, progress=False)
     tokens, chunks, video_size = clip_inputs(pipeline, blackswan_dir, options)
     out = list(segment_clip(pipeline.model, tokens, options.expressions, video_size, iter(chunks),
-                            report_answers=True, sam2_chunk=options.sam2_chunk))
+                            report_answers=True, sam2_chunk=pipeline.sam2_chunk_for(options)))
     assert out[0][0] == -1 and len(out[0][1]["answers"]) == 2 and out[0][1]["fastv_kept"] is None
     assert [i for i, _ in out[1:]] == list(range(6))
     for i, masks in out[1:]:

@@ -211,3 +211,34 @@ def test_overlap_flag_has_three_states():
     for argv, want in (([], None), (["--overlap"], True), (["--no-overlap"], False)):
         options = options_from_args(RunOptions, parser.parse_args(["-e", "x", *argv]))
         assert options.overlap is want, argv
+
+
+def test_sam2_chunk_default_is_4_with_cuda_and_1_on_the_cpu(tiny):
+    """Not given: 1 on the CPU (the full-size SAM2 batched ran slower there), 4 with CUDA; given: as given."""
+    from refstream.options import SAM2_CHUNK_DEFAULTS, sam2_chunk_for
+
+    assert SAM2_CHUNK_DEFAULTS == {"cpu": 1, "cuda": 4}
+    assert tiny.sam2_chunk_for(RunOptions(expressions=["x"])) == 1
+    assert tiny.sam2_chunk_for(RunOptions(expressions=["x"], sam2_chunk=3)) == 3
+    cuda = copy.copy(tiny)
+    cuda.device = torch.device("cuda")
+    assert cuda.sam2_chunk_for(RunOptions(expressions=["x"])) == 4
+    assert cuda.sam2_chunk_for(RunOptions(expressions=["x"], sam2_chunk=1)) == 1
+    assert sam2_chunk_for(None, "mps") == 1
+    from refstream.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="1 runs SAM2's image encoder frame by frame; the default is 4 with CUDA, "
+                                          "1 on the CPU"):
+        RunOptions(expressions=["x"], sam2_chunk=0)
+
+
+def test_the_default_run_on_the_cpu_encodes_frame_by_frame(tiny, blackswan_dir):
+    """What the CPU default means in a run: SAM2's image encoder sees one frame per call."""
+    batches = []
+    hook = tiny.model.sam2.vision_encoder.register_forward_hook(
+        lambda module, args, output: batches.append(args[0].shape[0]))
+    try:
+        tiny.run(blackswan_dir, RunOptions(expressions=["the black swan"], model="tiny", max_frames=5), progress=False)
+    finally:
+        hook.remove()
+    assert batches and set(batches) == {1}

@@ -1,25 +1,28 @@
-"""Side-by-side speed of the SAM2 share: the old path (image encoder frame by frame, no overlap) vs the new one.
+"""Side-by-side speed of the SAM2 share: SAM2's image encoder frame by frame vs in batches, and against the
+code of another checkout (e.g. the one from before the change).
 
 Usage (from the repository root)::
 
     python tools/bench_sam2.py                      # both parts, 2 rounds, the table on stdout
     python tools/bench_sam2.py --rounds 3 --out docs/bench_sam2_cpu.txt
-    python tools/bench_sam2.py --baseline-repo ../main   # (a) also runs another checkout's code as "today"
+    python tools/bench_sam2.py --baseline-repo ../before   # (a) also runs another checkout's code, its defaults
 
 (a) ``refstream run`` on the README's example (``examples/bedroom.mp4 --expression "the bed" --model tiny``),
-    each run a fresh process, whole-job wall time: ``old`` = ``--sam2-chunk 1 --no-overlap`` (today's
-    behaviour), ``new`` = the defaults; with ``--baseline-repo`` a third arm runs that checkout's own code.
+    each run a fresh process: whole-process wall time and the job's own ``total_seconds`` (summary.json), for
+    ``--sam2-chunk 1 --no-overlap`` (the CPU defaults) and ``--sam2-chunk 4 --no-overlap``; with
+    ``--baseline-repo`` a third arm runs that checkout's own code with its defaults, and each arm gets its
+    ratio to it.
 (b) the full-size SAM2 (``configs/videoglamm.yaml``'s ``sam2``: Hiera-L, 1024 px, random weights) over
     ``--full-frames`` (8) real frames of the example, one object, in this process: frames/s of
     ``Sam2VideoDecoder(chunk_size=1)`` vs each of ``--chunks``.
 
 Arms run interleaved (A B A B ...) ``--rounds`` times; the table gives every time, the medians and the median
-of the per-round ratios new/old. The machine, its load average and the library versions are printed with it.
-"""
+of the per-round ratios. The machine, its load average and the library versions are printed with it."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -52,8 +55,10 @@ def machine() -> list[str]:
             f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
 
 
-def run_cli(extra: list[str], pythonpath: Path, max_frames: int | None = None) -> float:
-    """Wall seconds of one ``refstream run`` of the README's example in a fresh process."""
+def run_cli(extra: list[str], pythonpath: Path, max_frames: int | None = None) -> tuple[float, float]:
+    """Wall seconds of one ``refstream run`` of the README's example in a fresh process, and the job's own
+    seconds from its ``summary.json`` (``total_seconds``: model load to the last file, without the interpreter's
+    start and the imports of torch and transformers, which every arm pays alike)."""
     with tempfile.TemporaryDirectory(prefix="bench-sam2-") as tmp:
         cmd = [sys.executable, "-c", "import sys; from refstream.cli import main; sys.exit(main())", "run",
                str(REPO / "examples" / "bedroom.mp4"), "--expression", "the bed", "--model", "tiny",
@@ -65,19 +70,23 @@ def run_cli(extra: list[str], pythonpath: Path, max_frames: int | None = None) -
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"refstream run failed ({extra}):\n{proc.stderr[-2000:]}")
-        return seconds
+        job = json.loads((Path(tmp) / "out" / "summary.json").read_text())["total_seconds"]
+        return seconds, job
 
 
 def part_a(rounds: int, baseline: Path | None, lines: list[str], max_frames: int | None = None) -> None:
-    arms = {"old (--sam2-chunk 1 --no-overlap)": (["--sam2-chunk", "1", "--no-overlap"], REPO),
-            "new (defaults)": ([], REPO)}
+    arms = {"chunk 1 (--sam2-chunk 1 --no-overlap)": (["--sam2-chunk", "1", "--no-overlap"], REPO),
+            "chunk 4 (--sam2-chunk 4 --no-overlap)": (["--sam2-chunk", "4", "--no-overlap"], REPO)}
     if baseline is not None:
         arms[f"baseline checkout {baseline.name}"] = ([], baseline)
     times: dict[str, list[float]] = {name: [] for name in arms}
+    jobs: dict[str, list[float]] = {name: [] for name in arms}
     for r in range(rounds):
         for name, (extra, path) in arms.items():
-            times[name].append(run_cli(extra, path, max_frames))
-            print(f"  (a) round {r + 1} {name}: {times[name][-1]:.2f} s", file=sys.stderr)
+            wall, job = run_cli(extra, path, max_frames)
+            times[name].append(wall)
+            jobs[name].append(job)
+            print(f"  (a) round {r + 1} {name}: {wall:.2f} s (job {job:.2f} s)", file=sys.stderr)
     frames = f"--max-frames {max_frames}: {max_frames}" if max_frames else "200"
     lines.append(f"(a) refstream run examples/bedroom.mp4 --expression 'the bed' --model tiny ({frames} frames, "
                  "960x540), whole-process wall seconds, fresh process each")
@@ -87,8 +96,20 @@ def part_a(rounds: int, baseline: Path | None, lines: list[str], max_frames: int
     names = list(arms)
     for other in names[1:]:
         ratios = [n / o for n, o in zip(times[other], times[names[0]])]
-        lines.append(f"    ratio {other} / old per round: " + "  ".join(f"{x:.3f}" for x in ratios)
+        lines.append(f"    ratio {other} / {names[0]} per round: " + "  ".join(f"{x:.3f}" for x in ratios)
                      + f"   median {statistics.median(ratios):.3f}")
+    lines.append("    the job alone (summary.json total_seconds: model load to the last file; without the interpreter's "
+                 "start and the torch + transformers imports)")
+    for name, values in jobs.items():
+        lines.append(f"    {name:<40} " + "  ".join(f"{v:7.2f}" for v in values)
+                     + f"   median {statistics.median(values):7.2f}")
+    if baseline is not None:
+        base = names[-1]
+        for name in names[:-1]:
+            for label, table in (("wall", times), ("job", jobs)):
+                ratios = [n / b for n, b in zip(table[name], table[base])]
+                lines.append(f"    ratio {name} / {base}, {label}, per round: "
+                             + "  ".join(f"{x:.3f}" for x in ratios) + f"   median {statistics.median(ratios):.3f}")
 
 
 def part_b(rounds: int, frames: int, chunks: list[int], lines: list[str]) -> None:

@@ -42,6 +42,7 @@ import torch
 from refstream.config import load_model_config
 from refstream.errors import ConfigError
 from refstream.live.model import Grounding, LocalLiveModel, pack_masks
+from refstream.options import sam2_chunk_for
 from refstream.options import LiveOptions
 from refstream.pipeline import Pipeline
 from refstream.service.worker import HeartbeatThread
@@ -110,7 +111,8 @@ class VideoGLaMMWorker:
 
     def segment_stream(self, visual_tokens: torch.Tensor, expressions: Sequence[str], video_size: tuple[int, int],
                        frame_chunks: Sequence, answer_mode: str = "forced", report_answers: bool = False,
-                       fastv=None, label: str = "", seed: int = 0, sam2_chunk: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+                       fastv=None, label: str = "", seed: int = 0,
+                       sam2_chunk: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """Answer once, then stream masks.
 
         Args:
@@ -130,7 +132,8 @@ class VideoGLaMMWorker:
             fastv: :class:`pruning.methods.fastv.FastVSettings` to prune inside the LLM (FastV; then
                 ``visual_tokens`` holds every CLIP token), or None.
             label: what the heartbeat shows as ``input`` while this clip runs (e.g. the job id).
-            sam2_chunk: frames per SAM2 image-encoder batch within each chunk (the job's ``sam2_chunk``).
+            sam2_chunk: frames per SAM2 image-encoder batch within each chunk (the job's ``sam2_chunk``; None:
+                this actor's device's default, :meth:`refstream.pipeline.Pipeline.sam2_chunk_for`).
 
         Yields:
             ``(frame_index, masks)`` with masks bool [N, H, W] (an expression whose answer has no [SEG] gets
@@ -149,9 +152,10 @@ class VideoGLaMMWorker:
             self.state, self.label = "idle", ""
 
     def _segment(self, visual_tokens, expressions, video_size, frame_chunks, answer_mode, report_answers=False,
-                 fastv=None, seed: int = 0, sam2_chunk: int = 1):
+                 fastv=None, seed: int = 0, sam2_chunk: int | None = None):
         import ray  # lazy: Ray is only loaded in processes that run actors
 
+        sam2_chunk = sam2_chunk_for(sam2_chunk, self.pipeline.device.type)
         chunks = (ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref for ref in frame_chunks)
         for index, item in segment_clip(self.pipeline.model, visual_tokens, expressions, video_size, chunks,
                                         answer_mode, report_answers, fastv, seed, sam2_chunk):
