@@ -131,7 +131,7 @@ def test_bench_sweep_on_a_cluster_reruns_only_the_units_lost_with_a_worker_node(
         bench = subprocess.Popen(
             [REFSTREAM, "bench", "run", "--address", cluster.address, "--dataset", "ref-davis17",
              "--root", str(examples_dir / "ref-davis17-mini"), "--method", "none", "--method", "litelvlm",
-             "--budget", "196", "--budget", "81", "--max-frames", "16", "--workers", "2", "--model", "tiny",
+             "--budget", "196", "--budget", "81", "--max-frames", "48", "--workers", "2", "--model", "tiny",
              "--device", "cpu", "--out", str(run), "--quiet"],
             stdout=out, stderr=subprocess.STDOUT, env=cluster.env, start_new_session=True)
     try:
@@ -142,9 +142,11 @@ def test_bench_sweep_on_a_cluster_reruns_only_the_units_lost_with_a_worker_node(
         nodes = {cluster.node_of(e["pid"]) for e in starts}
         print(f"\ntasks started on nodes {sorted(nodes)} (node ids {[e['node'][:8] for e in starts]})")
         assert nodes == {"w1", "w2"} and len({e["node"] for e in starts}) == 2  # work lands on both worker nodes
-        time.sleep(3)  # mid-task
+        time.sleep(1)  # mid-task: a task of 8 unit-runs x 48 frames took about 5 s on the quiet 2-core machine
         finished = {tuple(map(tuple, e["units"])) for e in _events(run) if e["event"] == "done"}
-        victim_task = next(e for e in starts if tuple(map(tuple, e["units"])) not in finished)
+        running = [e for e in starts if tuple(map(tuple, e["units"])) not in finished]
+        assert running, f"both tasks finished within 1 s of starting: nothing left to lose ({_events(run)})"
+        victim_task = running[0]
         victim = cluster.node_of(victim_task["pid"])
         done_before = sum(len(units) for units in finished)
         killed = cluster.kill(victim)
