@@ -283,6 +283,12 @@ def _split(jobs: int, clients: int) -> list[int]:
     return [jobs // clients + (1 if i < jobs % clients else 0) for i in range(clients)]
 
 
+def first_sample_for(jobs: int) -> int:
+    """The job after which the RSS baseline is taken: :data:`FIRST_SAMPLE` (50, the issue's) from 250 jobs on,
+    else a fifth of the jobs (at least 1)."""
+    return min(FIRST_SAMPLE, max(1, jobs // 5))
+
+
 def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int = 4, video: str | None = None,
              model: str = "tiny", budget: int = 81, result_ttl_s: int = 20, redis_url: str | None = None,
              timeout: float = 3600, wait_ttl: bool = True, jobs_in_flight: int | None = None) -> dict:
@@ -290,7 +296,9 @@ def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int
 
     Args:
         jobs: jobs in all (at least :data:`WINDOW_JOBS`` + ``FIRST_SAMPLE`` for the full criteria; fewer
-            shrink the windows to a fifth of the jobs each, the first sample to a tenth).
+            shrink the windows to a fifth of the jobs each, and the first sample to a fifth: job 50, the issue's
+            baseline, from 250 jobs on. Earlier than that Ray's raylet is still settling: in a 250-job run
+            sampled from job 25 it gained +1.4 MiB private memory, in 500-job runs from job 50 +0.3 to +0.6).
         clients: client processes; window: jobs each keeps in flight.
         max_frames: frames per job (of ``video``, default the bundled blackswan folder).
         model: ``serve --model`` (preset or YAML); budget: tokens kept per job.
@@ -309,7 +317,7 @@ def run_soak(jobs: int = 500, clients: int = 4, window: int = 2, max_frames: int
     video = str(Path(video or DEFAULT_VIDEO).resolve())
     if not Path(video).exists():
         raise FileNotFoundError(f"{video}: no such video (pass --video)")
-    first_sample = min(FIRST_SAMPLE, max(1, jobs // 10))
+    first_sample = first_sample_for(jobs)
     window_jobs = min(WINDOW_JOBS, max(2, jobs // 5))
     root = Path(tempfile.mkdtemp(prefix="rs-soak-"))  # short: Ray's socket paths live under it
     tmp, ray_tmp, out, logs, gate = (root / "t", root / "ray", root / "out", root / "logs", root / "gate" / "go")
