@@ -1,5 +1,6 @@
-"""serve's local Ray: task events off (the GCS stays flat over a long run) and glibc malloc settings that every
-Ray process inherits (the actors' RSS stays flat), without changing serve's own environment.
+"""serve's local Ray: task events off (the GCS stays flat over a long run), the object store taken at start (the
+raylet stays flat) and glibc malloc settings that every Ray process inherits (the actors' RSS stays flat),
+without changing serve's own environment.
 
 Runs ``refstream.service.serve._start_ray`` in a child process (a Ray of its own, closed at the end)."""
 
@@ -32,6 +33,8 @@ PROBE = textwrap.dedent("""
             "config": ray._private.worker._global_node._config,  # what the cluster was started with
             "worker": ray.get(worker_env.remote(names)),
             "raylet": {name: raylet_env.get(name) for name in names},
+            "raylet_shmem_kib": int(next(line.split()[1] for line in open(f"/proc/{raylet[0]}/status")
+                                         if line.startswith("RssShmem:"))),
             "serve": {name: os.environ.get(name) for name in names},
         }))
     finally:
@@ -55,6 +58,7 @@ def test_serve_local_ray_has_task_events_off_and_the_malloc_settings(tmp_path):
         assert got["config"][key] == value
     assert got["worker"] == RAY_PROCESS_ENV  # an actor or task process: started by the raylet later
     assert got["raylet"] == RAY_PROCESS_ENV
+    assert got["raylet_shmem_kib"] >= 190 * 1024  # the 200 MiB object store is taken at start (plasma is in it)
     assert got["serve"] == {name: None for name in RAY_PROCESS_ENV}  # serve's own environment is put back
 
 

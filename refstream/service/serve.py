@@ -177,14 +177,19 @@ def _serve(redis_url, *, session, address, workers, model, checkpoint, device, a
     return handled
 
 
-#: the local Ray's settings for a long-running service: no task events at all
-#: (``task_events_report_interval_ms: 0``: workers record and send none). With Ray's default (events of up to
-#: 100,000 tasks kept in the GCS) gcs_server's RSS grew 1.22x from job 50 to job 500 in ``refstream bench
-#: soak``, each job being a few dozen actor-method calls; with the events of at most 2000 tasks kept it still
-#: grew 1.10-1.14x (the GCS then counts the dropped ones); with none, 1.015x. What is lost: ``ray list tasks``
-#: and the dashboard's task view (serve starts Ray without the dashboard anyway). Config keys from
-#: ray-project/ray, src/ray/common/ray_config_def.h. A cluster joined with ``--address`` keeps its own settings.
-RAY_SYSTEM_CONFIG = {"task_events_report_interval_ms": 0, "task_events_max_num_task_in_gcs": 2000}
+#: the local Ray's settings for a long-running service (config keys from ray-project/ray,
+#: src/ray/common/ray_config_def.h; a cluster joined with ``--address`` keeps its own settings):
+#:
+#: - no task events (``task_events_report_interval_ms: 0``: workers record and send none). With Ray's default
+#:   (events of up to 100,000 tasks kept in the GCS) gcs_server's RSS grew 1.22x from job 50 to job 500 in
+#:   ``refstream bench soak``; with at most 2000 tasks kept, 1.10-1.14x (the GCS then counts the dropped
+#:   ones); with none, 0.99-1.03x. Lost: ``ray list tasks`` (serve starts Ray without the dashboard anyway).
+#: - the object store's memory (200 MiB, below) taken at start (``preallocate_plasma_memory``): the raylet,
+#:   where plasma lives, otherwise touches new pages of it as objects come and go, and its RSS grew 1.10-1.16x
+#:   over 500 jobs (+3 to +5 MiB, mostly those shared pages); taken at start, 1.006x. The footprint is then
+#:   constant from the first job instead of growing towards the same bound (docs/bench_soak.txt, runs 8-11).
+RAY_SYSTEM_CONFIG = {"task_events_report_interval_ms": 0, "task_events_max_num_task_in_gcs": 2000,
+                     "preallocate_plasma_memory": True}
 
 #: glibc malloc settings for the processes of serve's local Ray (the raylet, the GCS and the actors inherit
 #: them; a value already in the environment wins): two arenas instead of 8 per core, and fixed mmap/trim
