@@ -188,8 +188,7 @@ def _serve(redis_url, *, session, address, workers, model, checkpoint, device, a
 #:   where plasma lives, otherwise touches new pages of it as objects come and go, and its RSS grew 1.10-1.16x
 #:   over 500 jobs (+3 to +5 MiB, mostly those shared pages); taken at start, 1.006x. The footprint is then
 #:   constant from the first job instead of growing towards the same bound (docs/bench_soak.txt, runs 8-11).
-RAY_SYSTEM_CONFIG = {"task_events_report_interval_ms": 0, "task_events_max_num_task_in_gcs": 2000,
-                     "preallocate_plasma_memory": True}
+RAY_SYSTEM_CONFIG = {"task_events_report_interval_ms": 0, "preallocate_plasma_memory": True}
 
 #: glibc malloc settings for the processes of serve's local Ray (the raylet, the GCS and the actors inherit
 #: them; a value already in the environment wins): two arenas instead of 8 per core, and fixed mmap/trim
